@@ -1,0 +1,1 @@
+"""Edge client: numpy-only runtime that encodes images to AlignedVQ payloads (no torch import)."""

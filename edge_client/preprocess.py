@@ -1,0 +1,78 @@
+"""Image preprocessing in numpy + Pillow, matching transformers' ``CLIPImageProcessor``.
+
+Resize the shortest edge to ``size`` (bicubic), centre-crop ``size`` x ``size``, scale to [0, 1],
+normalize by ``mean``/``std``. The edge client and the cloud-only worker path both call
+:func:`preprocess`, so the two never disagree on pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard: ~6300 x 6300
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model's image processor does, as data (stored in every edge bundle)."""
+
+    size: int
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ImageSpec:
+        return cls(size=int(data["size"]), mean=tuple(data["mean"]), std=tuple(data["std"]))
+
+
+def load_image(data: bytes) -> Image.Image:
+    """Decode untrusted image bytes to RGB, refusing bombs and non-images with :class:`ImageError`."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted")
+            probe.load()
+            return probe.convert("RGB")
+    except ImageError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ImageError(f"image could not be decoded: {type(exc).__name__}") from exc
+
+
+def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
+    """Shortest edge to ``size`` (bicubic), centre crop; ``(size, size, 3)`` uint8."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if (width, height) != (size, size):
+        scale = size / min(width, height)
+        new = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = image.resize(new, Image.Resampling.BICUBIC)
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """``(..., H, W, 3)`` uint8 -> ``(..., 3, H, W)`` float32, scaled and normalized."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(image: Image.Image | np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """One image -> ``pixel_values`` ``(3, size, size)`` float32."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return normalize(resize_and_crop(image, spec.size), spec)

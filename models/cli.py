@@ -1,0 +1,136 @@
+"""``alignedvq``: train, evaluate and export AlignedVQ models.
+
+    alignedvq train-mini --out runs/mini --device cuda
+    alignedvq train --model llava-mini-shapes --site preln --codebook-size 4096 --out q.safetensors
+    alignedvq eval --model llava-mini-shapes --dataset easy-vqa --split test --limit 500 --json
+    alignedvq export --model llava-mini-shapes --quantizer preln-1x4096 --out edge.bundle
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+Device = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")]
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@app.command("train-mini")
+def train_mini_cmd(
+    out: Annotated[Path, typer.Option(help="run folder (checkpoint, log, final model/)")] = Path("runs/mini"),
+    steps: int = 11000,
+    batch_size: int = 256,
+    lr: float = 5e-4,
+    generated_images: Annotated[int, typer.Option(help="extra shape images our generator draws")] = 40000,
+    time_budget_s: Annotated[float | None, typer.Option(help="pause after a checkpoint; rerun to resume")] = None,
+    device: Device = "auto",
+    seed: int = 0,
+) -> None:
+    """Train the bundled llava-mini-shapes model from scratch (resumes from OUT/checkpoint.pt)."""
+    from .train import train_mini
+
+    model_dir = train_mini(out, steps=steps, batch_size=batch_size, lr=lr, generated_images=generated_images,
+                           device=_device(device), seed=seed, time_budget_s=time_budget_s)
+    typer.echo(str(model_dir))
+
+
+@app.command("train-bundled")
+def train_bundled_cmd(
+    run: Annotated[Path, typer.Option(help="run folder; rerun with the same folder to continue")] = Path("runs/bundled"),
+    budget_s: Annotated[float, typer.Option(help="stop (resumably) after about this many seconds")] = 540.0,
+    base_steps: int = 11000,
+    generated_images: int = 40000,
+    quantizer_steps: int = 800,
+    test_limit: int | None = None,
+    sweep_limit: int | None = None,
+    device: Device = "auto",
+) -> None:
+    """The full recipe of the bundled model: base training, then the quantizer sweep."""
+    from .recipe import run_recipe
+
+    done = run_recipe(run, budget_s=budget_s, device=_device(device), base_steps=base_steps,
+                      generated_images=generated_images, quantizer_steps=quantizer_steps,
+                      test_limit=test_limit, sweep_limit=sweep_limit)
+    typer.echo("done" if done else "paused: run again to continue")
+
+
+@app.command("train")
+def train_cmd(
+    model: Annotated[str, typer.Option(help="registry name or model directory")] = "llava-mini-shapes",
+    site: Annotated[str, typer.Option(help="preln, embed or block:k")] = "preln",
+    groups: int = 1,
+    stages: int = 1,
+    codebook_size: int = 4096,
+    code_dim: int = 32,
+    stat_bits: Annotated[int, typer.Option(help="bits per token statistic at block:k sites")] = 8,
+    steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    trainable: Annotated[str, typer.Option(help="comma list of quantizer,vision,projector")] = "quantizer",
+    generated_images: int = 0,
+    out: Annotated[Path | None, typer.Option(help="quantizer file; default MODEL/quantizers/<site>-GxK.safetensors")] = None,
+    device: Device = "auto",
+    seed: int = 0,
+) -> None:
+    """Fit an AlignedVQ quantizer: k-means init, then task-aware fine-tuning."""
+    from .config import QuantizerConfig, SplitSite
+    from .data import VQASplit, generate_shapes, load_easy_vqa
+    from .registry import load_model
+    from .train import train_quantizer
+
+    split_site = SplitSite.parse(site)
+    loaded = load_model(model)
+    dim = loaded.model.config.vision_config.hidden_size
+    config = QuantizerConfig(dim=dim, split_site=str(split_site), groups=groups, stages=stages, codebook_size=codebook_size, code_dim=code_dim,
+                             stat_bits=stat_bits if split_site.needs_stats else 0)
+    train = load_easy_vqa("train")
+    if generated_images:
+        train = VQASplit.concat([train, generate_shapes(generated_images, seed=seed + 7)])
+    target = out or loaded.path / "quantizers" / f"{config.name}.safetensors"
+    train_quantizer(loaded, config, train, load_easy_vqa("holdout"), target, steps=steps,
+                    batch_size=batch_size, lr=lr, trainable=tuple(trainable.split(",")), device=_device(device), seed=seed)
+    typer.echo(str(target))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = "llava-mini-shapes",
+    dataset: str = "easy-vqa",
+    split: str = "test",
+    quantizer: Annotated[str, typer.Option(help="quantizer name in the model folder, or a file")] = "preln-4096",
+    limit: Annotated[int | None, typer.Option(help="first N questions only")] = None,
+    batch_size: int = 256,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Accuracy of the original and the split + quantized model on the same questions."""
+    from .evaluate import evaluate, load_dataset
+    from .quantizer import AlignedVQ
+    from .registry import load_model
+
+    loaded = load_model(model)
+    path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
+    vq = AlignedVQ.load(path)
+    data = load_dataset(dataset, split).subset(limit)
+    record = evaluate(loaded, data, dataset, split, vq, vq.config.site, device=_device(device), batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps(record))
+    else:
+        for key, value in record.items():
+            typer.echo(f"{key:>24}: {value}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,160 @@
+"""Accuracy of a model before and after the split + AlignedVQ round trip, on the same questions.
+
+    alignedvq eval --model llava-mini-shapes --dataset easy-vqa --split test --json
+
+Each image is encoded once at the edge, quantized, and its bitstream measured (plain packed and
+entropy-coded, header included) and wrapped in a real msgpack request to report the body size.
+Metrics: exact match for single-answer questions; VQA soft accuracy ``min(matches / 3, 1)`` where a
+question has several reference answers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edge_client.bitstream import StreamHeader, encode_stream
+from edge_client.entropy import normalize_freqs
+from edge_client.protocol import VQARequest, encode_request
+
+from .config import SplitSite
+from .data import VQASplit, load_easy_vqa
+from .quantizer import AlignedVQ
+from .registry import LoadedModel
+from .split import CloudHalf, EdgeHalf, split_llava
+from .tensors import pixel_values
+
+
+def normalize_answer(text: str) -> str:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[0] if words else ""
+
+
+def vqa_score(prediction: str, references: list[str]) -> float:
+    """Exact match for one reference; VQA soft accuracy for several."""
+    hits = sum(normalize_answer(r) == prediction for r in references)
+    return float(hits > 0) if len(references) == 1 else min(hits / 3.0, 1.0)
+
+
+def load_dataset(name: str, split: str) -> VQASplit:
+    if name != "easy-vqa":
+        raise ValueError(f"unknown dataset {name!r}; expected easy-vqa")
+    return load_easy_vqa(split)
+
+
+def stream_header(loaded_name: str, quantizer: AlignedVQ, site: SplitSite, tokens: int, digest: str) -> StreamHeader:
+    c = quantizer.config
+    return StreamHeader(
+        model=loaded_name,
+        codebook_hash=digest,
+        split_site=str(site),
+        tokens=tokens,
+        groups=c.groups,
+        stages=c.stages,
+        codebook_size=c.codebook_size,
+        coder="packed",
+        stat_bits=c.stat_bits,
+    )
+
+
+@dataclass
+class EncodedImages:
+    hidden_states: torch.Tensor  # (images, tokens, dim) what the cloud half receives
+    stream_bytes: list[int]  # per image, plain packed
+    entropy_bytes: list[int]  # per image, rANS where smaller
+    streams: list[bytes]  # the entropy-coded streams, for request-size measurement
+
+
+@torch.no_grad()
+def encode_images(
+    loaded: LoadedModel, edge: EdgeHalf, images: np.ndarray, site: SplitSite, quantizer: AlignedVQ | None,
+    device: str, batch_size: int = 256,
+) -> EncodedImages:
+    """Edge half (+ quantizer round trip and bitstreams) for ``images`` ``(n, H, W, 3)`` uint8."""
+    outs, packed, coded, streams = [], [], [], []
+    digest = quantizer.content_hash() if quantizer is not None else ""
+    freqs = normalize_freqs(quantizer.freqs.cpu().numpy()) if quantizer is not None and quantizer.freqs.sum() else None
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(images[start : start + batch_size]).to(device)
+        hidden = edge(pixel_values(chunk, loaded.image_spec)).float()
+        if quantizer is not None:
+            indices, levels = quantizer.encode(hidden)
+            hidden = quantizer.decode(indices, levels)
+            header = stream_header(loaded.name, quantizer, site, indices.shape[1], digest)
+            idx_np = indices.cpu().numpy()
+            lv_np = None if levels is None else levels.cpu().numpy()
+            for i in range(idx_np.shape[0]):
+                stats = None if lv_np is None else lv_np[i]
+                packed.append(len(encode_stream(header, idx_np[i], stats, entropy=False)))
+                stream = encode_stream(header, idx_np[i], stats, freqs=freqs, entropy=freqs is not None)
+                coded.append(len(stream))
+                streams.append(stream)
+        outs.append(hidden)
+    return EncodedImages(torch.cat(outs), packed, coded, streams)
+
+
+@torch.no_grad()
+def answer(
+    loaded: LoadedModel, cloud: CloudHalf, hidden_states: torch.Tensor, split: VQASplit, device: str,
+    batch_size: int = 256, max_new_tokens: int = 3,
+) -> list[str]:
+    """Greedy answers for every question, its image's hidden states gathered from ``hidden_states``."""
+    from .prompt import encode_prompts
+
+    preds: list[str] = []
+    for start in range(0, len(split), batch_size):
+        questions = split.questions[start : start + batch_size]
+        rows = torch.from_numpy(split.image_index[start : start + batch_size]).to(device)
+        ids, mask = encode_prompts(loaded.tokenizer, loaded.prompt, questions)
+        new = cloud.generate(hidden_states[rows], ids.to(device), mask.to(device), max_new_tokens=max_new_tokens)
+        preds += [normalize_answer(t) for t in loaded.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return preds
+
+
+def accuracy(preds: list[str], split: VQASplit) -> float:
+    return float(np.mean([vqa_score(p, refs) for p, refs in zip(preds, split.answers, strict=True)]))
+
+
+def evaluate(
+    loaded: LoadedModel, split: VQASplit, dataset: str, split_name: str, quantizer: AlignedVQ | None,
+    site: SplitSite, device: str = "cpu", batch_size: int = 256, with_original: bool = True,
+) -> dict:
+    """One JSON-able record: accuracy of the original and the AlignedVQ model, bits and bytes."""
+    model = loaded.model.to(device).eval()
+    edge, cloud = split_llava(model, site)
+    used = np.unique(split.image_index)
+    remap = np.zeros(split.images.shape[0], dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    compact = VQASplit(split.images[used], split.questions, split.answers, remap[split.image_index])
+    record: dict = {"model": loaded.name, "dataset": dataset, "split": split_name, "n": len(split), "images": len(used)}
+    if with_original:
+        plain = encode_images(loaded, edge, compact.images, site, None, device)
+        record["accuracy_original"] = accuracy(answer(loaded, cloud, plain.hidden_states, compact, device, batch_size), compact)
+    if quantizer is not None:
+        enc = encode_images(loaded, edge, compact.images, site, quantizer.to(device).eval(), device)
+        record["accuracy_alignedvq"] = accuracy(answer(loaded, cloud, enc.hidden_states, compact, device, batch_size), compact)
+        tokens = enc.hidden_states.shape[1]
+        body = [
+            len(encode_request(VQARequest(request_id=f"eval-{i:08d}", model=loaded.name, question=compact.questions[i],
+                                          features=enc.streams[int(compact.image_index[i])])))
+            for i in range(min(len(compact), 2000))
+        ]
+        c = quantizer.config
+        header_bytes = stream_header(loaded.name, quantizer, site, tokens, "0" * 16).nbytes
+        record.update(
+            site=str(site),
+            groups=c.groups, stages=c.stages, codebook_size=c.codebook_size, code_dim=c.code_dim, stat_bits=c.stat_bits,
+            tokens=tokens,
+            bits_per_token=c.bits_per_token,
+            stream_bytes_packed=float(np.mean(enc.stream_bytes)),
+            stream_bytes_entropy=float(np.mean(enc.entropy_bytes)),
+            header_bytes=header_bytes,
+            # Index (+ stats) section only; the fixed header is reported beside it.
+            bits_per_token_entropy=(float(np.mean(enc.entropy_bytes)) - header_bytes) * 8 / tokens,
+            payload_bytes=float(np.mean(body)),
+            codebook_hash=quantizer.content_hash(),
+        )
+    return record

@@ -1,0 +1,340 @@
+"""AlignedVQ: grouped + residual vector quantization with a linear down/up projection.
+
+Shapes: a feature ``x`` is ``(batch, tokens, dim)``; it is (optionally) standardized per token,
+projected down to ``(batch, tokens, groups, code_dim)`` on the edge, quantized by ``stages``
+residual codebooks per group into ``indices`` of shape ``(batch, tokens, groups, stages)``, and on the
+cloud the summed code vectors are projected back up to ``(batch, tokens, dim)``.
+
+Training follows VQ-VAE (van den Oord et al. 2017): straight-through gradients, a codebook loss and a
+commitment loss (or EMA codebook updates), with dead codes restarted from live residuals. k-means on
+PCA-projected features initialises everything (DESIGN.md: the init does almost all the work).
+
+Files are safetensors with the config and a content hash in the metadata; loading checks every
+tensor name, shape and the hash, and never silently re-initialises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import QuantizerConfig
+
+FORMAT = "alignedvq-quantizer"
+FORMAT_VERSION = 1
+_EPS = 1e-6
+
+
+class QuantizerFileError(ValueError):
+    """A quantizer file is missing, malformed, or does not match its hash or config."""
+
+
+@dataclass
+class QuantizerOutput:
+    """What a training forward pass returns."""
+
+    hidden_states: torch.Tensor  # (batch, tokens, dim), reconstructed, straight-through
+    indices: torch.Tensor  # (batch, tokens, groups, stages) int64
+    loss: torch.Tensor  # codebook + commitment loss (scalar)
+    stats: torch.Tensor | None  # (batch, tokens, 2) quantized mean / log-std levels
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Lloyd's k-means on ``x`` of shape ``(n, d)``; returns ``(k, d)`` centroids.
+
+    Seeds from distinct random points; an emptied cluster is reseeded from a random point so every
+    code stays in use. Distances are computed in chunks to bound memory at large ``k``.
+    """
+    n = x.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} vectors, got {n}")
+    perm = torch.randperm(n, generator=generator, device="cpu")[:k].to(x.device)
+    centroids = x[perm].clone()
+    for _ in range(iters):
+        assign = nearest_code(x, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        empty = counts == 0
+        centroids = sums / counts.clamp(min=1).unsqueeze(1)
+        if empty.any():
+            refill = torch.randint(0, n, (int(empty.sum()),), generator=generator, device="cpu")
+            centroids[empty] = x[refill.to(x.device)]
+    return centroids
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Index of the nearest codeword (squared L2) for each row of ``x`` ``(n, d)``; ``(n,)`` int64."""
+    norms = (codebook * codebook).sum(1)
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        part = x[start : start + chunk]
+        # ||x||^2 is constant per row, so argmin(||c||^2 - 2 x.c) is the nearest code.
+        out.append((norms - 2 * part @ codebook.T).argmin(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+class AlignedVQ(nn.Module):
+    """Grouped/residual VQ between a down-projection (edge) and an up-projection (cloud)."""
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        c = config
+        if c.groups * c.code_dim > c.dim:
+            raise ValueError(f"groups * code_dim = {c.groups * c.code_dim} exceeds the feature dim {c.dim}")
+        self.config = c
+        self.down = nn.Linear(c.dim, c.groups * c.code_dim)
+        self.up = nn.Linear(c.groups * c.code_dim, c.dim)
+        self.codebooks = nn.Parameter(
+            torch.randn(c.groups, c.stages, c.codebook_size, c.code_dim) * 0.02,
+            requires_grad=c.ema_decay == 0.0,
+        )
+        # Uniform quantizer range for per-token [mean, log-std]: rows (mean, log_std), cols (lo, hi).
+        self.register_buffer("stats_range", torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
+        # Entropy-coder tables: code counts on a calibration set (zeros = not calibrated).
+        self.register_buffer("freqs", torch.zeros(c.groups, c.stages, c.codebook_size, dtype=torch.int64))
+        # Training-only state; not saved (see _SAVED).
+        self.register_buffer("usage", torch.zeros(c.groups, c.stages, c.codebook_size), persistent=False)
+        if c.ema_decay:
+            self.register_buffer("ema_count", torch.ones(c.groups, c.stages, c.codebook_size), persistent=False)
+            self.register_buffer("ema_sum", self.codebooks.detach().clone(), persistent=False)
+
+    # ---- per-token statistics (block:k sites) -------------------------------------------------
+
+    def standardize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split ``x`` into a unit-scale stream and quantized ``(batch, tokens, 2)`` stat levels."""
+        if not self.config.stat_bits:
+            return x, None
+        mean = x.mean(-1, keepdim=True)
+        std = (x - mean).pow(2).mean(-1, keepdim=True).add(_EPS).sqrt()
+        levels = self._quantize_stats(torch.cat([mean, std.log()], -1))
+        return (x - mean) / std, levels
+
+    def _quantize_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.stats_range[:, 0], self.stats_range[:, 1]
+        top = 2**self.config.stat_bits - 1
+        return ((stats - lo) / (hi - lo) * top).round().clamp(0, top).long()
+
+    def dequantize_stats(self, levels: torch.Tensor) -> torch.Tensor:
+        """Levels ``(..., 2)`` -> float ``[mean, log_std]``."""
+        lo, hi = self.stats_range[:, 0], self.stats_range[:, 1]
+        return lo + levels.to(lo.dtype) / (2**self.config.stat_bits - 1) * (hi - lo)
+
+    def _restore(self, x: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+        if levels is None:
+            return x
+        stats = self.dequantize_stats(levels).to(x.dtype)
+        return x * stats[..., 1:].exp() + stats[..., :1]
+
+    # ---- codes -------------------------------------------------------------------------------
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Edge side: ``(batch, tokens, dim)`` -> ``(batch, tokens, groups, code_dim)``."""
+        return self.down(x).unflatten(-1, (self.config.groups, self.config.code_dim))
+
+    def _search(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Residual nearest-code search; returns indices ``(..., G, S)`` and per-stage residuals."""
+        c = self.config
+        flat = z.reshape(-1, c.groups, c.code_dim)
+        books = self.codebooks.detach().to(z.dtype)
+        indices = torch.empty(flat.shape[0], c.groups, c.stages, dtype=torch.long, device=z.device)
+        residuals = []
+        residual = flat.detach()
+        for s in range(c.stages):
+            residuals.append(residual)
+            nxt = torch.empty_like(residual)
+            for g in range(c.groups):
+                idx = nearest_code(residual[:, g], books[g, s])
+                indices[:, g, s] = idx
+                nxt[:, g] = residual[:, g] - books[g, s, idx]
+            residual = nxt
+        return indices.reshape(*z.shape[:-2], c.groups, c.stages), residuals
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Cloud side: indices ``(..., G, S)`` -> summed code vectors ``(..., G, code_dim)``."""
+        g = torch.arange(self.config.groups, device=indices.device).view(-1, 1)
+        s = torch.arange(self.config.stages, device=indices.device).view(1, -1)
+        return self.codebooks[g, s, indices].sum(-2)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Deterministic edge encode: ``(batch, tokens, dim)`` -> (indices, stat levels or None)."""
+        z, levels = self.standardize(x)
+        indices, _ = self._search(self.project(z))
+        return indices, levels
+
+    def decode(self, indices: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        """Cloud decode: indices ``(batch, tokens, G, S)`` (+ stat levels) -> ``(batch, tokens, dim)``."""
+        if self.config.stat_bits and levels is None:
+            raise ValueError("this quantizer standardizes tokens: decode needs the per-token stat levels")
+        zq = self.lookup(indices).flatten(-2)
+        return self._restore(self.up(zq.to(self.up.weight.dtype)), levels)
+
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        """Training pass with straight-through gradients; also valid (and deterministic) in eval."""
+        c = self.config
+        xs, levels = self.standardize(x)
+        z = self.project(xs)
+        indices, residuals = self._search(z)
+        zq = self.lookup(indices)
+        loss = c.commitment * F.mse_loss(z, zq.detach())
+        if c.ema_decay == 0.0:
+            # Codebook loss per stage: each stage's code should match the residual it was chosen for.
+            flat_idx = indices.reshape(-1, c.groups, c.stages)
+            groups = torch.arange(c.groups, device=z.device)
+            for s, residual in enumerate(residuals):
+                picked = self.codebooks[groups, s, flat_idx[..., s]]  # (n, G, code_dim)
+                loss = loss + F.mse_loss(picked, residual.to(picked.dtype))
+        if self.training:
+            self._track(indices, residuals)
+        z_st = z + (zq.to(z.dtype) - z).detach()
+        x_hat = self._restore(self.up(z_st.flatten(-2)), levels)
+        return QuantizerOutput(x_hat, indices, loss, levels)
+
+    @torch.no_grad()
+    def _track(self, indices: torch.Tensor, residuals: list[torch.Tensor]) -> None:
+        """Usage counts for dead-code restart, and EMA codebook updates when configured."""
+        c = self.config
+        flat = indices.reshape(-1, c.groups, c.stages)
+        for g in range(c.groups):
+            for s in range(c.stages):
+                counts = torch.bincount(flat[:, g, s], minlength=c.codebook_size).float()
+                self.usage[g, s].mul_(0.99).add_(counts)
+                if c.ema_decay:
+                    sums = torch.zeros_like(self.ema_sum[g, s]).index_add_(0, flat[:, g, s], residuals[s][:, g].float())
+                    self.ema_count[g, s].mul_(c.ema_decay).add_(counts, alpha=1 - c.ema_decay)
+                    self.ema_sum[g, s].mul_(c.ema_decay).add_(sums, alpha=1 - c.ema_decay)
+                    n = self.ema_count[g, s]
+                    smoothed = (n + _EPS) / (n.sum() + c.codebook_size * _EPS) * n.sum()
+                    self.codebooks.data[g, s] = self.ema_sum[g, s] / smoothed.unsqueeze(1)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, x: torch.Tensor, threshold: float = 1e-3) -> int:
+        """Move codes whose usage fell below ``threshold`` onto random residuals of the batch ``x``.
+
+        Returns how many codes were restarted. Call every few hundred steps during training.
+        """
+        c = self.config
+        xs, _ = self.standardize(x)
+        _, residuals = self._search(self.project(xs))
+        restarted = 0
+        for g in range(c.groups):
+            for s in range(c.stages):
+                dead = (self.usage[g, s] < threshold).nonzero().flatten()
+                if dead.numel() == 0:
+                    continue
+                pool = residuals[s][:, g]
+                pick = torch.randint(0, pool.shape[0], (dead.numel(),), device=pool.device)
+                self.codebooks.data[g, s, dead] = pool[pick].to(self.codebooks.dtype)
+                self.usage[g, s, dead] = 1.0
+                restarted += dead.numel()
+        return restarted
+
+    # ---- initialisation and calibration -----------------------------------------------------
+
+    @torch.no_grad()
+    def init_from_features(self, x: torch.Tensor, iters: int = 20, seed: int = 0) -> None:
+        """PCA projections + per-stage k-means from features ``(n, dim)`` (float32 recommended)."""
+        c = self.config
+        gen = torch.Generator().manual_seed(seed)
+        x = x.float()
+        if c.stat_bits:
+            mean = x.mean(-1, keepdim=True)
+            logstd = (x - mean).pow(2).mean(-1, keepdim=True).add(_EPS).sqrt().log()
+            stats = torch.cat([mean, logstd], -1)
+            lo = torch.quantile(stats[:50000].cpu(), 0.001, dim=0)
+            hi = torch.quantile(stats[:50000].cpu(), 0.999, dim=0)
+            self.stats_range.copy_(torch.stack([lo, hi + _EPS], 1).to(self.stats_range))
+            x, _ = self.standardize(x)
+        mu = x.mean(0)
+        _, _, vh = torch.linalg.svd(x[:200000] - mu, full_matrices=False)
+        basis = vh[: c.groups * c.code_dim]  # (G*d, dim), orthonormal rows
+        self.down.weight.copy_(basis)
+        self.down.bias.copy_(-basis @ mu)
+        self.up.weight.copy_(basis.T)
+        self.up.bias.copy_(mu)
+        residual = self.project(x)
+        for s in range(c.stages):
+            for g in range(c.groups):
+                book = kmeans(residual[:, g], c.codebook_size, iters=iters, generator=gen)
+                self.codebooks.data[g, s] = book
+                residual[:, g] -= book[nearest_code(residual[:, g], book)]
+        if c.ema_decay:
+            self.ema_sum.copy_(self.codebooks.detach())
+            self.ema_count.fill_(1.0)
+
+    @torch.no_grad()
+    def calibrate_freqs(self, indices: torch.Tensor) -> None:
+        """Entropy-coder tables from calibration indices ``(..., G, S)``; part of the content hash."""
+        c = self.config
+        flat = indices.reshape(-1, c.groups, c.stages)
+        for g in range(c.groups):
+            for s in range(c.stages):
+                self.freqs[g, s] = torch.bincount(flat[:, g, s], minlength=c.codebook_size).cpu()
+
+    # ---- persistence ----------------------------------------------------------------------------
+
+    def _saved_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
+
+    def content_hash(self) -> str:
+        """sha256 over the config and every saved tensor: the ``codebook_hash`` on the wire."""
+        return _content_hash(self.config, self._saved_tensors())
+
+    def save(self, path: str | Path) -> str:
+        """Write safetensors with config + hash in the metadata; returns the hash."""
+        tensors = self._saved_tensors()
+        digest = _content_hash(self.config, tensors)
+        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": self.config.to_json(), "hash": digest}
+        save_file(tensors, str(path), metadata=meta)
+        return digest
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> AlignedVQ:
+        """Load and verify; raises :class:`QuantizerFileError` on any mismatch."""
+        path = Path(path)
+        if not path.is_file():
+            raise QuantizerFileError(f"quantizer file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT or meta.get("version") != str(FORMAT_VERSION):
+                raise QuantizerFileError(
+                    f"{path}: expected format {FORMAT} v{FORMAT_VERSION}, "
+                    f"got {meta.get('format')} v{meta.get('version')}"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        config = QuantizerConfig.from_dict(json.loads(meta["config"]))
+        module = cls(config)
+        expected = module._saved_tensors()
+        missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+        if missing or unexpected:
+            raise QuantizerFileError(f"{path}: missing tensors {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise QuantizerFileError(
+                    f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
+                )
+        digest = _content_hash(config, tensors)
+        if digest != meta.get("hash"):
+            raise QuantizerFileError(f"{path}: content hash {digest[:16]} does not match recorded {meta.get('hash', '')[:16]}")
+        module.load_state_dict(tensors, strict=True)
+        if config.ema_decay:
+            module.ema_sum.copy_(module.codebooks.detach())
+        return module.to(map_location).eval()
+
+
+def _content_hash(config: QuantizerConfig, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(config.to_json().encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,275 @@
+"""Training: the bundled mini LLaVA from scratch, and AlignedVQ quantizers for any LLaVA.
+
+Both loops keep the whole data set on the device as tensors (:mod:`models.tensors`), run bf16
+autocast on CUDA, log JSON lines, checkpoint, and resume from their last checkpoint.
+
+    alignedvq train-mini --out runs/mini --steps 11000
+    alignedvq train --model llava-mini-shapes --site preln --groups 1 --stages 1 --codebook-size 4096
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from .config import QuantizerConfig, SplitSite
+from .data import VQASplit, generate_shapes, load_easy_vqa
+from .mini import IMAGE_SPEC, PROMPT, build_tokenizer, mini_config
+from .quantizer import AlignedVQ
+from .registry import LoadedModel, save_model_dir
+from .split import split_llava
+from .tensors import TensorSplit, pixel_values
+
+TRAINABLE = ("quantizer", "vision", "projector")
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; plain fp32 elsewhere."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over labelled positions (labels are aligned with inputs)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def first_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Teacher-forced check of each row's first answer token: cheap model selection during training."""
+    shifted = labels[:, 1:]
+    first = (shifted != -100).int().argmax(1)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    pred = logits[:, :-1].argmax(-1)[rows, first]
+    return int((pred == shifted[rows, first]).sum()), labels.shape[0]
+
+
+@dataclass
+class Logger:
+    path: Path
+    started: float = field(default_factory=time.time)
+
+    def __call__(self, **record) -> None:
+        record["elapsed_s"] = round(time.time() - self.started, 2)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _batches(n: int, size: int, generator: torch.Generator, device: str):
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            yield perm[start : start + size].to(device)
+
+
+@torch.no_grad()
+def holdout_accuracy(forward, data: TensorSplit, batch_size: int = 512) -> float:
+    """First-answer-token accuracy of ``forward(batch) -> logits`` over a whole split."""
+    hits = total = 0
+    for start in range(0, len(data), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(data)), device=data.input_ids.device)
+        batch = data.batch(rows)
+        h, t = first_token_accuracy(forward(batch), batch["labels"])
+        hits, total = hits + h, total + t
+    return hits / max(total, 1)
+
+
+def _checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train_mini(
+    out: Path,
+    *,
+    steps: int = 11000,
+    batch_size: int = 256,
+    lr: float = 5e-4,
+    generated_images: int = 40000,
+    device: str = "cpu",
+    seed: int = 0,
+    eval_every: int = 1000,
+    time_budget_s: float | None = None,
+    easy_vqa_limit: int | None = None,
+) -> Path:
+    """Train ``llava-mini-shapes`` from scratch; resumes from ``out/checkpoint.pt`` when present.
+
+    Returns ``out/model`` once all ``steps`` are done (weights in fp16, tokenizer, manifest).
+    Stops early, after a checkpoint, when ``time_budget_s`` runs out (call again to continue).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    model = LlavaForConditionalGeneration(mini_config(tokenizer)).to(device)
+    train_split = load_easy_vqa("train").subset(easy_vqa_limit)
+    if generated_images:
+        train_split = VQASplit.concat([train_split, generate_shapes(generated_images, seed=seed + 1)])
+    train = TensorSplit.for_training(train_split, tokenizer, PROMPT, IMAGE_SPEC, device)
+    holdout = TensorSplit.for_training(load_easy_vqa("holdout").subset(easy_vqa_limit), tokenizer, PROMPT, IMAGE_SPEC, device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    step, ckpt = 0, out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own local file
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    log = Logger(out / "train_log.jsonl")
+    log(event="start", step=step, steps=steps, batch_size=batch_size, lr=lr, params=sum(p.numel() for p in model.parameters()),
+        train_questions=len(train), holdout_questions=len(holdout), device=str(device),
+        gpu=torch.cuda.get_device_name() if str(device).startswith("cuda") else None)
+    batches = _batches(len(train), batch_size, generator, device)
+    started = time.time()
+    bar = tqdm(total=steps, initial=step, desc="train-mini", mininterval=5)
+    model.train()
+    while step < steps:
+        batch = train.batch(next(batches))
+        with autocast(device):
+            loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        bar.update(1)
+        if step % 100 == 0:
+            log(event="step", step=step, loss=round(loss.item(), 5), grad_norm=round(float(norm), 4), lr=schedule.get_last_lr()[0])
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            with autocast(device):
+                acc = holdout_accuracy(lambda b: model(**{k: v for k, v in b.items() if k != "labels"}).logits, holdout)
+            model.train()
+            log(event="eval", step=step, holdout_accuracy=acc)
+            bar.set_postfix(loss=f"{loss.item():.4f}", holdout=f"{acc:.4f}")
+        out_of_time = time_budget_s is not None and time.time() - started > time_budget_s
+        if step % eval_every == 0 or out_of_time or step == steps:
+            _checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                        generator=generator.get_state(), step=step)
+        if out_of_time and step < steps:
+            log(event="paused", step=step)
+            return out
+    bar.close()
+    model_dir = out / "model"
+    save_model_dir(model, tokenizer, PROMPT, IMAGE_SPEC, model_dir)
+    log(event="done", step=step, model_dir=str(model_dir))
+    return model_dir
+
+
+@torch.no_grad()
+def collect_features(edge, data: TensorSplit, max_images: int, batch_size: int = 512) -> torch.Tensor:
+    """Edge-half outputs ``(images * tokens, dim)`` in float32 for the first ``max_images`` images."""
+    feats = []
+    n = min(max_images, data.images.shape[0])
+    for start in range(0, n, batch_size):
+        images = data.images[start : min(start + batch_size, n)]
+        feats.append(edge(pixel_values(images, data.spec)).float().flatten(0, 1))
+    return torch.cat(feats)
+
+
+def train_quantizer(
+    loaded: LoadedModel,
+    config: QuantizerConfig,
+    train_split: VQASplit,
+    holdout_split: VQASplit,
+    out: Path,
+    *,
+    steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    trainable: tuple[str, ...] = ("quantizer",),
+    kmeans_images: int = 4000,
+    kmeans_iters: int = 20,
+    device: str = "cpu",
+    seed: int = 0,
+) -> AlignedVQ:
+    """k-means init, then task-aware fine-tuning (VQA loss through the cloud half + VQ losses).
+
+    ``trainable`` picks what learns besides the quantizer: ``vision`` (cloud-side vision blocks) and
+    ``projector``. The quantizer is written to ``out`` (safetensors + hash); when cloud weights were
+    trained too, the model is saved beside it as ``<out stem>-model/``.
+    """
+    unknown = set(trainable) - set(TRAINABLE)
+    if unknown:
+        raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {TRAINABLE}")
+    torch.manual_seed(seed)
+    site = config.site
+    model = loaded.model.to(device).eval()
+    model.requires_grad_(False)
+    edge, cloud = split_llava(model, site)
+    train = TensorSplit.for_training(train_split, loaded.tokenizer, loaded.prompt, loaded.image_spec, device)
+    holdout = TensorSplit.for_training(holdout_split, loaded.tokenizer, loaded.prompt, loaded.image_spec, device)
+    quantizer = AlignedVQ(config).to(device)
+    feats = collect_features(edge, train, kmeans_images)
+    sample = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(seed))[:200000].to(device)]
+    quantizer.init_from_features(sample, iters=kmeans_iters, seed=seed)
+    params = list(quantizer.parameters())
+    if "vision" in trainable:
+        cloud.blocks.requires_grad_(True)
+        params += list(cloud.blocks.parameters())
+    if "projector" in trainable:
+        projector = getattr(model, "model", model).multi_modal_projector
+        projector.requires_grad_(True)
+        params += list(projector.parameters())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = Logger(out.with_suffix(".log.jsonl"))
+
+    def forward(batch, q_train: bool):
+        with torch.no_grad():
+            hidden = edge(batch["pixel_values"])
+        quantizer.train(q_train)
+        q = quantizer(hidden.float())
+        return cloud(q.hidden_states, batch["input_ids"], batch["attention_mask"]), q
+
+    def evaluate() -> float:
+        with autocast(device):
+            return holdout_accuracy(lambda b: forward(b, False)[0], holdout)
+
+    log(event="init", site=str(site), config=json.loads(config.to_json()), bits_per_token=config.bits_per_token,
+        holdout_accuracy_kmeans=evaluate(), trainable=list(trainable))
+    if steps:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        warmup = max(1, steps // 20)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+        batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed), device)
+        for step in tqdm(range(1, steps + 1), desc=f"train {site} {config.bits_per_token}b", mininterval=5):
+            batch = train.batch(next(batches))
+            with autocast(device):
+                logits, q = forward(batch, True)
+                loss = lm_loss(logits, batch["labels"]) + q.loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            if step % 200 == 0 and step < steps * 0.8:
+                restarted = quantizer.restart_dead_codes(edge(batch["pixel_values"]).float().flatten(0, 1))
+                log(event="step", step=step, loss=round(loss.item(), 5), restarted=restarted)
+    quantizer.eval()
+    indices, _ = quantizer.encode(collect_features(edge, train, kmeans_images).view(-1, 1, config.dim))
+    quantizer.calibrate_freqs(indices)
+    digest = quantizer.save(out)
+    log(event="done", holdout_accuracy=evaluate(), hash=digest)
+    if set(trainable) - {"quantizer"}:
+        save_model_dir(model, loaded.tokenizer, loaded.prompt, loaded.image_spec, out.parent / f"{out.stem}-model")
+    return quantizer
