@@ -11,7 +11,8 @@ Messages say what was expected and what arrived: "expected 866 bytes, got 865".
     │   ├── CorruptStreamError        corrupt_stream
     │   ├── UnsupportedVersionError   unsupported_version
     │   └── EntropyModelError         entropy_model_mismatch
-    └── IndexRangeError               index_out_of_range
+    ├── IndexRangeError               index_out_of_range
+    └── ImageError                    bad_image
 
 To add an error: subclass the closest class, give it a new `code`, and add it to the tree above.
 `code` must never change once released; clients match on it. `all_error_codes()` lists the codes
@@ -25,6 +26,7 @@ __all__ = [
     "BitstreamError",
     "CorruptStreamError",
     "EntropyModelError",
+    "ImageError",
     "IndexRangeError",
     "TruncatedStreamError",
     "UnsupportedVersionError",
@@ -81,6 +83,12 @@ class IndexRangeError(AlignedVQError):
     code = "index_out_of_range"
 
 
+class ImageError(AlignedVQError):
+    """An image could not be decoded, or is too large to decode safely."""
+
+    code = "bad_image"
+
+
 def all_error_codes() -> dict[str, type[AlignedVQError]]:
     """Map every `code` in the tree (including subclasses defined elsewhere) to its class."""
     codes: dict[str, type[AlignedVQError]] = {}
@@ -94,9 +102,3 @@ def all_error_codes() -> dict[str, type[AlignedVQError]]:
         codes[cls.code] = cls
         pending.extend(cls.__subclasses__())
     return codes
-
-
-class ImageError(AlignedVQError):
-    """An image could not be decoded, or is too large to decode safely."""
-
-    code = "bad_image"

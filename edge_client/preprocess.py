@@ -42,7 +42,9 @@ def load_image(data: bytes) -> Image.Image:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted")
+                raise ImageError(
+                    f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted"
+                )
             probe.load()
             return probe.convert("RGB")
     except ImageError:

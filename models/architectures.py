@@ -92,7 +92,9 @@ def tiny_llava_config(vocab_size: int = 64, **overrides: object) -> LlavaConfig:
     return llava_config(**args)
 
 
-def llava15_geometry_config(vocab_size: int = 32064, *, vision_layers: int = 24, text_layers: int = 32) -> LlavaConfig:
+def llava15_geometry_config(
+    vocab_size: int = 32064, *, vision_layers: int = 24, text_layers: int = 32
+) -> LlavaConfig:
     """LLaVA-1.5-7B shapes: 336 px, patch 14 (577 tokens x 1024), Llama-2-7B text model.
 
     Layer counts can be cut for size-only tests; the edge geometry does not depend on them.

@@ -1,9 +1,9 @@
 """``alignedvq``: train, evaluate and export AlignedVQ models.
 
-    alignedvq train-mini --out runs/mini --device cuda
-    alignedvq train --model llava-mini-shapes --site preln --codebook-size 4096 --out q.safetensors
-    alignedvq eval --model llava-mini-shapes --dataset easy-vqa --split test --limit 500 --json
-    alignedvq export --model llava-mini-shapes --quantizer preln-1x4096 --out edge.bundle
+alignedvq train-mini --out runs/mini --device cuda
+alignedvq train --model llava-mini-shapes --site preln --codebook-size 4096 --out q.safetensors
+alignedvq eval --model llava-mini-shapes --dataset easy-vqa --split test --limit 500 --json
+alignedvq export --model llava-mini-shapes --quantizer preln-1x4096 --out edge.bundle
 """
 
 from __future__ import annotations
@@ -34,21 +34,33 @@ def train_mini_cmd(
     batch_size: int = 256,
     lr: float = 5e-4,
     generated_images: Annotated[int, typer.Option(help="extra shape images our generator draws")] = 40000,
-    time_budget_s: Annotated[float | None, typer.Option(help="pause after a checkpoint; rerun to resume")] = None,
+    time_budget_s: Annotated[
+        float | None, typer.Option(help="pause after a checkpoint; rerun to resume")
+    ] = None,
     device: Device = "auto",
     seed: int = 0,
 ) -> None:
     """Train the bundled llava-mini-shapes model from scratch (resumes from OUT/checkpoint.pt)."""
     from .train import train_mini
 
-    model_dir = train_mini(out, steps=steps, batch_size=batch_size, lr=lr, generated_images=generated_images,
-                           device=_device(device), seed=seed, time_budget_s=time_budget_s)
+    model_dir = train_mini(
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        generated_images=generated_images,
+        device=_device(device),
+        seed=seed,
+        time_budget_s=time_budget_s,
+    )
     typer.echo(str(model_dir))
 
 
 @app.command("train-bundled")
 def train_bundled_cmd(
-    run: Annotated[Path, typer.Option(help="run folder; rerun with the same folder to continue")] = Path("runs/bundled"),
+    run: Annotated[Path, typer.Option(help="run folder; rerun with the same folder to continue")] = Path(
+        "runs/bundled"
+    ),
     budget_s: Annotated[float, typer.Option(help="stop (resumably) after about this many seconds")] = 540.0,
     base_steps: int = 11000,
     generated_images: int = 40000,
@@ -60,9 +72,16 @@ def train_bundled_cmd(
     """The full recipe of the bundled model: base training, then the quantizer sweep."""
     from .recipe import run_recipe
 
-    done = run_recipe(run, budget_s=budget_s, device=_device(device), base_steps=base_steps,
-                      generated_images=generated_images, quantizer_steps=quantizer_steps,
-                      test_limit=test_limit, sweep_limit=sweep_limit)
+    done = run_recipe(
+        run,
+        budget_s=budget_s,
+        device=_device(device),
+        base_steps=base_steps,
+        generated_images=generated_images,
+        quantizer_steps=quantizer_steps,
+        test_limit=test_limit,
+        sweep_limit=sweep_limit,
+    )
     typer.echo("done" if done else "paused: run again to continue")
 
 
@@ -75,12 +94,17 @@ def train_cmd(
     codebook_size: int = 4096,
     code_dim: int = 32,
     stat_bits: Annotated[int, typer.Option(help="bits per token statistic at block:k sites")] = 8,
+    position_centre: Annotated[
+        bool, typer.Option(help="subtract per-position means before projecting")
+    ] = True,
     steps: int = 1000,
     batch_size: int = 256,
     lr: float = 1e-3,
     trainable: Annotated[str, typer.Option(help="comma list of quantizer,vision,projector")] = "quantizer",
     generated_images: int = 0,
-    out: Annotated[Path | None, typer.Option(help="quantizer file; default MODEL/quantizers/<site>-GxK.safetensors")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="quantizer file; default MODEL/quantizers/<site>-GxK.safetensors")
+    ] = None,
     device: Device = "auto",
     seed: int = 0,
 ) -> None:
@@ -92,15 +116,35 @@ def train_cmd(
 
     split_site = SplitSite.parse(site)
     loaded = load_model(model)
-    dim = loaded.model.config.vision_config.hidden_size
-    config = QuantizerConfig(dim=dim, split_site=str(split_site), groups=groups, stages=stages, codebook_size=codebook_size, code_dim=code_dim,
-                             stat_bits=stat_bits if split_site.needs_stats else 0)
+    vision = loaded.model.config.vision_config
+    dim, tokens = vision.hidden_size, (vision.image_size // vision.patch_size) ** 2 + 1
+    config = QuantizerConfig(
+        dim=dim,
+        split_site=str(split_site),
+        tokens=tokens if position_centre else 0,
+        groups=groups,
+        stages=stages,
+        codebook_size=codebook_size,
+        code_dim=code_dim,
+        stat_bits=stat_bits if split_site.needs_stats else 0,
+    )
     train = load_easy_vqa("train")
     if generated_images:
         train = VQASplit.concat([train, generate_shapes(generated_images, seed=seed + 7)])
     target = out or loaded.path / "quantizers" / f"{config.name}.safetensors"
-    train_quantizer(loaded, config, train, load_easy_vqa("holdout"), target, steps=steps,
-                    batch_size=batch_size, lr=lr, trainable=tuple(trainable.split(",")), device=_device(device), seed=seed)
+    train_quantizer(
+        loaded,
+        config,
+        train,
+        load_easy_vqa("holdout"),
+        target,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        trainable=tuple(trainable.split(",")),
+        device=_device(device),
+        seed=seed,
+    )
     typer.echo(str(target))
 
 
@@ -109,7 +153,9 @@ def eval_cmd(
     model: str = "llava-mini-shapes",
     dataset: str = "easy-vqa",
     split: str = "test",
-    quantizer: Annotated[str, typer.Option(help="quantizer name in the model folder, or a file")] = "preln-4096",
+    quantizer: Annotated[
+        str, typer.Option(help="quantizer name in the model folder, or a file")
+    ] = "preln-4096",
     limit: Annotated[int | None, typer.Option(help="first N questions only")] = None,
     batch_size: int = 256,
     device: Device = "auto",
@@ -124,7 +170,9 @@ def eval_cmd(
     path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
     vq = AlignedVQ.load(path)
     data = load_dataset(dataset, split).subset(limit)
-    record = evaluate(loaded, data, dataset, split, vq, vq.config.site, device=_device(device), batch_size=batch_size)
+    record = evaluate(
+        loaded, data, dataset, split, vq, vq.config.site, device=_device(device), batch_size=batch_size
+    )
     if as_json:
         typer.echo(json.dumps(record))
     else:

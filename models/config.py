@@ -78,17 +78,22 @@ class QuantizerConfig:
     codebook_size: int = 4096
     code_dim: int = 32
     stat_bits: int = 0
+    tokens: int = 0  # > 0: subtract a per-position mean (known to both halves) before projecting
     commitment: float = 0.25
     ema_decay: float = 0.0  # 0 = codebooks learn by gradient; (0, 1) = EMA updates
 
     def __post_init__(self) -> None:
         if self.site.needs_stats != bool(self.stat_bits):
-            raise ValueError(f"site {self.split_site} needs stat_bits {'> 0' if self.site.needs_stats else '= 0'}, got {self.stat_bits}")
+            raise ValueError(
+                f"site {self.split_site} needs stat_bits {'> 0' if self.site.needs_stats else '= 0'}, got {self.stat_bits}"
+            )
         for name in ("dim", "groups", "stages", "code_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 2 <= self.codebook_size <= 65536:
             raise ValueError(f"codebook_size must be in 2..65536, got {self.codebook_size}")
+        if self.tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {self.tokens}")
         if not 0 <= self.stat_bits <= 16:
             raise ValueError(f"stat_bits must be in 0..16, got {self.stat_bits}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -141,7 +141,9 @@ def draw_shape(shape: str, color: str, rng: random.Random, size: int = 64) -> np
     return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
 
 
-def answer(template: tuple[str, str, bool], shape: str, color: str, asked_shape: str, asked_color: str) -> str:
+def answer(
+    template: tuple[str, str, bool], shape: str, color: str, asked_shape: str, asked_color: str
+) -> str:
     """The answer to one template about an image holding ``color`` ``shape``."""
     _, kind, negated = template
     if kind == "shape":

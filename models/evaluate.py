@@ -45,7 +45,9 @@ def load_dataset(name: str, split: str) -> VQASplit:
     return load_easy_vqa(split)
 
 
-def stream_header(loaded_name: str, quantizer: AlignedVQ, site: SplitSite, tokens: int, digest: str) -> StreamHeader:
+def stream_header(
+    loaded_name: str, quantizer: AlignedVQ, site: SplitSite, tokens: int, digest: str
+) -> StreamHeader:
     c = quantizer.config
     return StreamHeader(
         model=loaded_name,
@@ -70,13 +72,22 @@ class EncodedImages:
 
 @torch.no_grad()
 def encode_images(
-    loaded: LoadedModel, edge: EdgeHalf, images: np.ndarray, site: SplitSite, quantizer: AlignedVQ | None,
-    device: str, batch_size: int = 256,
+    loaded: LoadedModel,
+    edge: EdgeHalf,
+    images: np.ndarray,
+    site: SplitSite,
+    quantizer: AlignedVQ | None,
+    device: str,
+    batch_size: int = 256,
 ) -> EncodedImages:
     """Edge half (+ quantizer round trip and bitstreams) for ``images`` ``(n, H, W, 3)`` uint8."""
     outs, packed, coded, streams = [], [], [], []
     digest = quantizer.content_hash() if quantizer is not None else ""
-    freqs = normalize_freqs(quantizer.freqs.cpu().numpy()) if quantizer is not None and quantizer.freqs.sum() else None
+    freqs = (
+        normalize_freqs(quantizer.freqs.cpu().numpy())
+        if quantizer is not None and quantizer.freqs.sum()
+        else None
+    )
     for start in range(0, len(images), batch_size):
         chunk = torch.from_numpy(images[start : start + batch_size]).to(device)
         hidden = edge(pixel_values(chunk, loaded.image_spec)).float()
@@ -98,8 +109,13 @@ def encode_images(
 
 @torch.no_grad()
 def answer(
-    loaded: LoadedModel, cloud: CloudHalf, hidden_states: torch.Tensor, split: VQASplit, device: str,
-    batch_size: int = 256, max_new_tokens: int = 3,
+    loaded: LoadedModel,
+    cloud: CloudHalf,
+    hidden_states: torch.Tensor,
+    split: VQASplit,
+    device: str,
+    batch_size: int = 256,
+    max_new_tokens: int = 3,
 ) -> list[str]:
     """Greedy answers for every question, its image's hidden states gathered from ``hidden_states``."""
     from .prompt import encode_prompts
@@ -109,7 +125,9 @@ def answer(
         questions = split.questions[start : start + batch_size]
         rows = torch.from_numpy(split.image_index[start : start + batch_size]).to(device)
         ids, mask = encode_prompts(loaded.tokenizer, loaded.prompt, questions)
-        new = cloud.generate(hidden_states[rows], ids.to(device), mask.to(device), max_new_tokens=max_new_tokens)
+        new = cloud.generate(
+            hidden_states[rows], ids.to(device), mask.to(device), max_new_tokens=max_new_tokens
+        )
         preds += [normalize_answer(t) for t in loaded.tokenizer.batch_decode(new, skip_special_tokens=True)]
     return preds
 
@@ -119,8 +137,15 @@ def accuracy(preds: list[str], split: VQASplit) -> float:
 
 
 def evaluate(
-    loaded: LoadedModel, split: VQASplit, dataset: str, split_name: str, quantizer: AlignedVQ | None,
-    site: SplitSite, device: str = "cpu", batch_size: int = 256, with_original: bool = True,
+    loaded: LoadedModel,
+    split: VQASplit,
+    dataset: str,
+    split_name: str,
+    quantizer: AlignedVQ | None,
+    site: SplitSite,
+    device: str = "cpu",
+    batch_size: int = 256,
+    with_original: bool = True,
 ) -> dict:
     """One JSON-able record: accuracy of the original and the AlignedVQ model, bits and bytes."""
     model = loaded.model.to(device).eval()
@@ -129,24 +154,46 @@ def evaluate(
     remap = np.zeros(split.images.shape[0], dtype=np.int64)
     remap[used] = np.arange(len(used))
     compact = VQASplit(split.images[used], split.questions, split.answers, remap[split.image_index])
-    record: dict = {"model": loaded.name, "dataset": dataset, "split": split_name, "n": len(split), "images": len(used)}
+    record: dict = {
+        "model": loaded.name,
+        "dataset": dataset,
+        "split": split_name,
+        "n": len(split),
+        "images": len(used),
+    }
     if with_original:
         plain = encode_images(loaded, edge, compact.images, site, None, device)
-        record["accuracy_original"] = accuracy(answer(loaded, cloud, plain.hidden_states, compact, device, batch_size), compact)
+        record["accuracy_original"] = accuracy(
+            answer(loaded, cloud, plain.hidden_states, compact, device, batch_size), compact
+        )
     if quantizer is not None:
         enc = encode_images(loaded, edge, compact.images, site, quantizer.to(device).eval(), device)
-        record["accuracy_alignedvq"] = accuracy(answer(loaded, cloud, enc.hidden_states, compact, device, batch_size), compact)
+        record["accuracy_alignedvq"] = accuracy(
+            answer(loaded, cloud, enc.hidden_states, compact, device, batch_size), compact
+        )
         tokens = enc.hidden_states.shape[1]
         body = [
-            len(encode_request(VQARequest(request_id=f"eval-{i:08d}", model=loaded.name, question=compact.questions[i],
-                                          features=enc.streams[int(compact.image_index[i])])))
+            len(
+                encode_request(
+                    VQARequest(
+                        request_id=f"eval-{i:08d}",
+                        model=loaded.name,
+                        question=compact.questions[i],
+                        features=enc.streams[int(compact.image_index[i])],
+                    )
+                )
+            )
             for i in range(min(len(compact), 2000))
         ]
         c = quantizer.config
         header_bytes = stream_header(loaded.name, quantizer, site, tokens, "0" * 16).nbytes
         record.update(
             site=str(site),
-            groups=c.groups, stages=c.stages, codebook_size=c.codebook_size, code_dim=c.code_dim, stat_bits=c.stat_bits,
+            groups=c.groups,
+            stages=c.stages,
+            codebook_size=c.codebook_size,
+            code_dim=c.code_dim,
+            stat_bits=c.stat_bits,
             tokens=tokens,
             bits_per_token=c.bits_per_token,
             stream_bytes_packed=float(np.mean(enc.stream_bytes)),

@@ -23,7 +23,9 @@ class PromptFormat:
 
     def __post_init__(self) -> None:
         if self.template.count(IMAGE_PLACEHOLDER) != 1 or "{question}" not in self.template:
-            raise ValueError(f"prompt template needs one {IMAGE_PLACEHOLDER} and a {{question}}: {self.template!r}")
+            raise ValueError(
+                f"prompt template needs one {IMAGE_PLACEHOLDER} and a {{question}}: {self.template!r}"
+            )
 
     def render(self, question: str) -> str:
         body = self.template.replace("{question}", question)

@@ -47,7 +47,9 @@ class QuantizerOutput:
     stats: torch.Tensor | None  # (batch, tokens, 2) quantized mean / log-std levels
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Lloyd's k-means on ``x`` of shape ``(n, d)``; returns ``(k, d)`` centroids.
 
     Seeds from distinct random points; an emptied cluster is reseeded from a random point so every
@@ -98,12 +100,16 @@ class AlignedVQ(nn.Module):
         )
         # Uniform quantizer range for per-token [mean, log-std]: rows (mean, log_std), cols (lo, hi).
         self.register_buffer("stats_range", torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
+        # Per-position centre (tokens, dim); all zeros when config.tokens == 0.
+        self.register_buffer("token_mean", torch.zeros(max(c.tokens, 1), c.dim))
         # Entropy-coder tables: code counts on a calibration set (zeros = not calibrated).
         self.register_buffer("freqs", torch.zeros(c.groups, c.stages, c.codebook_size, dtype=torch.int64))
         # Training-only state; not saved (see _SAVED).
         self.register_buffer("usage", torch.zeros(c.groups, c.stages, c.codebook_size), persistent=False)
         if c.ema_decay:
-            self.register_buffer("ema_count", torch.ones(c.groups, c.stages, c.codebook_size), persistent=False)
+            self.register_buffer(
+                "ema_count", torch.ones(c.groups, c.stages, c.codebook_size), persistent=False
+            )
             self.register_buffer("ema_sum", self.codebooks.detach().clone(), persistent=False)
 
     # ---- per-token statistics (block:k sites) -------------------------------------------------
@@ -135,9 +141,21 @@ class AlignedVQ(nn.Module):
 
     # ---- codes -------------------------------------------------------------------------------
 
+    def _centre(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.tokens:
+            return self.token_mean[0].to(x.dtype)
+        if x.shape[-2] != self.config.tokens:
+            raise ValueError(f"expected {self.config.tokens} tokens per image, got {x.shape[-2]}")
+        return self.token_mean.to(x.dtype)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Edge side: ``(batch, tokens, dim)`` -> ``(batch, tokens, groups, code_dim)``."""
-        return self.down(x).unflatten(-1, (self.config.groups, self.config.code_dim))
+        return self.down(x - self._centre(x)).unflatten(-1, (self.config.groups, self.config.code_dim))
+
+    def _up(self, zq: torch.Tensor) -> torch.Tensor:
+        """Cloud side: ``(batch, tokens, G * code_dim)`` -> ``(batch, tokens, dim)``."""
+        out = self.up(zq)
+        return out + self._centre(out)
 
     def _search(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Residual nearest-code search; returns indices ``(..., G, S)`` and per-stage residuals."""
@@ -175,7 +193,7 @@ class AlignedVQ(nn.Module):
         if self.config.stat_bits and levels is None:
             raise ValueError("this quantizer standardizes tokens: decode needs the per-token stat levels")
         zq = self.lookup(indices).flatten(-2)
-        return self._restore(self.up(zq.to(self.up.weight.dtype)), levels)
+        return self._restore(self._up(zq.to(self.up.weight.dtype)), levels)
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """Training pass with straight-through gradients; also valid (and deterministic) in eval."""
@@ -195,7 +213,7 @@ class AlignedVQ(nn.Module):
         if self.training:
             self._track(indices, residuals)
         z_st = z + (zq.to(z.dtype) - z).detach()
-        x_hat = self._restore(self.up(z_st.flatten(-2)), levels)
+        x_hat = self._restore(self._up(z_st.flatten(-2)), levels)
         return QuantizerOutput(x_hat, indices, loss, levels)
 
     @torch.no_grad()
@@ -208,7 +226,9 @@ class AlignedVQ(nn.Module):
                 counts = torch.bincount(flat[:, g, s], minlength=c.codebook_size).float()
                 self.usage[g, s].mul_(0.99).add_(counts)
                 if c.ema_decay:
-                    sums = torch.zeros_like(self.ema_sum[g, s]).index_add_(0, flat[:, g, s], residuals[s][:, g].float())
+                    sums = torch.zeros_like(self.ema_sum[g, s]).index_add_(
+                        0, flat[:, g, s], residuals[s][:, g].float()
+                    )
                     self.ema_count[g, s].mul_(c.ema_decay).add_(counts, alpha=1 - c.ema_decay)
                     self.ema_sum[g, s].mul_(c.ema_decay).add_(sums, alpha=1 - c.ema_decay)
                     n = self.ema_count[g, s]
@@ -217,13 +237,14 @@ class AlignedVQ(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, x: torch.Tensor, threshold: float = 1e-3) -> int:
-        """Move codes whose usage fell below ``threshold`` onto random residuals of the batch ``x``.
+        """Move codes whose usage fell below ``threshold`` onto random residuals of ``x`` ``(batch, tokens, dim)``.
 
         Returns how many codes were restarted. Call every few hundred steps during training.
         """
         c = self.config
         xs, _ = self.standardize(x)
         _, residuals = self._search(self.project(xs))
+        residuals = [r.reshape(-1, c.groups, c.code_dim) for r in residuals]
         restarted = 0
         for g in range(c.groups):
             for s in range(c.stages):
@@ -240,27 +261,32 @@ class AlignedVQ(nn.Module):
     # ---- initialisation and calibration -----------------------------------------------------
 
     @torch.no_grad()
-    def init_from_features(self, x: torch.Tensor, iters: int = 20, seed: int = 0) -> None:
-        """PCA projections + per-stage k-means from features ``(n, dim)`` (float32 recommended)."""
+    def init_from_features(
+        self, x: torch.Tensor, iters: int = 20, seed: int = 0, max_vectors: int = 200000
+    ) -> None:
+        """Position centres, PCA projections and per-stage k-means from features ``(images, tokens, dim)``."""
         c = self.config
         gen = torch.Generator().manual_seed(seed)
         x = x.float()
         if c.stat_bits:
             mean = x.mean(-1, keepdim=True)
             logstd = (x - mean).pow(2).mean(-1, keepdim=True).add(_EPS).sqrt().log()
-            stats = torch.cat([mean, logstd], -1)
-            lo = torch.quantile(stats[:50000].cpu(), 0.001, dim=0)
-            hi = torch.quantile(stats[:50000].cpu(), 0.999, dim=0)
+            stats = torch.cat([mean, logstd], -1).flatten(0, 1)[:50000].cpu()
+            lo, hi = torch.quantile(stats, 0.001, dim=0), torch.quantile(stats, 0.999, dim=0)
             self.stats_range.copy_(torch.stack([lo, hi + _EPS], 1).to(self.stats_range))
             x, _ = self.standardize(x)
-        mu = x.mean(0)
-        _, _, vh = torch.linalg.svd(x[:200000] - mu, full_matrices=False)
+        if c.tokens:
+            self.token_mean.copy_(x.mean(0))
+        flat = (x - self._centre(x)).flatten(0, 1)
+        flat = flat[torch.randperm(flat.shape[0], generator=gen)[:max_vectors].to(flat.device)]
+        mu = flat.mean(0)
+        _, _, vh = torch.linalg.svd(flat - mu, full_matrices=False)
         basis = vh[: c.groups * c.code_dim]  # (G*d, dim), orthonormal rows
         self.down.weight.copy_(basis)
         self.down.bias.copy_(-basis @ mu)
         self.up.weight.copy_(basis.T)
         self.up.bias.copy_(mu)
-        residual = self.project(x)
+        residual = self.down(flat).unflatten(-1, (c.groups, c.code_dim))
         for s in range(c.stages):
             for g in range(c.groups):
                 book = kmeans(residual[:, g], c.codebook_size, iters=iters, generator=gen)
@@ -283,7 +309,10 @@ class AlignedVQ(nn.Module):
 
     def _saved_tensors(self) -> dict[str, torch.Tensor]:
         state = self.state_dict()
-        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
+        return {
+            k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in state.items()
+        }
 
     def content_hash(self) -> str:
         """sha256 over the config and every saved tensor: the ``codebook_hash`` on the wire."""
@@ -293,7 +322,12 @@ class AlignedVQ(nn.Module):
         """Write safetensors with config + hash in the metadata; returns the hash."""
         tensors = self._saved_tensors()
         digest = _content_hash(self.config, tensors)
-        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": self.config.to_json(), "hash": digest}
+        meta = {
+            "format": FORMAT,
+            "version": str(FORMAT_VERSION),
+            "config": self.config.to_json(),
+            "hash": digest,
+        }
         save_file(tensors, str(path), metadata=meta)
         return digest
 
@@ -316,7 +350,9 @@ class AlignedVQ(nn.Module):
         expected = module._saved_tensors()
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing or unexpected:
-            raise QuantizerFileError(f"{path}: missing tensors {sorted(missing)}, unexpected {sorted(unexpected)}")
+            raise QuantizerFileError(
+                f"{path}: missing tensors {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         for name, tensor in tensors.items():
             if tensor.shape != expected[name].shape:
                 raise QuantizerFileError(
@@ -324,7 +360,9 @@ class AlignedVQ(nn.Module):
                 )
         digest = _content_hash(config, tensors)
         if digest != meta.get("hash"):
-            raise QuantizerFileError(f"{path}: content hash {digest[:16]} does not match recorded {meta.get('hash', '')[:16]}")
+            raise QuantizerFileError(
+                f"{path}: content hash {digest[:16]} does not match recorded {meta.get('hash', '')[:16]}"
+            )
         module.load_state_dict(tensors, strict=True)
         if config.ema_decay:
             module.ema_sum.copy_(module.codebooks.detach())

@@ -42,10 +42,18 @@ SWEEP: tuple[tuple[str, int, int, int, int], ...] = (
 )
 
 
-def sweep_configs(dim: int) -> list[QuantizerConfig]:
+def sweep_configs(dim: int, tokens: int) -> list[QuantizerConfig]:
     return [
-        QuantizerConfig(dim=dim, split_site=site, groups=g, stages=s, codebook_size=k, code_dim=d,
-                        stat_bits=8 if site.startswith("block") else 0)
+        QuantizerConfig(
+            dim=dim,
+            split_site=site,
+            tokens=tokens,
+            groups=g,
+            stages=s,
+            codebook_size=k,
+            code_dim=d,
+            stat_bits=8 if site.startswith("block") else 0,
+        )
         for site, g, s, k, d in SWEEP
     ]
 
@@ -63,8 +71,13 @@ def run_recipe(
 ) -> bool:
     """Advance the recipe by at most ``budget_s`` seconds; returns True once everything is done."""
     started = time.time()
-    model_dir = train_mini(run / "base", steps=base_steps, generated_images=generated_images, device=device,
-                           time_budget_s=budget_s)
+    model_dir = train_mini(
+        run / "base",
+        steps=base_steps,
+        generated_images=generated_images,
+        device=device,
+        time_budget_s=budget_s,
+    )
     if not (model_dir / "manifest.json").is_file():
         return False
     results_path = run / "rate_accuracy.json"
@@ -74,9 +87,10 @@ def run_recipe(
     loaded = load_model_dir(model_dir, name="llava-mini-shapes", device=device)
     train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(8000, seed=11)])
     holdout, test = load_easy_vqa("holdout"), load_easy_vqa("test").subset(test_limit)
-    dim = loaded.model.config.vision_config.hidden_size
+    vision = loaded.model.config.vision_config
+    dim, tokens = vision.hidden_size, (vision.image_size // vision.patch_size) ** 2 + 1
     per_config = []
-    for config in sweep_configs(dim)[:sweep_limit]:
+    for config in sweep_configs(dim, tokens)[:sweep_limit]:
         if config.name in done:
             continue
         spent = time.time() - started
@@ -85,9 +99,19 @@ def run_recipe(
             return False
         t0 = time.time()
         path = model_dir / "quantizers" / f"{config.name}.safetensors"
-        quantizer = train_quantizer(loaded, config, train, holdout, path, steps=quantizer_steps, device=device)
-        record = evaluate(loaded, test, "easy-vqa", "test", quantizer, config.site, device=device,
-                          with_original=not results["runs"])
+        quantizer = train_quantizer(
+            loaded, config, train, holdout, path, steps=quantizer_steps, device=device
+        )
+        record = evaluate(
+            loaded,
+            test,
+            "easy-vqa",
+            "test",
+            quantizer,
+            config.site,
+            device=device,
+            with_original=not results["runs"],
+        )
         record.update(name=config.name, train_s=round(time.time() - t0, 1))
         if "accuracy_original" in record:
             results["accuracy_original"] = record["accuracy_original"]

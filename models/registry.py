@@ -97,12 +97,18 @@ def save_model_dir(
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(directory)
-    meta = {"prompt": prompt.template, "image_tokens": prompt.image_tokens, "image_spec": image_spec.to_dict()}
+    meta = {
+        "prompt": prompt.template,
+        "image_tokens": prompt.image_tokens,
+        "image_spec": image_spec.to_dict(),
+    }
     (directory / "alignedvq.json").write_text(json.dumps(meta, indent=1) + "\n")
     write_manifest(directory)
 
 
-def load_model_dir(directory: Path, name: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model_dir(
+    directory: Path, name: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """Load a model directory written by :func:`save_model_dir`, verifying its manifest."""
     verify_manifest(directory)
     meta = json.loads((directory / "alignedvq.json").read_text())
@@ -141,13 +147,19 @@ def _load_llava15(device: str, dtype: torch.dtype) -> LoadedModel:
         model=model,
         tokenizer=AutoTokenizer.from_pretrained(directory),
         prompt=LLAVA15_PROMPT,
-        image_spec=ImageSpec(size=int(size), mean=tuple(processor["image_mean"]), std=tuple(processor["image_std"])),
+        image_spec=ImageSpec(
+            size=int(size), mean=tuple(processor["image_mean"]), std=tuple(processor["image_std"])
+        ),
         path=directory,
     )
 
 
 def available_models() -> list[str]:
-    return sorted(p.name for p in BUNDLED.iterdir() if (p / "manifest.json").is_file()) + ["llava-1.5-7b"] if BUNDLED.is_dir() else ["llava-1.5-7b"]
+    return (
+        sorted(p.name for p in BUNDLED.iterdir() if (p / "manifest.json").is_file()) + ["llava-1.5-7b"]
+        if BUNDLED.is_dir()
+        else ["llava-1.5-7b"]
+    )
 
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -38,14 +38,24 @@ class TensorSplit:
 
     @classmethod
     def for_training(
-        cls, split: VQASplit, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, spec: ImageSpec, device: str
+        cls,
+        split: VQASplit,
+        tokenizer: PreTrainedTokenizerBase,
+        fmt: PromptFormat,
+        spec: ImageSpec,
+        device: str,
     ) -> TensorSplit:
         ids, mask, labels = encode_training(tokenizer, fmt, split.questions, [a[0] for a in split.answers])
         return cls._make(split, ids, mask, labels, spec, device)
 
     @classmethod
     def for_generation(
-        cls, split: VQASplit, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, spec: ImageSpec, device: str
+        cls,
+        split: VQASplit,
+        tokenizer: PreTrainedTokenizerBase,
+        fmt: PromptFormat,
+        spec: ImageSpec,
+        device: str,
     ) -> TensorSplit:
         ids, mask = encode_prompts(tokenizer, fmt, split.questions)
         return cls._make(split, ids, mask, None, spec, device)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from .config import QuantizerConfig, SplitSite
+from .config import QuantizerConfig
 from .data import VQASplit, generate_shapes, load_easy_vqa
 from .mini import IMAGE_SPEC, PROMPT, build_tokenizer, mini_config
 from .quantizer import AlignedVQ
@@ -108,6 +108,9 @@ def train_mini(
     Returns ``out/model`` once all ``steps`` are done (weights in fp16, tokenizer, manifest).
     Stops early, after a checkpoint, when ``time_budget_s`` runs out (call again to continue).
     """
+    model_dir = out / "model"
+    if (model_dir / "manifest.json").is_file():
+        return model_dir
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -116,11 +119,15 @@ def train_mini(
     if generated_images:
         train_split = VQASplit.concat([train_split, generate_shapes(generated_images, seed=seed + 1)])
     train = TensorSplit.for_training(train_split, tokenizer, PROMPT, IMAGE_SPEC, device)
-    holdout = TensorSplit.for_training(load_easy_vqa("holdout").subset(easy_vqa_limit), tokenizer, PROMPT, IMAGE_SPEC, device)
+    holdout = TensorSplit.for_training(
+        load_easy_vqa("holdout").subset(easy_vqa_limit), tokenizer, PROMPT, IMAGE_SPEC, device
+    )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
     )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -130,12 +137,21 @@ def train_mini(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())
         step = state["step"]
     log = Logger(out / "train_log.jsonl")
-    log(event="start", step=step, steps=steps, batch_size=batch_size, lr=lr, params=sum(p.numel() for p in model.parameters()),
-        train_questions=len(train), holdout_questions=len(holdout), device=str(device),
-        gpu=torch.cuda.get_device_name() if str(device).startswith("cuda") else None)
+    log(
+        event="start",
+        step=step,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        params=sum(p.numel() for p in model.parameters()),
+        train_questions=len(train),
+        holdout_questions=len(holdout),
+        device=str(device),
+        gpu=torch.cuda.get_device_name() if str(device).startswith("cuda") else None,
+    )
     batches = _batches(len(train), batch_size, generator, device)
     started = time.time()
     bar = tqdm(total=steps, initial=step, desc="train-mini", mininterval=5)
@@ -152,23 +168,36 @@ def train_mini(
         step += 1
         bar.update(1)
         if step % 100 == 0:
-            log(event="step", step=step, loss=round(loss.item(), 5), grad_norm=round(float(norm), 4), lr=schedule.get_last_lr()[0])
+            log(
+                event="step",
+                step=step,
+                loss=round(loss.item(), 5),
+                grad_norm=round(float(norm), 4),
+                lr=schedule.get_last_lr()[0],
+            )
         if step % eval_every == 0 or step == steps:
             model.eval()
             with autocast(device):
-                acc = holdout_accuracy(lambda b: model(**{k: v for k, v in b.items() if k != "labels"}).logits, holdout)
+                acc = holdout_accuracy(
+                    lambda b: model(**{k: v for k, v in b.items() if k != "labels"}).logits, holdout
+                )
             model.train()
             log(event="eval", step=step, holdout_accuracy=acc)
             bar.set_postfix(loss=f"{loss.item():.4f}", holdout=f"{acc:.4f}")
         out_of_time = time_budget_s is not None and time.time() - started > time_budget_s
         if step % eval_every == 0 or out_of_time or step == steps:
-            _checkpoint(ckpt, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                        generator=generator.get_state(), step=step)
+            _checkpoint(
+                ckpt,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                schedule=schedule.state_dict(),
+                generator=generator.get_state(),
+                step=step,
+            )
         if out_of_time and step < steps:
             log(event="paused", step=step)
             return out
     bar.close()
-    model_dir = out / "model"
     save_model_dir(model, tokenizer, PROMPT, IMAGE_SPEC, model_dir)
     log(event="done", step=step, model_dir=str(model_dir))
     return model_dir
@@ -176,12 +205,12 @@ def train_mini(
 
 @torch.no_grad()
 def collect_features(edge, data: TensorSplit, max_images: int, batch_size: int = 512) -> torch.Tensor:
-    """Edge-half outputs ``(images * tokens, dim)`` in float32 for the first ``max_images`` images."""
+    """Edge-half outputs ``(images, tokens, dim)`` in float32 for the first ``max_images`` images."""
     feats = []
     n = min(max_images, data.images.shape[0])
     for start in range(0, n, batch_size):
         images = data.images[start : min(start + batch_size, n)]
-        feats.append(edge(pixel_values(images, data.spec)).float().flatten(0, 1))
+        feats.append(edge(pixel_values(images, data.spec)).float())
     return torch.cat(feats)
 
 
@@ -216,11 +245,12 @@ def train_quantizer(
     model.requires_grad_(False)
     edge, cloud = split_llava(model, site)
     train = TensorSplit.for_training(train_split, loaded.tokenizer, loaded.prompt, loaded.image_spec, device)
-    holdout = TensorSplit.for_training(holdout_split, loaded.tokenizer, loaded.prompt, loaded.image_spec, device)
+    holdout = TensorSplit.for_training(
+        holdout_split, loaded.tokenizer, loaded.prompt, loaded.image_spec, device
+    )
     quantizer = AlignedVQ(config).to(device)
     feats = collect_features(edge, train, kmeans_images)
-    sample = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(seed))[:200000].to(device)]
-    quantizer.init_from_features(sample, iters=kmeans_iters, seed=seed)
+    quantizer.init_from_features(feats, iters=kmeans_iters, seed=seed)
     params = list(quantizer.parameters())
     if "vision" in trainable:
         cloud.blocks.requires_grad_(True)
@@ -243,13 +273,20 @@ def train_quantizer(
         with autocast(device):
             return holdout_accuracy(lambda b: forward(b, False)[0], holdout)
 
-    log(event="init", site=str(site), config=json.loads(config.to_json()), bits_per_token=config.bits_per_token,
-        holdout_accuracy_kmeans=evaluate(), trainable=list(trainable))
+    log(
+        event="init",
+        site=str(site),
+        config=json.loads(config.to_json()),
+        bits_per_token=config.bits_per_token,
+        holdout_accuracy_kmeans=evaluate(),
+        trainable=list(trainable),
+    )
     if steps:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         warmup = max(1, steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+            optimizer,
+            lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
         )
         batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed), device)
         for step in tqdm(range(1, steps + 1), desc=f"train {site} {config.bits_per_token}b", mininterval=5):
@@ -263,13 +300,14 @@ def train_quantizer(
             optimizer.step()
             schedule.step()
             if step % 200 == 0 and step < steps * 0.8:
-                restarted = quantizer.restart_dead_codes(edge(batch["pixel_values"]).float().flatten(0, 1))
+                restarted = quantizer.restart_dead_codes(edge(batch["pixel_values"]).float())
                 log(event="step", step=step, loss=round(loss.item(), 5), restarted=restarted)
     quantizer.eval()
-    indices, _ = quantizer.encode(collect_features(edge, train, kmeans_images).view(-1, 1, config.dim))
-    quantizer.calibrate_freqs(indices)
+    quantizer.calibrate_freqs(quantizer.encode(feats)[0])
     digest = quantizer.save(out)
     log(event="done", holdout_accuracy=evaluate(), hash=digest)
     if set(trainable) - {"quantizer"}:
-        save_model_dir(model, loaded.tokenizer, loaded.prompt, loaded.image_spec, out.parent / f"{out.stem}-model")
+        save_model_dir(
+            model, loaded.tokenizer, loaded.prompt, loaded.image_spec, out.parent / f"{out.stem}-model"
+        )
     return quantizer
