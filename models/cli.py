@@ -64,7 +64,8 @@ def train_bundled_cmd(
     budget_s: Annotated[float, typer.Option(help="stop (resumably) after about this many seconds")] = 540.0,
     base_steps: int = 11000,
     generated_images: int = 40000,
-    quantizer_steps: int = 800,
+    quantizer_steps: int = 3000,
+    trainable: str = "quantizer,vision,projector",
     test_limit: int | None = None,
     sweep_limit: int | None = None,
     device: Device = "auto",
@@ -79,6 +80,7 @@ def train_bundled_cmd(
         base_steps=base_steps,
         generated_images=generated_images,
         quantizer_steps=quantizer_steps,
+        trainable=tuple(trainable.split(",")),
         test_limit=test_limit,
         sweep_limit=sweep_limit,
     )
@@ -102,8 +104,9 @@ def train_cmd(
     lr: float = 1e-3,
     trainable: Annotated[str, typer.Option(help="comma list of quantizer,vision,projector")] = "quantizer",
     generated_images: int = 0,
-    out: Annotated[
-        Path | None, typer.Option(help="quantizer file; default MODEL/quantizers/<site>-GxK.safetensors")
+    out_dir: Annotated[Path | None, typer.Option(help="quantizer folder; default MODEL/quantizers")] = None,
+    model_out: Annotated[
+        Path | None, typer.Option(help="where to save the model when cloud weights train (vision, projector)")
     ] = None,
     device: Device = "auto",
     seed: int = 0,
@@ -111,8 +114,8 @@ def train_cmd(
     """Fit an AlignedVQ quantizer: k-means init, then task-aware fine-tuning."""
     from .config import QuantizerConfig, SplitSite
     from .data import VQASplit, generate_shapes, load_easy_vqa
-    from .registry import load_model
-    from .train import train_quantizer
+    from .registry import load_model, save_model_dir
+    from .train import train_quantizers
 
     split_site = SplitSite.parse(site)
     loaded = load_model(model)
@@ -128,24 +131,29 @@ def train_cmd(
         code_dim=code_dim,
         stat_bits=stat_bits if split_site.needs_stats else 0,
     )
+    parts = tuple(trainable.split(","))
+    if set(parts) - {"quantizer"} and model_out is None:
+        raise typer.BadParameter("training cloud weights changes the model: pass --model-out DIR")
     train = load_easy_vqa("train")
     if generated_images:
         train = VQASplit.concat([train, generate_shapes(generated_images, seed=seed + 7)])
-    target = out or loaded.path / "quantizers" / f"{config.name}.safetensors"
-    train_quantizer(
+    folder = out_dir or loaded.path / "quantizers"
+    train_quantizers(
         loaded,
-        config,
+        [config],
         train,
         load_easy_vqa("holdout"),
-        target,
+        folder,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        trainable=tuple(trainable.split(",")),
+        trainable=parts,
         device=_device(device),
         seed=seed,
     )
-    typer.echo(str(target))
+    if model_out is not None:
+        save_model_dir(loaded.model, loaded.tokenizer, loaded.prompt, loaded.image_spec, model_out)
+    typer.echo(str(folder / f"{config.name}.safetensors"))
 
 
 @app.command("eval")

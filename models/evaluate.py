@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from edge_client.bitstream import StreamHeader, encode_stream
 from edge_client.entropy import normalize_freqs
+from edge_client.preprocess import resize_and_crop
 from edge_client.protocol import VQARequest, encode_request
 
 from .config import SplitSite
@@ -153,7 +155,10 @@ def evaluate(
     used = np.unique(split.image_index)
     remap = np.zeros(split.images.shape[0], dtype=np.int64)
     remap[used] = np.arange(len(used))
-    compact = VQASplit(split.images[used], split.questions, split.answers, remap[split.image_index])
+    images = split.images[used]
+    if images.shape[1:3] != (loaded.image_spec.size,) * 2:  # e.g. 64 px easy-VQA for a 336 px model
+        images = np.stack([resize_and_crop(Image.fromarray(im), loaded.image_spec.size) for im in images])
+    compact = VQASplit(images, split.questions, split.answers, remap[split.image_index])
     record: dict = {
         "model": loaded.name,
         "dataset": dataset,

@@ -26,7 +26,7 @@ from .data import VQASplit, generate_shapes, load_easy_vqa
 from .mini import IMAGE_SPEC, PROMPT, build_tokenizer, mini_config
 from .quantizer import AlignedVQ
 from .registry import LoadedModel, save_model_dir
-from .split import split_llava
+from .split import split_llava, vision_model
 from .tensors import TensorSplit, pixel_values
 
 TRAINABLE = ("quantizer", "vision", "projector")
@@ -214,100 +214,123 @@ def collect_features(edge, data: TensorSplit, max_images: int, batch_size: int =
     return torch.cat(feats)
 
 
-def train_quantizer(
+def train_quantizers(
     loaded: LoadedModel,
-    config: QuantizerConfig,
+    configs: list[QuantizerConfig],
     train_split: VQASplit,
     holdout_split: VQASplit,
-    out: Path,
+    out_dir: Path,
     *,
     steps: int = 1000,
     batch_size: int = 256,
     lr: float = 1e-3,
+    cloud_lr: float = 1e-4,
     trainable: tuple[str, ...] = ("quantizer",),
     kmeans_images: int = 4000,
     kmeans_iters: int = 20,
     device: str = "cpu",
     seed: int = 0,
-) -> AlignedVQ:
+) -> list[AlignedVQ]:
     """k-means init, then task-aware fine-tuning (VQA loss through the cloud half + VQ losses).
 
-    ``trainable`` picks what learns besides the quantizer: ``vision`` (cloud-side vision blocks) and
-    ``projector``. The quantizer is written to ``out`` (safetensors + hash); when cloud weights were
-    trained too, the model is saved beside it as ``<out stem>-model/``.
+    Several quantizers can train together: each step takes the next one in turn. ``trainable`` picks
+    what learns besides the quantizers: ``vision`` (cloud-side vision blocks, shared by all) and
+    ``projector``. When cloud weights learn, every few steps also run unquantized, so one cloud half
+    serves the original features and every quantizer (one bundled model, many rates). Quantizers
+    are written to ``out_dir/<name>.safetensors``; the caller saves the model if the cloud changed.
     """
     unknown = set(trainable) - set(TRAINABLE)
     if unknown:
         raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {TRAINABLE}")
     torch.manual_seed(seed)
-    site = config.site
     model = loaded.model.to(device).eval()
     model.requires_grad_(False)
-    edge, cloud = split_llava(model, site)
-    train = TensorSplit.for_training(train_split, loaded.tokenizer, loaded.prompt, loaded.image_spec, device)
-    holdout = TensorSplit.for_training(
-        holdout_split, loaded.tokenizer, loaded.prompt, loaded.image_spec, device
-    )
-    quantizer = AlignedVQ(config).to(device)
-    feats = collect_features(edge, train, kmeans_images)
-    quantizer.init_from_features(feats, iters=kmeans_iters, seed=seed)
-    params = list(quantizer.parameters())
+    spec, tok, fmt = loaded.image_spec, loaded.tokenizer, loaded.prompt
+    train = TensorSplit.for_training(train_split, tok, fmt, spec, device)
+    holdout = TensorSplit.for_training(holdout_split, tok, fmt, spec, device)
+    halves = {str(c.site): split_llava(model, c.site) for c in configs}
+    quantizers = [AlignedVQ(c).to(device) for c in configs]
+    for q in quantizers:
+        q.init_from_features(
+            collect_features(halves[str(q.config.site)][0], train, kmeans_images),
+            iters=kmeans_iters,
+            seed=seed,
+        )
+    cloud_params: list[torch.nn.Parameter] = []
     if "vision" in trainable:
-        cloud.blocks.requires_grad_(True)
-        params += list(cloud.blocks.parameters())
+        vision_model(model).encoder.requires_grad_(True)
+        cloud_params += list(vision_model(model).encoder.parameters())
     if "projector" in trainable:
         projector = getattr(model, "model", model).multi_modal_projector
         projector.requires_grad_(True)
-        params += list(projector.parameters())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = Logger(out.with_suffix(".log.jsonl"))
+        cloud_params += list(projector.parameters())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger(out_dir / "train_quantizers.log.jsonl")
 
-    def forward(batch, q_train: bool):
+    def forward(batch, q: AlignedVQ | None, site: str, train_mode: bool):
+        edge, cloud = halves[site]
         with torch.no_grad():
-            hidden = edge(batch["pixel_values"])
-        quantizer.train(q_train)
-        q = quantizer(hidden.float())
-        return cloud(q.hidden_states, batch["input_ids"], batch["attention_mask"]), q
+            hidden = edge(batch["pixel_values"]).float()
+        if q is None:
+            return cloud(hidden, batch["input_ids"], batch["attention_mask"]), None
+        q.train(train_mode)
+        out = q(hidden)
+        return cloud(out.hidden_states, batch["input_ids"], batch["attention_mask"]), out
 
-    def evaluate() -> float:
+    def evaluate(q: AlignedVQ | None, site: str) -> float:
         with autocast(device):
-            return holdout_accuracy(lambda b: forward(b, False)[0], holdout)
+            return holdout_accuracy(lambda b: forward(b, q, site, False)[0], holdout)
 
-    log(
-        event="init",
-        site=str(site),
-        config=json.loads(config.to_json()),
-        bits_per_token=config.bits_per_token,
-        holdout_accuracy_kmeans=evaluate(),
-        trainable=list(trainable),
-    )
+    for q in quantizers:
+        log(
+            event="init",
+            name=q.config.name,
+            bits_per_token=q.config.bits_per_token,
+            holdout_accuracy_kmeans=evaluate(q, str(q.config.site)),
+            trainable=list(trainable),
+        )
     if steps:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        groups = [{"params": [p for q in quantizers for p in q.parameters() if p.requires_grad], "lr": lr}]
+        if cloud_params:
+            groups.append({"params": cloud_params, "lr": cloud_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         warmup = max(1, steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
         )
+        # With a trainable cloud, one slot in the rotation keeps the unquantized path sharp.
+        rotation: list[AlignedVQ | None] = [*quantizers, *([None] if cloud_params else [])]
         batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed), device)
-        for step in tqdm(range(1, steps + 1), desc=f"train {site} {config.bits_per_token}b", mininterval=5):
+        for step in tqdm(range(1, steps + 1), desc="train quantizers", mininterval=5):
+            q = rotation[step % len(rotation)]
+            site = str(q.config.site) if q is not None else str(configs[0].site)
             batch = train.batch(next(batches))
             with autocast(device):
-                logits, q = forward(batch, True)
-                loss = lm_loss(logits, batch["labels"]) + q.loss
+                logits, out = forward(batch, q, site, True)
+                loss = lm_loss(logits, batch["labels"]) + (out.loss if out is not None else 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
             schedule.step()
-            if step % 200 == 0 and step < steps * 0.8:
-                restarted = quantizer.restart_dead_codes(edge(batch["pixel_values"]).float())
-                log(event="step", step=step, loss=round(loss.item(), 5), restarted=restarted)
-    quantizer.eval()
-    quantizer.calibrate_freqs(quantizer.encode(feats)[0])
-    digest = quantizer.save(out)
-    log(event="done", holdout_accuracy=evaluate(), hash=digest)
-    if set(trainable) - {"quantizer"}:
-        save_model_dir(
-            model, loaded.tokenizer, loaded.prompt, loaded.image_spec, out.parent / f"{out.stem}-model"
-        )
-    return quantizer
+            if q is not None and step % (200 * len(rotation)) < len(rotation) and step < steps * 0.8:
+                with torch.no_grad():
+                    restarted = q.restart_dead_codes(halves[site][0](batch["pixel_values"]).float())
+                log(
+                    event="step",
+                    step=step,
+                    name=q.config.name,
+                    loss=round(loss.item(), 5),
+                    restarted=restarted,
+                )
+    model.requires_grad_(False)
+    for q in quantizers:
+        q.eval()
+        site = str(q.config.site)
+        q.calibrate_freqs(q.encode(collect_features(halves[site][0], train, kmeans_images))[0])
+        digest = q.save(out_dir / f"{q.config.name}.safetensors")
+        log(event="done", name=q.config.name, holdout_accuracy=evaluate(q, site), hash=digest)
+    if cloud_params:
+        log(event="done", name="unquantized", holdout_accuracy=evaluate(None, str(configs[0].site)))
+    return quantizers

@@ -1,0 +1,165 @@
+"""AlignedVQ: geometry, k-means init, straight-through training, restarts, and verified files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.config import QuantizerConfig
+from models.quantizer import AlignedVQ, QuantizerFileError, kmeans
+
+DIM, TOKENS = 32, 9
+
+
+def _features(n: int = 200, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    position = torch.randn(TOKENS, DIM, generator=g) * 3  # a strong per-position component
+    return torch.randn(n, TOKENS, DIM, generator=g) + position
+
+
+def _fitted(**kw) -> AlignedVQ:
+    config = QuantizerConfig(dim=DIM, tokens=TOKENS, codebook_size=16, code_dim=8, **kw)
+    q = AlignedVQ(config)
+    q.init_from_features(_features(), iters=5)
+    return q.eval()
+
+
+@pytest.mark.parametrize(("groups", "stages"), [(1, 1), (2, 1), (1, 3), (2, 2)])
+def test_encode_decode_shapes_and_determinism(groups: int, stages: int) -> None:
+    q = _fitted(groups=groups, stages=stages)
+    x = _features(4, seed=1)
+    indices, levels = q.encode(x)
+    assert indices.shape == (4, TOKENS, groups, stages) and levels is None
+    assert indices.max() < 16 and indices.min() >= 0
+    assert torch.equal(indices, q.encode(x)[0])
+    assert q.decode(indices).shape == x.shape
+    assert q.config.bits_per_token == groups * stages * 4
+
+
+def test_more_stages_reconstruct_better() -> None:
+    x = _features(8, seed=2)
+    errors = [((_fitted(stages=s).decode(_fitted(stages=s).encode(x)[0]) - x) ** 2).mean() for s in (1, 2, 3)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_kmeans_beats_random_codes() -> None:
+    x = torch.randn(2000, 4) * torch.tensor([5.0, 1.0, 1.0, 0.1])
+    centroids = kmeans(x, 16, iters=10, generator=torch.Generator().manual_seed(0))
+    random_codes = x[:16]
+
+    def err(c):
+        return torch.cdist(x, c).min(1).values.pow(2).mean()
+
+    assert err(centroids) < 0.7 * err(random_codes)
+
+
+def test_kmeans_needs_enough_vectors() -> None:
+    with pytest.raises(ValueError, match="at least k=16 vectors, got 8"):
+        kmeans(torch.randn(8, 2), 16)
+
+
+def test_position_centring_is_removed_and_restored() -> None:
+    q = _fitted()
+    assert q.token_mean.shape == (TOKENS, DIM)
+    with pytest.raises(ValueError, match=f"expected {TOKENS} tokens per image, got 3"):
+        q.encode(torch.randn(1, 3, DIM))
+
+
+def test_straight_through_gradients_reach_projections_and_codebooks() -> None:
+    q = _fitted().train()
+    x = _features(4, seed=3)
+    out = q(x)
+    (out.hidden_states.pow(2).mean() + out.loss).backward()
+    assert q.down.weight.grad.abs().sum() > 0
+    assert q.up.weight.grad.abs().sum() > 0
+    assert q.codebooks.grad.abs().sum() > 0
+
+
+def test_ema_codebooks_move_without_gradients() -> None:
+    q = _fitted(ema_decay=0.9).train()
+    before = q.codebooks.detach().clone()
+    q(_features(16, seed=4))
+    assert not q.codebooks.requires_grad
+    assert not torch.equal(before, q.codebooks)
+
+
+def test_dead_codes_are_restarted_onto_live_residuals() -> None:
+    q = _fitted().train()
+    q.usage.zero_()
+    q.usage[0, 0, :4] = 10.0
+    restarted = q.restart_dead_codes(_features(4, seed=5))
+    assert restarted == 12
+    assert (q.usage[0, 0] > 0).all()
+
+
+def test_block_sites_send_quantized_statistics() -> None:
+    config = QuantizerConfig(dim=DIM, split_site="block:2", codebook_size=16, code_dim=8, stat_bits=8)
+    q = AlignedVQ(config)
+    x = _features() * 4 + 2
+    q.init_from_features(x, iters=3)
+    indices, levels = q.encode(x[:2])
+    assert levels.shape == (2, TOKENS, 2) and levels.max() <= 255
+    rebuilt = q.decode(indices, levels)
+    # The per-token mean travels in 8 bits, so it is restored to within one level.
+    step = (q.stats_range[0, 1] - q.stats_range[0, 0]) / 255
+    assert (rebuilt.mean(-1) - x[:2].mean(-1)).abs().max() <= step
+    with pytest.raises(ValueError, match="needs the per-token stat levels"):
+        q.decode(indices)
+
+
+def test_config_rejects_impossible_geometry() -> None:
+    with pytest.raises(ValueError, match="codebook_size"):
+        QuantizerConfig(dim=8, codebook_size=1)
+    with pytest.raises(ValueError, match="stat_bits"):
+        QuantizerConfig(dim=8, split_site="block:1")
+    with pytest.raises(ValueError, match="exceeds the feature dim"):
+        AlignedVQ(QuantizerConfig(dim=8, code_dim=16))
+
+
+def test_save_load_round_trip_keeps_hash_and_codes(tmp_path: Path) -> None:
+    q = _fitted(groups=2, stages=2)
+    q.calibrate_freqs(q.encode(_features(8))[0])
+    digest = q.save(tmp_path / "q.safetensors")
+    loaded = AlignedVQ.load(tmp_path / "q.safetensors")
+    assert loaded.content_hash() == digest == q.content_hash()
+    x = _features(3, seed=6)
+    assert torch.equal(loaded.encode(x)[0], q.encode(x)[0])
+    assert torch.equal(loaded.freqs, q.freqs)
+
+
+def _tamper(path: Path, change) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop("codebooks"), "missing tensors \\['codebooks'\\]"),
+        (lambda t: t.update(extra=torch.zeros(1)), "unexpected \\['extra'\\]"),
+        (lambda t: t.update(codebooks=torch.zeros(1, 1, 8, 8)), "tensor codebooks has shape"),
+        (lambda t: t["codebooks"].add_(1.0), "content hash"),
+    ],
+)
+def test_load_fails_loudly_on_a_wrong_file(tmp_path: Path, change, message: str) -> None:
+    path = tmp_path / "q.safetensors"
+    _fitted().save(path)
+    _tamper(path, change)
+    with pytest.raises(QuantizerFileError, match=message):
+        AlignedVQ.load(path)
+
+
+def test_load_refuses_missing_and_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(QuantizerFileError, match="not found"):
+        AlignedVQ.load(tmp_path / "nope.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(QuantizerFileError, match="expected format alignedvq-quantizer"):
+        AlignedVQ.load(tmp_path / "other.safetensors")

@@ -1,0 +1,63 @@
+"""Training smoke tests on CPU: the recipe's loops run, checkpoint, resume and write loadable files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models.config import QuantizerConfig
+from models.data import generate_shapes
+from models.quantizer import AlignedVQ
+from models.registry import load_model, load_model_dir
+from models.train import train_mini, train_quantizers
+
+
+def _events(path: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+def test_train_mini_pauses_resumes_and_saves_a_verified_model(tmp_path: Path) -> None:
+    kw = dict(steps=3, batch_size=4, generated_images=8, easy_vqa_limit=40, eval_every=2)
+    assert train_mini(tmp_path, time_budget_s=0.0, **kw) == tmp_path  # paused after one step
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "model").exists()
+    model_dir = train_mini(tmp_path, **kw)
+    assert _events(tmp_path / "train_log.jsonl") == ["start", "paused", "start", "eval", "eval", "done"]
+    loaded = load_model_dir(model_dir)
+    assert loaded.model.config.vision_config.image_size == 64
+    assert loaded.model.dtype == torch.float32  # fp16 on disk, fp32 compute
+    assert len(loaded.tokenizer) == loaded.model.config.text_config.vocab_size
+
+
+def test_train_quantizers_jointly_with_the_cloud(tiny_model_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_model_dir))
+    dim = loaded.model.config.vision_config.hidden_size
+    configs = [
+        QuantizerConfig(dim=dim, split_site=site, tokens=17, codebook_size=8, code_dim=4)
+        for site in ("preln", "embed")
+    ]
+    data = generate_shapes(12, seed=3, size=32)
+    before = loaded.model.model.multi_modal_projector.linear_1.weight.detach().clone()
+    train_quantizers(
+        loaded,
+        configs,
+        data,
+        data,
+        tmp_path,
+        steps=4,
+        batch_size=4,
+        trainable=("quantizer", "projector"),
+        kmeans_images=12,
+        kmeans_iters=2,
+    )
+    after = loaded.model.model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(before, after)
+    for config in configs:
+        q = AlignedVQ.load(tmp_path / f"{config.name}.safetensors")
+        assert q.config == config
+        assert q.freqs.sum() == 12 * 17  # calibration counts every token of every image
+    names = [
+        json.loads(x).get("name") for x in (tmp_path / "train_quantizers.log.jsonl").read_text().splitlines()
+    ]
+    assert {"preln-8", "embed-8", "unquantized"} <= set(names)
