@@ -12,11 +12,19 @@ Messages say what was expected and what arrived: "expected 866 bytes, got 865".
     │   ├── UnsupportedVersionError   unsupported_version
     │   └── EntropyModelError         entropy_model_mismatch
     ├── IndexRangeError               index_out_of_range
-    └── ImageError                    bad_image
+    ├── ImageError                    bad_image
+    ├── BundleError                   bad_bundle
+    └── GatewayError                  gateway_error (instances carry the gateway's own code)
+        ├── GatewayUnreachableError   gateway_unreachable
+        └── GatewayTimeoutError       gateway_timeout
 
 To add an error: subclass the closest class, give it a new `code`, and add it to the tree above.
 `code` must never change once released; clients match on it. `all_error_codes()` lists the codes
 of the whole tree, so a test can check that they are unique and that the HTTP mapping covers them.
+
+`GatewayError` is the client's view of a failed HTTP exchange: an error reply from the gateway
+keeps the gateway's `code` and HTTP `status` on the instance (the class attribute stays
+`gateway_error`), while the two subclasses mark replies that never came (`status` is None).
 """
 
 from __future__ import annotations
@@ -24,8 +32,12 @@ from __future__ import annotations
 __all__ = [
     "AlignedVQError",
     "BitstreamError",
+    "BundleError",
     "CorruptStreamError",
     "EntropyModelError",
+    "GatewayError",
+    "GatewayTimeoutError",
+    "GatewayUnreachableError",
     "ImageError",
     "IndexRangeError",
     "TruncatedStreamError",
@@ -87,6 +99,50 @@ class ImageError(AlignedVQError):
     """An image could not be decoded, or is too large to decode safely."""
 
     code = "bad_image"
+
+
+class BundleError(AlignedVQError):
+    """An edge bundle is malformed, of another format version, or fails its shape or hash checks."""
+
+    code = "bad_bundle"
+
+
+class GatewayError(AlignedVQError):
+    """The gateway answered with an error, or (subclasses) did not answer at all.
+
+    `code` is the gateway's error code (from its JSON body `{"error": {"code", "message"}}`, or
+    `http_<status>` when the body has no such field); `status` is the HTTP status, None when no
+    reply arrived.
+    """
+
+    code = "gateway_error"
+
+    def __init__(self, code: str, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status}, " if self.status is not None else ""
+        return f"{self.message} ({where}{self.code})"
+
+
+class GatewayUnreachableError(GatewayError):
+    """No connection to the gateway could be made (after all retries)."""
+
+    code = "gateway_unreachable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).code, None, message)
+
+
+class GatewayTimeoutError(GatewayError):
+    """The gateway did not reply within the client's timeout (after all retries)."""
+
+    code = "gateway_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).code, None, message)
 
 
 def all_error_codes() -> dict[str, type[AlignedVQError]]:

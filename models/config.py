@@ -85,7 +85,8 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         if self.site.needs_stats != bool(self.stat_bits):
             raise ValueError(
-                f"site {self.split_site} needs stat_bits {'> 0' if self.site.needs_stats else '= 0'}, got {self.stat_bits}"
+                f"site {self.split_site} needs stat_bits {'> 0' if self.site.needs_stats else '= 0'}, "
+                f"got {self.stat_bits}"
             )
         for name in ("dim", "groups", "stages", "code_dim"):
             if getattr(self, name) < 1:

@@ -155,7 +155,10 @@ def answer(
 
 
 def generate_shapes(num_images: int, seed: int = 0, questions_per_image: int = 8, size: int = 64) -> VQASplit:
-    """Fresh images with easy-VQA's templates; yes/no questions ask about a present attribute half the time."""
+    """Fresh images with easy-VQA's templates.
+
+    Yes/no questions ask about a present attribute half the time, so answers stay balanced.
+    """
     rng = random.Random(seed)
     images, questions, answers, index = [], [], [], []
     for i in range(num_images):

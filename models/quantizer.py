@@ -237,7 +237,7 @@ class AlignedVQ(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, x: torch.Tensor, threshold: float = 1e-3) -> int:
-        """Move codes whose usage fell below ``threshold`` onto random residuals of ``x`` ``(batch, tokens, dim)``.
+        """Move codes used less than ``threshold`` onto random residuals of ``x`` ``(batch, tokens, dim)``.
 
         Returns how many codes were restarted. Call every few hundred steps during training.
         """
@@ -356,7 +356,8 @@ class AlignedVQ(nn.Module):
         for name, tensor in tensors.items():
             if tensor.shape != expected[name].shape:
                 raise QuantizerFileError(
-                    f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
+                    f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"config expects {tuple(expected[name].shape)}"
                 )
         digest = _content_hash(config, tensors)
         if digest != meta.get("hash"):

@@ -1,4 +1,4 @@
-"""Data: easy-VQA splits stay disjoint, generated questions follow the templates, the vocabulary covers all."""
+"""Data: disjoint easy-VQA splits, template-true generated questions, a vocabulary that covers all."""
 
 from __future__ import annotations
 
