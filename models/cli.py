@@ -66,6 +66,7 @@ def train_bundled_cmd(
     generated_images: int = 40000,
     quantizer_steps: int = 3000,
     trainable: str = "quantizer,vision,projector",
+    quantizer_budget_s: float | None = None,
     test_limit: int | None = None,
     sweep_limit: int | None = None,
     device: Device = "auto",
@@ -81,6 +82,7 @@ def train_bundled_cmd(
         generated_images=generated_images,
         quantizer_steps=quantizer_steps,
         trainable=tuple(trainable.split(",")),
+        quantizer_budget_s=quantizer_budget_s,
         test_limit=test_limit,
         sweep_limit=sweep_limit,
     )

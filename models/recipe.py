@@ -65,6 +65,8 @@ def run_recipe(
     trainable: tuple[str, ...] = ("quantizer", "vision", "projector"),
     test_limit: int | None = None,
     sweep_limit: int | None = None,
+    kmeans_images: int = 4000,
+    quantizer_budget_s: float | None = None,
 ) -> bool:
     """Advance the recipe by at most ``budget_s`` seconds; returns True once everything is done."""
     started = time.time()
@@ -91,6 +93,10 @@ def run_recipe(
             load_easy_vqa("holdout"),
             final / "quantizers",
             steps=quantizer_steps,
+            turns=[3] + [1] * (len(configs) - 1),  # the default rate trains three times as often
+            time_budget_s=quantizer_budget_s,
+            unquantized_turns=2,
+            kmeans_images=kmeans_images,
             trainable=trainable,
             device=device,
         )

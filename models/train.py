@@ -226,14 +226,19 @@ def train_quantizers(
     lr: float = 1e-3,
     cloud_lr: float = 1e-4,
     trainable: tuple[str, ...] = ("quantizer",),
+    turns: list[int] | None = None,
+    unquantized_turns: int = 1,
     kmeans_images: int = 4000,
     kmeans_iters: int = 20,
+    time_budget_s: float | None = None,
     device: str = "cpu",
     seed: int = 0,
 ) -> list[AlignedVQ]:
     """k-means init, then task-aware fine-tuning (VQA loss through the cloud half + VQ losses).
 
-    Several quantizers can train together: each step takes the next one in turn. ``trainable`` picks
+    Several quantizers can train together: each step takes the next one in a rotation where config
+    ``i`` has ``turns[i]`` slots (default 1) and, when cloud weights learn, ``unquantized_turns``
+    slots run without a quantizer. ``trainable`` picks
     what learns besides the quantizers: ``vision`` (cloud-side vision blocks, shared by all) and
     ``projector``. When cloud weights learn, every few steps also run unquantized, so one cloud half
     serves the original features and every quantizer (one bundled model, many rates). Quantizers
@@ -299,10 +304,17 @@ def train_quantizers(
             optimizer,
             lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
         )
-        # With a trainable cloud, one slot in the rotation keeps the unquantized path sharp.
-        rotation: list[AlignedVQ | None] = [*quantizers, *([None] if cloud_params else [])]
+        # With a trainable cloud, unquantized slots keep the original path sharp.
+        rotation: list[AlignedVQ | None] = [
+            q for q, n in zip(quantizers, turns or [1] * len(quantizers), strict=True) for _ in range(n)
+        ]
+        rotation += [None] * (unquantized_turns if cloud_params else 0)
         batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed), device)
+        started = time.time()
         for step in tqdm(range(1, steps + 1), desc="train quantizers", mininterval=5):
+            if time_budget_s is not None and time.time() - started > time_budget_s:
+                log(event="stopped", step=step, reason="time budget")
+                break
             q = rotation[step % len(rotation)]
             site = str(q.config.site) if q is not None else str(configs[0].site)
             batch = train.batch(next(batches))
@@ -314,7 +326,9 @@ def train_quantizers(
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
             schedule.step()
-            if q is not None and step % (200 * len(rotation)) < len(rotation) and step < steps * 0.8:
+            # Restart only once usage has accumulated over ~100 turns, and not near the end.
+            restart_turn = step % (100 * len(rotation)) < len(rotation) and step > 100 * len(rotation)
+            if q is not None and restart_turn and step < steps * 0.8:
                 with torch.no_grad():
                     restarted = q.restart_dead_codes(halves[site][0](batch["pixel_values"]).float())
                 log(
