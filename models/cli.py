@@ -65,7 +65,8 @@ def train_bundled_cmd(
     base_steps: int = 11000,
     generated_images: int = 40000,
     quantizer_steps: int = 3000,
-    trainable: str = "quantizer,vision,projector",
+    trainable: str = "quantizer",
+    position_centre: bool = False,
     quantizer_budget_s: float | None = None,
     test_limit: int | None = None,
     sweep_limit: int | None = None,
@@ -83,6 +84,7 @@ def train_bundled_cmd(
         quantizer_steps=quantizer_steps,
         trainable=tuple(trainable.split(",")),
         quantizer_budget_s=quantizer_budget_s,
+        position_centre=position_centre,
         test_limit=test_limit,
         sweep_limit=sweep_limit,
     )
