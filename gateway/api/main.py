@@ -1,0 +1,201 @@
+"""The FastAPI application: ``create_app(settings)`` and the ``vqa-gateway`` command.
+
+    vqa-gateway --host 0.0.0.0 --port 8000 --redis-url redis://redis:6379/0
+    VQA_QUEUE=memory VQA_ALLOW_ANONYMOUS=true vqa-gateway      # laptop demo, model in-process
+
+The lifespan builds the queue (Redis, or in-process with the worker loop in a thread), the
+registry of served models and the reply reader; nothing heavy happens at import time, and this
+module never imports torch (only ``VQA_QUEUE=memory`` loads the model, inside the lifespan). One
+exception handler maps every :class:`~edge_client.errors.AlignedVQError` to its HTTP status and
+``{"error": {"code", "message"}}``; FastAPI's and Starlette's own errors get the same body, and an
+unexpected exception is logged and answered with a bare 500 ``server_error``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edge_client.errors import AlignedVQError
+
+from ..config import GatewaySettings
+from ..errors import HTTP_STATUS, ServerError, error_body, http_status
+from ..metrics import Metrics
+from ..queue import MemoryQueue, RedisGatewayQueue
+from ..registry import Registry
+from .routes import health_router, models_router, vqa_router
+
+__all__ = ["create_app", "run"]
+
+log = logging.getLogger("gateway")
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: GatewaySettings = app.state.settings
+    in_process = None
+    if settings.queue == "memory":
+        from ..worker.worker import InProcessWorker  # its thread loads torch: in this mode only
+
+        queue = MemoryQueue(settings)
+        await queue.start()
+        in_process = InProcessWorker(queue, settings)
+        in_process.start()
+    else:
+        queue = RedisGatewayQueue(settings, gateway_id=uuid.uuid4().hex[:16])
+        await queue.start()
+        try:
+            await queue.ping()
+        except AlignedVQError as exc:  # not fatal: the gateway answers 503 until Redis is back
+            log.warning("Redis is not reachable at start-up (%s); serving 503 until it is", exc)
+    app.state.queue = queue
+    app.state.in_process = in_process
+    app.state.registry = Registry(queue, settings.registry_ttl_ms)
+    try:
+        yield
+    finally:
+        if in_process is not None:
+            in_process.stop()
+        await queue.close()
+
+
+def _respond(
+    request: Request, status: int, code: str, message: str, retry_after: int | None = None
+) -> JSONResponse:
+    request.state.error_code = code
+    headers = {}
+    if status in (429, 503):
+        headers["Retry-After"] = str(retry_after or request.app.state.settings.retry_after_s)
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AlignedVQError)
+    status = http_status(exc)
+    if status >= 500:
+        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc.message)
+    return _respond(request, status, exc.code, exc.message, getattr(exc, "retry_after", None))
+
+
+async def _handle_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"]) or "request"
+    return _respond(request, 422, "bad_request", f"{where}: {first['msg']}")
+
+
+async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else ServerError.code)
+    return _respond(request, exc.status_code, code, str(exc.detail))
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _respond(request, 500, ServerError.code, "internal error; see the gateway log")
+
+
+class MetricsMiddleware:
+    """Counts every request by route template, status and error code, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            code = scope.get("state", {}).get("error_code") or ("ok" if status < 400 else ServerError.code)
+            self.metrics.observe_request(route, status, code, time.perf_counter() - start)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway app; ``settings`` default to the environment (validated here, at start-up)."""
+    settings = settings if settings is not None else GatewaySettings()
+    app = FastAPI(
+        title="LLaVA-AlignedVQ gateway",
+        version="1",
+        summary="Edge-cloud VQA: AlignedVQ-compressed image features in, answers out",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.include_router(vqa_router)
+    app.include_router(models_router)
+    app.include_router(health_router)
+    app.add_exception_handler(AlignedVQError, _handle_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(StarletteHTTPException, _handle_http)
+    app.add_exception_handler(Exception, _handle_unexpected)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    assert all(code in HTTP_STATUS for code in _HTTP_CODES.values())
+    return app
+
+
+def _parse_args(argv: Sequence[str] | None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="vqa-gateway", description="Serve the VQA HTTP API (settings: VQA_* env vars and .env)."
+    )
+    parser.add_argument("--host", help="bind address (VQA_HOST)")
+    parser.add_argument("--port", type=int, help="port (VQA_PORT)")
+    parser.add_argument("--redis-url", help="Redis URL (VQA_REDIS_URL)")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    args = parser.parse_args(argv)
+    return {key: value for key, value in vars(args).items() if value is not None}
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """``vqa-gateway``: validate the settings, then serve with uvicorn (SIGTERM drains in-flight requests)."""
+    import uvicorn
+
+    overrides = _parse_args(argv)
+    try:
+        settings = GatewaySettings(**overrides)
+    except ValidationError as exc:
+        print(f"vqa-gateway: invalid settings:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, settings.max_timeout_ms // 1000),
+    )

@@ -1,0 +1,48 @@
+"""``/healthz`` (the process is up), ``/readyz`` (it can serve), ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel
+
+from ...errors import ERROR_RESPONSES, NotReady
+from ...metrics import CONTENT_TYPE_LATEST
+from ..deps import MetricsDep, QueueDep, RegistryDep
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    live_workers: dict[str, int]
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: ERROR_RESPONSES[503]})
+async def readyz(request: Request, queue: QueueDep, registry: RegistryDep) -> Readiness:
+    """503 unless the queue answers and every served model has at least one live worker."""
+    await queue.ping()
+    in_process = request.app.state.in_process
+    if in_process is not None and in_process.failure is not None:
+        raise NotReady(f"the in-process worker failed: {in_process.failure}")
+    models = await registry.all()
+    if not models:
+        raise NotReady("no model is served yet: no worker has published one")
+    live = {m.info.name: await queue.live_workers(m.info.name) for m in models}
+    missing = sorted(name for name, count in live.items() if count == 0)
+    if missing:
+        raise NotReady(f"no live worker for {', '.join(missing)}")
+    return Readiness(status="ready", live_workers=live)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

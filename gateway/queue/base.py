@@ -1,0 +1,186 @@
+"""What travels through the queue (:class:`Job`, :class:`Reply`) and the two sides of its interface.
+
+- :class:`GatewayQueue` (async) is what the HTTP API uses: enqueue a validated request and await
+  its reply, read what the workers published.
+- :class:`WorkerQueue` (sync, bound to one model) is what the worker loop uses: read and claim
+  batches, publish the model, beat, and finish entries (reply + store + acknowledge).
+
+:mod:`gateway.queue.redis_queue` implements both over Redis; :mod:`gateway.queue.memory` implements
+both in one process for a laptop without Redis. The worker loop and batching code are the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import msgpack
+
+from edge_client.errors import AlignedVQError
+from edge_client.protocol import VQARequest, VQAResponse
+
+from ..errors import error_from_code
+
+__all__ = ["Claimed", "GatewayQueue", "Job", "Reply", "WorkerQueue", "now_ms"]
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds: deadlines cross processes (and hosts kept in sync by NTP)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Job:
+    """One queued request as a worker sees it. ``body`` is the msgpack request the gateway accepted."""
+
+    entry_id: str
+    model: str
+    request_id: str
+    reply_to: str
+    deadline_ms: int
+    enqueued_ms: int
+    body: bytes
+    deliveries: int = 1
+
+    def fields(self) -> dict[str, bytes | str | int]:
+        """Stream entry fields (the entry id is the stream's own)."""
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "reply_to": self.reply_to,
+            "deadline_ms": self.deadline_ms,
+            "enqueued_ms": self.enqueued_ms,
+            "request": self.body,
+        }
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: dict[bytes, bytes]) -> Job:
+        """Parse stream entry fields; ValueError (naming the field) if one is missing or malformed."""
+        try:
+            return cls(
+                entry_id=entry_id,
+                model=fields[b"model"].decode(),
+                request_id=fields[b"request_id"].decode(),
+                reply_to=fields[b"reply_to"].decode(),
+                deadline_ms=int(fields[b"deadline_ms"]),
+                enqueued_ms=int(fields[b"enqueued_ms"]),
+                body=fields[b"request"],
+            )
+        except KeyError as exc:
+            raise ValueError(f"stream entry {entry_id} has no field {exc.args[0]!r}") from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"stream entry {entry_id} is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A worker's answer (``code`` empty) or error (``code`` set) for one request id."""
+
+    request_id: str
+    model: str
+    answer: str = ""
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+    code: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.code
+
+    @classmethod
+    def failure(cls, job: Job, error: AlignedVQError) -> Reply:
+        return cls(request_id=job.request_id, model=job.model, code=error.code, message=error.message)
+
+    def pack(self) -> bytes:
+        return msgpack.packb(asdict(self), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Reply:
+        """ValueError if ``data`` is not a reply map (replies come from our own workers, still checked)."""
+        try:
+            fields = msgpack.unpackb(data, raw=False, max_map_len=16, max_array_len=0)
+            return cls(**fields)
+        except (TypeError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise ValueError(f"malformed reply: {type(exc).__name__}: {exc}") from None
+
+    def response(self) -> VQAResponse:
+        """The client's response; raises the reported error if this reply is one."""
+        if not self.ok:
+            raise error_from_code(self.code, self.message)
+        return VQAResponse(
+            request_id=self.request_id,
+            model=self.model,
+            answer=self.answer,
+            queue_ms=self.queue_ms,
+            compute_ms=self.compute_ms,
+            batch_size=self.batch_size,
+        )
+
+
+@dataclass
+class Claimed:
+    """Result of a claim pass: entries to process now, and entries moved to the dead-letter stream."""
+
+    jobs: list[Job] = field(default_factory=list)
+    dead: list[Job] = field(default_factory=list)
+
+
+class GatewayQueue(Protocol):
+    """The API's side of the queue (async). Errors: QueueUnavailable, Overloaded, DeadlineExceeded."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise QueueUnavailable unless the queue answers."""
+
+    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
+        """Enqueue (once per request id) and wait for the reply until ``deadline_ms``."""
+
+    async def backlog(self, model: str) -> int: ...
+
+    async def model_names(self) -> list[str]: ...
+
+    async def model_info(self, model: str) -> bytes | None:
+        """The JSON a worker published for ``model`` (see gateway.registry.ModelInfo), or None."""
+
+    async def bundle(self, sha256: str) -> bytes | None: ...
+
+    async def live_workers(self, model: str) -> int: ...
+
+
+class WorkerQueue(Protocol):
+    """A worker's side of one model's queue (sync: the worker thread blocks on the model anyway)."""
+
+    model: str
+    consumer: str
+
+    def prepare(self) -> None:
+        """Create the consumer group if it is missing (first worker, or a Redis that lost its data)."""
+
+    def publish(self, info: bytes, bundle: bytes, sha256: str) -> None: ...
+
+    def beat(self, status: bytes, ttl_s: float, info: bytes, bundle: bytes, sha256: str) -> None:
+        """Refresh this worker's heartbeat; republish model info and bundle if they went missing."""
+
+    def leave(self) -> None:
+        """Remove this worker's heartbeat (clean shutdown)."""
+
+    def live_workers(self) -> int: ...
+
+    def read(self, count: int, block_ms: int) -> list[Job]:
+        """Up to ``count`` new entries, blocking at most ``block_ms`` (>= 1) for the first one."""
+
+    def claim(self, count: int) -> Claimed:
+        """Take over entries idle past VQA_CLAIM_IDLE_MS; dead-letter those delivered too often."""
+
+    def finish(self, done: list[tuple[Job, Reply]]) -> None:
+        """Reply to every waiter, store successful results, acknowledge and delete the entries."""
+
+    def backlog(self) -> int: ...
+
+    def close(self) -> None: ...

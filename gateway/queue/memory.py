@@ -1,0 +1,214 @@
+"""The in-process queue (``VQA_QUEUE=memory``): gateway and worker loop in one process, no Redis.
+
+For a laptop demo: the gateway process loads the model and runs the same worker loop and batching
+code (:mod:`gateway.worker`) in a background thread, reading from this queue. It keeps the Redis
+queue's semantics where they matter to clients: one entry per request id (retries of a finished
+request get the stored answer, retries of an in-flight one wait for it), the backlog limit, and
+deadlines. What only makes sense across processes (claiming from dead workers, dead letters) is a
+no-op: nobody else can die holding an entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import defaultdict, deque
+
+from edge_client.protocol import VQARequest
+
+from ..config import QueueSettings
+from ..errors import DeadlineExceeded, Overloaded
+from .base import Claimed, Job, Reply, now_ms
+
+__all__ = ["MemoryQueue", "MemoryWorkerQueue"]
+
+_REPLY_TO = "memory"
+
+
+class MemoryQueue:
+    """Both sides of the queue in one process; thread-safe (the worker loop runs in a thread)."""
+
+    def __init__(self, settings: QueueSettings) -> None:
+        self.settings = settings
+        self._cond = threading.Condition()
+        self._streams: dict[str, deque[Job]] = defaultdict(deque)
+        self._taken: dict[str, int] = defaultdict(int)  # read by the worker, not finished yet
+        self._results: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._inflight: dict[tuple[str, str], str] = {}
+        self._waiting: dict[tuple[str, str], list[asyncio.Future[Reply]]] = defaultdict(list)
+        self._info: dict[str, bytes] = {}
+        self._bundles: dict[str, bytes] = {}
+        self._beats: dict[tuple[str, str], float] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    # ---- gateway side ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    async def ping(self) -> None:
+        return None
+
+    def _stored(self, key: tuple[str, str]) -> bytes | None:
+        entry = self._results.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._results[key]
+            return None
+        return entry[1]
+
+    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
+        assert self._loop is not None, "MemoryQueue.start() was not called"
+        key = (request.model, request.request_id)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        with self._cond:
+            stored = self._stored(key)
+            if stored is not None:
+                return Reply.unpack(stored)
+            if key not in self._inflight:
+                if len(self._streams[request.model]) + self._taken[request.model] >= max_backlog:
+                    raise Overloaded(
+                        f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); "
+                        "retry later"
+                    )
+                now = now_ms()
+                job = Job(
+                    entry_id=str(next(self._ids)),
+                    model=request.model,
+                    request_id=request.request_id,
+                    reply_to=_REPLY_TO,
+                    deadline_ms=deadline_ms,
+                    enqueued_ms=now,
+                    body=body,
+                )
+                self._inflight[key] = job.entry_id
+                self._streams[request.model].append(job)
+                self._cond.notify_all()
+            self._waiting[key].append(future)
+        try:
+            budget_s = max(deadline_ms - now_ms(), 0) / 1000
+            return await asyncio.wait_for(future, budget_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer before the deadline ({budget_s * 1000:.0f} ms left)") from None
+        finally:
+            with self._cond:
+                futures = self._waiting.get(key, [])
+                if future in futures:
+                    futures.remove(future)
+                if not futures:
+                    self._waiting.pop(key, None)
+
+    async def backlog(self, model: str) -> int:
+        with self._cond:
+            return len(self._streams[model]) + self._taken[model]
+
+    async def model_names(self) -> list[str]:
+        with self._cond:
+            return sorted(self._info)
+
+    async def model_info(self, model: str) -> bytes | None:
+        with self._cond:
+            return self._info.get(model)
+
+    async def bundle(self, sha256: str) -> bytes | None:
+        with self._cond:
+            return self._bundles.get(sha256)
+
+    async def live_workers(self, model: str) -> int:
+        return self._live(model)
+
+    def _live(self, model: str) -> int:
+        now = time.monotonic()
+        with self._cond:
+            return sum(1 for (name, _), until in self._beats.items() if name == model and until > now)
+
+    def for_worker(self, model: str, consumer: str) -> MemoryWorkerQueue:
+        return MemoryWorkerQueue(self, model, consumer)
+
+    # ---- worker side (called from the worker thread through MemoryWorkerQueue) ------------------
+
+    def _read(self, model: str, count: int, block_ms: int) -> list[Job]:
+        with self._cond:
+            stream = self._streams[model]
+            if not stream and not self.closed:
+                self._cond.wait(block_ms / 1000)
+            jobs = [stream.popleft() for _ in range(min(count, len(stream)))]
+            self._taken[model] += len(jobs)
+            return jobs
+
+    def _finish(self, done: list[tuple[Job, Reply]]) -> None:
+        expires = time.monotonic() + self.settings.result_ttl_s
+        with self._cond:
+            for job, reply in done:
+                key = (job.model, job.request_id)
+                self._taken[job.model] = max(0, self._taken[job.model] - 1)
+                if reply.ok:
+                    self._results[key] = (expires, reply.pack())
+                if self._inflight.get(key) == job.entry_id:
+                    del self._inflight[key]
+                for future in self._waiting.get(key, ()):
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(_resolve, future, reply)
+            if len(self._results) > 10_000:
+                now = time.monotonic()
+                for key in [k for k, (until, _) in self._results.items() if until < now]:
+                    del self._results[key]
+
+
+def _resolve(future: asyncio.Future[Reply], reply: Reply) -> None:
+    if not future.done():
+        future.set_result(reply)
+
+
+class MemoryWorkerQueue:
+    """A worker's view of one model in a :class:`MemoryQueue` (same interface as RedisWorkerQueue)."""
+
+    def __init__(self, queue: MemoryQueue, model: str, consumer: str) -> None:
+        self.queue = queue
+        self.model = model
+        self.consumer = consumer
+
+    def prepare(self) -> None:
+        return None
+
+    def publish(self, info: bytes, bundle: bytes, sha256: str) -> None:
+        with self.queue._cond:
+            self.queue._info[self.model] = info
+            self.queue._bundles[sha256] = bundle
+
+    def beat(self, status: bytes, ttl_s: float, info: bytes, bundle: bytes, sha256: str) -> None:
+        with self.queue._cond:
+            self.queue._beats[(self.model, self.consumer)] = time.monotonic() + ttl_s
+
+    def leave(self) -> None:
+        with self.queue._cond:
+            self.queue._beats.pop((self.model, self.consumer), None)
+
+    def live_workers(self) -> int:
+        return self.queue._live(self.model)
+
+    def read(self, count: int, block_ms: int) -> list[Job]:
+        return self.queue._read(self.model, count, block_ms)
+
+    def claim(self, count: int) -> Claimed:
+        return Claimed()
+
+    def finish(self, done: list[tuple[Job, Reply]]) -> None:
+        self.queue._finish(done)
+
+    def backlog(self) -> int:
+        with self.queue._cond:
+            return len(self.queue._streams[self.model]) + self.queue._taken[self.model]
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,60 @@
+"""The two Lua scripts that make enqueue and finish atomic (Redis runs each script as one step).
+
+Atomicity is what makes the idempotency rules hold without polling:
+
+- ENQUEUE checks for a stored result, joins an in-flight request (``SET NX`` semantics on the
+  in-flight marker) or checks the backlog and adds the entry: a request id is never queued twice,
+  and a joining gateway is registered as a waiter before the entry can finish.
+- FINISH stores the result, pushes the reply to every waiter, clears the in-flight marker and
+  acknowledges + deletes the entry: no waiter can register between the reply and the cleanup.
+
+Both scripts write reply lists named in ARGV or read from a set, so they assume one Redis (or a
+Redis Cluster with every key of a prefix in one hash slot), not a sharded keyspace.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ENQUEUE", "FINISH"]
+
+# KEYS: result, inflight, waiters, stream
+# ARGV: reply_to, deadline_ms, marker_ttl_ms, max_backlog, request_id, enqueued_ms, body, model
+# -> {status, value}: {'done', reply} | {'joined', ''} | {'overloaded', ''} | {'queued', entry_id}
+ENQUEUE = """
+local done = redis.call('GET', KEYS[1])
+if done then return {'done', done} end
+local ttl = tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('SADD', KEYS[3], ARGV[1])
+  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+  return {'joined', ''}
+end
+if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[4]) then return {'overloaded', ''} end
+local id = redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[5], 'model', ARGV[8],
+  'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7])
+redis.call('SET', KEYS[2], id, 'PX', ttl)
+redis.call('DEL', KEYS[3])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ttl)
+return {'queued', id}
+"""
+
+# KEYS: stream, result, inflight, waiters
+# ARGV: group, entry_id, reply, result_ttl_ms (0: do not store), reply_to, reply_list_ttl_ms
+# -> number of reply lists written
+FINISH = """
+if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4]) end
+local targets, seen = {}, {}
+for _, target in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  seen[target] = true
+  table.insert(targets, target)
+end
+if not seen[ARGV[5]] then table.insert(targets, ARGV[5]) end
+for _, target in ipairs(targets) do
+  redis.call('RPUSH', target, ARGV[3])
+  redis.call('PEXPIRE', target, ARGV[6])
+end
+if redis.call('GET', KEYS[3]) == ARGV[2] then redis.call('DEL', KEYS[3], KEYS[4]) end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return #targets
+"""

@@ -1,0 +1,109 @@
+"""``vqa-worker``: serve one model from its Redis stream.
+
+    vqa-worker --redis-url redis://127.0.0.1:6379/0 --model llava-mini-shapes --device cuda
+    vqa-worker --model llava-mini-shapes --check        # probe: exit 0 iff a live worker exists
+    vqa-worker --model llava-mini-shapes --burst        # drain the stream, then exit
+
+Flags override the ``VQA_*`` settings (see ``.env.example``). Exit codes: 0 stopped cleanly
+(SIGTERM/SIGINT drain the batch in hand first; ``--burst`` drained); 1 ``--check`` found no live
+worker; 2 bad settings or the model/quantizer could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..config import WorkerSettings
+from ..errors import QueueUnavailable
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway.worker")
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict]:
+    parser = argparse.ArgumentParser(prog="vqa-worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--redis-url", help="Redis URL (VQA_REDIS_URL)")
+    parser.add_argument("--model", help="registry name or model directory (VQA_MODEL)")
+    parser.add_argument("--quantizer", help="quantizer file stem, e.g. preln-4096 (VQA_QUANTIZER)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (VQA_DEVICE)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="(VQA_DTYPE)")
+    parser.add_argument("--max-batch", type=int, help="entries per batch (VQA_MAX_BATCH)")
+    parser.add_argument("--max-wait-ms", type=int, help="wait to fill a batch (VQA_MAX_WAIT_MS)")
+    parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
+    parser.add_argument("--check", action="store_true", help="exit 0 iff a live worker serves the model")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    names = ("redis_url", "model", "quantizer", "device", "dtype", "max_batch", "max_wait_ms")
+    return args, {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def served_name(model: str) -> str:
+    """The name a model is served under: a registry name as is, a model directory by its last part."""
+    return Path(model).name
+
+
+def check(settings: WorkerSettings) -> int:
+    """Probe without loading anything heavy: 0 iff a live heartbeat exists for the model."""
+    from ..queue import RedisWorkerQueue
+
+    queue = RedisWorkerQueue(settings, served_name(settings.model), consumer="check")
+    try:
+        live = queue.live_workers()
+    except QueueUnavailable as exc:
+        print(f"vqa-worker --check: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        queue.close()
+    print(f"{served_name(settings.model)}: {live} live worker(s)")
+    return 0 if live else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = _parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = WorkerSettings(**overrides)
+    except ValidationError as exc:
+        print(f"vqa-worker: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        return check(settings)
+
+    from ..queue import RedisWorkerQueue
+    from .runner import Runner  # torch: only past --check
+    from .worker import Worker, worker_id
+
+    try:
+        runner = Runner.load(
+            settings.model, settings.quantizer, settings.device, settings.dtype, settings.torch_threads
+        )
+    except (LookupError, ValueError, OSError) as exc:
+        print(f"vqa-worker: cannot load {settings.model} / {settings.quantizer}: {exc}", file=sys.stderr)
+        return 2
+    block_s = (settings.poll_ms + settings.max_wait_ms) / 1000
+    queue = RedisWorkerQueue(settings, runner.info.name, worker_id(), block_s=block_s)
+    worker = Worker(runner, queue, settings, burst=args.burst)
+
+    def drain(signum: int, _frame: object) -> None:
+        log.info("%s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    try:
+        worker.run()
+    finally:
+        queue.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The model side of a worker: the cloud half, the codebook and batched generation (imports torch).
+
+A :class:`Runner` holds one model cut at its quantizer's split site. ``prepare`` turns a request
+into model inputs (the feature stream decoded and checked against the served codebook, or a
+cloud-only image decoded and preprocessed); ``run`` answers a batch of them at once:
+
+    features -> indices (tokens, G, S) -> quantizer.decode (codebook gather, up-projection)
+    image    -> preprocess -> edge half (patch embedding, pre-LN, first blocks)
+             both give hidden_states (batch, tokens, dim)
+    hidden_states -> CloudHalf.generate (rest of the vision tower, projector, language model)
+
+The batch generates ``max(max_new_tokens)`` tokens; each answer is cut at its own limit and at EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edge_client.bundle import EdgeBundle
+from edge_client.preprocess import MAX_IMAGE_PIXELS, preprocess
+from edge_client.protocol import VQARequest
+from models.export import export_edge_bundle
+from models.prompt import encode_prompts
+from models.quantizer import AlignedVQ
+from models.registry import LoadedModel, load_model
+from models.split import split_llava
+
+from ..errors import UnknownModel
+from ..registry import ModelInfo, ServedModel, check_image
+
+__all__ = ["Prepared", "Runner", "resolve_device", "resolve_dtype"]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """One request ready for compute.
+
+    ``indices`` (tokens, G, S) uint16 and ``stats`` (tokens, 2) or None for a feature stream;
+    ``pixel_values`` (3, H, W) float32 for a cloud-only image.
+    """
+
+    question: str
+    max_new_tokens: int
+    indices: np.ndarray | None = None
+    stats: np.ndarray | None = None
+    pixel_values: np.ndarray | None = None
+
+
+class Runner:
+    """One served model + quantizer; see the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, quantizer: AlignedVQ, quantizer_name: str, device: str) -> None:
+        self.loaded = loaded
+        self.quantizer = quantizer.to(device).eval()
+        self.device = device
+        self.edge, self.cloud = split_llava(loaded.model, quantizer.config.site)
+        self.bundle = export_edge_bundle(loaded, quantizer)
+        parsed = EdgeBundle.from_bytes(self.bundle)
+        config = quantizer.config
+        self.info = ModelInfo(
+            name=loaded.name,
+            quantizer=quantizer_name,
+            split_site=config.split_site,
+            tokens=parsed.tokens,
+            groups=config.groups,
+            stages=config.stages,
+            codebook_size=config.codebook_size,
+            code_dim=config.code_dim,
+            stat_bits=config.stat_bits,
+            codebook_hash=quantizer.content_hash(),
+            bundle_sha256=hashlib.sha256(self.bundle).hexdigest(),
+            bundle_bytes=len(self.bundle),
+            image_size=loaded.image_spec.size,
+        )
+        self.served = ServedModel(info=self.info, bundle=self.bundle, freqs=parsed.freqs)
+        self.eos_token_id = loaded.tokenizer.eos_token_id
+
+    @classmethod
+    def load(
+        cls, model: str, quantizer: str, device: str = "auto", dtype: str = "auto", threads: int = 0
+    ) -> Runner:
+        """Load ``model`` (registry name or directory) and its quantizer ``quantizer`` (file stem)."""
+        if threads:
+            torch.set_num_threads(threads)
+        device = resolve_device(device)
+        loaded = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
+        vq = AlignedVQ.load(loaded.quantizer_path(quantizer), map_location=device)
+        return cls(loaded, vq, quantizer, device)
+
+    def prepare(self, request: VQARequest) -> Prepared:
+        """Decode and check one request (raises the same 4xx errors as the gateway would)."""
+        if request.model != self.info.name:
+            raise UnknownModel(f"this worker serves {self.info.name!r}, got a request for {request.model!r}")
+        if request.features is not None:
+            decoded = self.served.check_features(request.model, request.features)
+            return Prepared(request.question, request.max_new_tokens, decoded.indices, decoded.stats)
+        assert request.image is not None
+        image = check_image(request.image, MAX_IMAGE_PIXELS)
+        return Prepared(
+            request.question,
+            request.max_new_tokens,
+            pixel_values=preprocess(image, self.loaded.image_spec),
+        )
+
+    @torch.inference_mode()
+    def hidden_states(self, items: list[Prepared]) -> torch.Tensor:
+        """``(batch, tokens, dim)`` at the split site, in batch order."""
+        rows: dict[int, torch.Tensor] = {}
+        coded = [i for i, item in enumerate(items) if item.indices is not None]
+        if coded:
+            indices = torch.from_numpy(np.stack([items[i].indices for i in coded]).astype(np.int64))
+            levels = None
+            if self.quantizer.config.stat_bits:
+                levels = torch.from_numpy(np.stack([items[i].stats for i in coded]).astype(np.int64))
+                levels = levels.to(self.device)
+            decoded = self.quantizer.decode(indices.to(self.device), levels)
+            rows.update(zip(coded, decoded, strict=True))
+        images = [i for i, item in enumerate(items) if item.pixel_values is not None]
+        if images:
+            pixels = torch.from_numpy(np.stack([items[i].pixel_values for i in images])).to(self.device)
+            rows.update(zip(images, self.edge(pixels), strict=True))
+        dtype = next(self.cloud.parameters()).dtype
+        return torch.stack([rows[i].to(dtype) for i in range(len(items))])
+
+    @torch.inference_mode()
+    def run(self, items: list[Prepared]) -> list[str]:
+        """Answers for a batch, one generate call."""
+        hidden = self.hidden_states(items)
+        input_ids, attention_mask = encode_prompts(
+            self.loaded.tokenizer, self.loaded.prompt, [item.question for item in items]
+        )
+        new_tokens = self.cloud.generate(
+            hidden,
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            max_new_tokens=max(item.max_new_tokens for item in items),
+        )
+        answers = []
+        for row, item in zip(new_tokens.tolist(), items, strict=True):
+            row = row[: item.max_new_tokens]
+            if self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            answers.append(self.loaded.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return answers

@@ -1,0 +1,161 @@
+"""``edge-client`` against the stub gateway: output formats, environment, exit codes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from edge_client.cli import app
+from tests.edge_client.test_client import StubGateway, export_tiny_bundle
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundle_bytes(tiny_model_dir: Path) -> bytes:
+    return export_tiny_bundle(tiny_model_dir)
+
+
+@pytest.fixture
+def gateway(bundle_bytes: bytes):
+    with StubGateway(bundle_bytes, api_key="k3y") as stub:
+        yield stub
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.jpg"
+    pixels = np.random.default_rng(1).integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    return path
+
+
+def _ask(gateway_url: str, photo: Path, tmp_path: Path, *extra: str, **env: str):
+    args = [
+        "ask",
+        str(photo),
+        "what shape is it?",
+        "--model",
+        "llava-tiny",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    return runner.invoke(app, [*args, *extra], env={"VQA_GATEWAY_URL": gateway_url, **env})
+
+
+def test_ask_json(gateway: StubGateway, photo: Path, tmp_path: Path) -> None:
+    result = _ask(gateway.url, photo, tmp_path, "--json", "--max-new-tokens", "4", VQA_API_KEY="k3y")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1
+    record = json.loads(result.stdout)
+    assert record.keys() >= {
+        "answer",
+        "request_bytes",
+        "model",
+        "bits_per_token",
+        "edge_ms",
+        "latency_ms",
+        "cloud_only",
+        "request_id",
+    }
+    assert record["answer"].startswith("features 17 tokens") and record["model"] == "llava-tiny"
+    headers, body = gateway.vqa_calls[0]
+    assert record["request_bytes"] == len(body) and headers["authorization"] == "Bearer k3y"
+    assert record["cloud_only"] is False
+
+
+def test_ask_human_line_and_options(gateway: StubGateway, photo: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "edge.bundle"
+    bundle.write_bytes(gateway.bundle_bytes)
+    result = _ask("http://unused.invalid", photo, tmp_path, "--gateway", gateway.url, "--api-key", "k3y",
+                  "--bundle", str(bundle), "--cloud-only")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    first, second = result.stdout.splitlines()
+    assert first == "image 32x32"
+    assert "cloud-only JPEG" in second and "B sent" in second and "bits/token" in second
+    assert gateway.bundle_calls == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "exit_code", "message"),
+    [
+        (
+            (400, {"error": {"code": "bad_request", "message": "field 'question': too long"}}, {}),
+            2,
+            "bad_request",
+        ),
+        ((500, "worker exploded", {}), 3, "http_500"),
+        (
+            (503, {"error": {"code": "overloaded", "message": "queue is full"}}, {"Retry-After": "0"}),
+            3,
+            "overloaded",
+        ),
+    ],
+)
+def test_gateway_errors_set_the_exit_code(
+    gateway: StubGateway, photo: Path, tmp_path: Path, reply: tuple, exit_code: int, message: str
+) -> None:
+    gateway.script = [reply]
+    result = _ask(gateway.url, photo, tmp_path, "--retries", "0", VQA_API_KEY="k3y")
+    assert result.exit_code == exit_code
+    assert message in result.stderr and result.stdout == ""
+
+
+def test_missing_key_is_a_client_error(gateway: StubGateway, photo: Path, tmp_path: Path) -> None:
+    result = _ask(gateway.url, photo, tmp_path)
+    assert result.exit_code == 2 and "unauthorized" in result.stderr
+
+
+def test_local_errors_exit_2(gateway: StubGateway, tmp_path: Path) -> None:
+    result = _ask(gateway.url, tmp_path / "nope.jpg", tmp_path, VQA_API_KEY="k3y")
+    assert result.exit_code == 2 and "cannot read image" in result.stderr
+    result = _ask("ftp://example", tmp_path / "nope.jpg", tmp_path)
+    assert result.exit_code == 2 and "expected an http(s) gateway URL" in result.stderr
+
+
+def test_unreachable_gateway_exits_3(photo: Path, tmp_path: Path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    try:
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        result = _ask(url, photo, tmp_path, "--retries", "0", "--timeout", "2")
+    finally:
+        closed.close()
+    assert (
+        result.exit_code == 3 and "gateway_unreachable" in result.stderr and "cannot reach" in result.stderr
+    )
+
+
+def test_bundle_info(bundle_bytes: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "edge.bundle"
+    path.write_bytes(bundle_bytes)
+    result = runner.invoke(app, ["bundle-info", str(path)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["format"] == "alignedvq-edge-bundle" and info["model"] == "llava-tiny"
+    assert info["split_site"] == "preln" and len(info["sha256"]) == 64 and "tensors" not in info
+    result = runner.invoke(app, ["bundle-info", str(path), "--tensors"])
+    assert json.loads(result.stdout)["tensors"]["quantizer.codebooks"] == ["float32", [1, 1, 16, 8]]
+    path.write_bytes(bundle_bytes[:100])
+    result = runner.invoke(app, ["bundle-info", str(path)])
+    assert result.exit_code == 2 and "bad_bundle" in result.stderr
+
+
+def test_module_help_runs_in_a_subprocess() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_client.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ask" in out.stdout and "bundle-info" in out.stdout

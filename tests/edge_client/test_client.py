@@ -1,0 +1,432 @@
+"""EdgeClient against a real local HTTP server (uvicorn in a thread) that mimics the gateway's routes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from edge_client.bitstream import decode_stream
+from edge_client.bundle import EdgeBundle
+from edge_client.client import EdgeClient
+from edge_client.errors import (
+    BundleError,
+    GatewayError,
+    GatewayTimeoutError,
+    GatewayUnreachableError,
+    ImageError,
+)
+from edge_client.preprocess import load_image
+from edge_client.protocol import RequestError, VQARequest, decode_request
+from tests.conftest import TINY_QUANTIZER
+
+
+def export_tiny_bundle(model_dir: Path) -> bytes:
+    from models.export import export_edge_bundle
+    from models.quantizer import AlignedVQ
+    from models.registry import load_model
+
+    loaded = load_model(str(model_dir))
+    return export_edge_bundle(loaded, AlignedVQ.load(loaded.quantizer_path(TINY_QUANTIZER)))
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class StubGateway:
+    """The gateway's two client-facing routes, answering from the decoded request.
+
+    ``script`` holds canned replies (status, JSON body or text, headers) that ``/v1/vqa`` returns,
+    one per call, before it starts answering for real; ``delay_s`` stalls every answer.
+    """
+
+    def __init__(self, bundle_bytes: bytes, api_key: str | None = None) -> None:
+        self.bundle_bytes = bundle_bytes
+        self.bundle = EdgeBundle.from_bytes(bundle_bytes)
+        self.api_key = api_key
+        self.codebook_hash_header = self.bundle.codebook_hash
+        self.script: list[tuple[int, Any, dict[str, str]]] = []
+        self.delay_s = 0.0
+        self.vqa_calls: list[tuple[dict[str, str], bytes]] = []
+        self.bundle_calls: list[dict[str, str]] = []
+        self.app = self._build_app()
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", ws="none", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/v1/models/{model}/edge-bundle")
+        def edge_bundle(model: str, request: Request) -> Response:
+            self.bundle_calls.append(dict(request.headers))
+            if model != self.bundle.model:
+                return _error(404, "unknown_model", f"unknown model {model!r}")
+            etag = f'"{hashlib.sha256(self.bundle_bytes).hexdigest()}"'
+            headers = {"ETag": etag, "X-Codebook-Hash": self.codebook_hash_header}
+            if request.headers.get("if-none-match") == etag:
+                return Response(status_code=304, headers=headers)
+            return Response(self.bundle_bytes, media_type="application/octet-stream", headers=headers)
+
+        @app.post("/v1/vqa")
+        async def vqa(request: Request) -> Response:
+            body = await request.body()
+            self.vqa_calls.append((dict(request.headers), body))
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if self.script:
+                status, content, headers = self.script.pop(0)
+                if isinstance(content, str):
+                    return Response(content, status_code=status, headers=headers, media_type="text/plain")
+                return JSONResponse(content, status_code=status, headers=headers)
+            if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return _error(401, "unauthorized", "missing or invalid API key")
+            try:
+                vqa_request = decode_request(body)
+            except RequestError as exc:
+                return _error(400, exc.code, exc.message)
+            return JSONResponse(
+                {
+                    "request_id": vqa_request.request_id,
+                    "model": vqa_request.model,
+                    "answer": self.answer(vqa_request),
+                    "queue_ms": 1.5,
+                    "compute_ms": 2.5,
+                    "batch_size": 1,
+                }
+            )
+
+        return app
+
+    def answer(self, request: VQARequest) -> str:
+        """What the fake model says: what arrived, so tests can check it."""
+        if request.image is not None:
+            image = load_image(request.image)
+            return f"image {image.width}x{image.height}"
+        stream = decode_stream(request.features, self.bundle.freqs)
+        assert stream.header.matches_codebook(self.bundle.codebook_hash)
+        return f"features {stream.indices.shape[0]} tokens, first {int(stream.indices[0, 0, 0])}"
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [decode_request(body).request_id for _, body in self.vqa_calls]
+
+    def __enter__(self) -> StubGateway:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("stub gateway did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._socket.close()
+
+
+@pytest.fixture(scope="module")
+def bundle_bytes(tiny_model_dir: Path) -> bytes:
+    return export_tiny_bundle(tiny_model_dir)
+
+
+@pytest.fixture
+def gateway(bundle_bytes: bytes):
+    with StubGateway(bundle_bytes) as stub:
+        yield stub
+
+
+@pytest.fixture
+def image() -> bytes:
+    rng = np.random.default_rng(0)
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def make_client(tmp_path: Path):
+    """EdgeClient factory (tiny model, cache in tmp_path, no backoff); closes every client it made."""
+    clients: list[EdgeClient] = []
+
+    def make(gateway: StubGateway | str, **kwargs: Any) -> EdgeClient:
+        kwargs.setdefault("model", "llava-tiny")
+        kwargs.setdefault("cache_dir", tmp_path / "cache")
+        kwargs.setdefault("backoff_s", 0.0)
+        client = EdgeClient(gateway if isinstance(gateway, str) else gateway.url, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def test_ask_downloads_the_bundle_and_answers(
+    gateway: StubGateway, make_client: Any, tmp_path: Path, image: bytes
+) -> None:
+    with make_client(gateway) as client:
+        answer = client.ask(image, "what shape?", max_new_tokens=3, request_id="req-1")
+    expected_first = gateway.answer(decode_request(gateway.vqa_calls[0][1]))
+    assert answer.answer == expected_first and answer.answer.startswith("features 17 tokens")
+    assert (answer.request_id, answer.model, answer.cloud_only) == ("req-1", "llava-tiny", False)
+    headers, body = gateway.vqa_calls[0]
+    assert answer.request_bytes == len(body)
+    assert headers["content-type"] == "application/msgpack" and headers["accept"] == "application/json"
+    assert "authorization" not in headers
+    sent = decode_request(body)
+    assert sent.question == "what shape?" and sent.max_new_tokens == 3 and sent.image is None
+    header_bytes = 3 + 1 + 1 + len("llava-tiny") + 26
+    assert answer.bits_per_token == (len(sent.features) - header_bytes) * 8 / 17
+    assert (
+        answer.queue_ms == 1.5 and answer.compute_ms == 2.5 and answer.edge_ms > 0 and answer.latency_ms > 0
+    )
+    digest = hashlib.sha256(gateway.bundle_bytes).hexdigest()
+    assert (tmp_path / "cache" / "bundles" / f"{digest}.bundle").read_bytes() == gateway.bundle_bytes
+    assert len(gateway.bundle_calls) == 1 and "if-none-match" not in gateway.bundle_calls[0]
+
+
+def test_cached_bundle_is_revalidated_not_downloaded(
+    gateway: StubGateway, make_client: Any, tmp_path: Path, image: bytes
+) -> None:
+    with make_client(gateway) as client:
+        first = client.ask(image, "what color?")
+        client.ask(image, "what color?")  # the bundle is fetched once per client
+    assert len(gateway.bundle_calls) == 1
+    with make_client(gateway) as client:
+        second = client.ask(image, "what color?")
+    assert len(gateway.bundle_calls) == 2
+    digest = hashlib.sha256(gateway.bundle_bytes).hexdigest()
+    assert gateway.bundle_calls[1]["if-none-match"] == f'"{digest}"'
+    assert second.answer == first.answer and first.request_id != second.request_id
+
+    # A damaged cache entry fails verification and is replaced by a fresh download.
+    cached = tmp_path / "cache" / "bundles" / f"{digest}.bundle"
+    cached.write_bytes(gateway.bundle_bytes[:-3] + b"xyz")
+    with make_client(gateway) as client:
+        assert client.load_bundle().sha256 == digest
+    assert "if-none-match" not in gateway.bundle_calls[2]
+    assert cached.read_bytes() == gateway.bundle_bytes
+
+
+def test_downloaded_bundle_is_verified(gateway: StubGateway, make_client: Any, tmp_path: Path) -> None:
+    gateway.codebook_hash_header = "0" * 64
+    with pytest.raises(BundleError, match="codebook hash 0{64} \\(X-Codebook-Hash\\), got [0-9a-f]{64}"):
+        make_client(gateway).load_bundle()
+    gateway.codebook_hash_header = gateway.bundle.codebook_hash
+    gateway.bundle_bytes = gateway.bundle_bytes[:-4] + b"\x00\x01\x02\x03"
+    with pytest.raises(BundleError, match="bundle downloaded from .*edge-bundle is invalid: "):
+        make_client(gateway).load_bundle()
+    assert not (tmp_path / "cache" / "bundles").exists()
+    with pytest.raises(GatewayError, match="unknown model 'other'") as info:
+        make_client(gateway, model="other").load_bundle()
+    assert (info.value.code, info.value.status) == ("unknown_model", 404)
+
+
+def test_bundle_from_a_path_needs_no_download(
+    gateway: StubGateway, make_client: Any, tmp_path: Path, image: bytes
+) -> None:
+    path = tmp_path / "edge.bundle"
+    path.write_bytes(gateway.bundle_bytes)
+    client = make_client(gateway, model=None, bundle=path)
+    assert client.model == "llava-tiny" and client.bundle is not None
+    assert client.ask(image, "what shape?").answer.startswith("features 17 tokens")
+    assert gateway.bundle_calls == []
+    with pytest.raises(
+        BundleError, match="expected an edge bundle for model 'llava-mini-shapes', got one for"
+    ):
+        make_client(gateway, model="llava-mini-shapes", bundle=path)
+
+
+def test_retries_reuse_the_request_id(gateway: StubGateway, make_client: Any, image: bytes) -> None:
+    busy = {"error": {"code": "overloaded", "message": "queue is full"}}
+    gateway.script = [
+        (503, busy, {"Retry-After": "0"}),
+        (429, busy, {"Retry-After": "0"}),
+        (502, "bad gw", {}),
+    ]
+    answer = make_client(gateway).ask(image, "what shape?")
+    assert len(gateway.vqa_calls) == 4
+    assert set(gateway.request_ids) == {answer.request_id} and len(answer.request_id) == 32
+    assert len({body for _, body in gateway.vqa_calls}) == 1  # the very same bytes each time
+
+
+def test_retries_give_up_with_the_gateway_error(gateway: StubGateway, make_client: Any, image: bytes) -> None:
+    busy = {"error": {"code": "overloaded", "message": "queue is full"}}
+    gateway.script = [(503, busy, {"Retry-After": "0"})] * 3
+    with pytest.raises(GatewayError, match="queue is full") as info:
+        make_client(gateway, retries=2).ask(image, "what shape?")
+    assert (info.value.code, info.value.status) == ("overloaded", 503)
+    assert len(gateway.vqa_calls) == 3
+
+
+def test_client_errors_are_not_retried(gateway: StubGateway, make_client: Any, image: bytes) -> None:
+    gateway.script = [(400, {"error": {"code": "bad_request", "message": "field 'question': too long"}}, {})]
+    with pytest.raises(GatewayError) as info:
+        make_client(gateway).ask(image, "what shape?")
+    assert (info.value.code, info.value.status, info.value.message) == (
+        "bad_request",
+        400,
+        "field 'question': too long",
+    )
+    assert "HTTP 400, bad_request" in str(info.value)
+    assert len(gateway.vqa_calls) == 1
+
+
+def test_error_bodies_without_json_are_mapped_by_status(
+    gateway: StubGateway, make_client: Any, image: bytes
+) -> None:
+    gateway.script = [(500, "worker exploded", {})]
+    with pytest.raises(
+        GatewayError, match="gateway answered 500 Internal Server Error: worker exploded"
+    ) as info:
+        make_client(gateway).ask(image, "what shape?")
+    assert (info.value.code, info.value.status) == ("http_500", 500)
+    gateway.script = [(200, {"request_id": "someone-else", "model": "llava-tiny", "answer": "x"}, {})]
+    with pytest.raises(GatewayError, match="expected the reply to request r1, got one for someone-else"):
+        make_client(gateway).ask(image, "what shape?", request_id="r1")
+    gateway.script = [(200, {"unexpected": True}, {})]
+    with pytest.raises(GatewayError, match="expected a VQA response") as info:
+        make_client(gateway).ask(image, "what shape?")
+    assert info.value.code == "bad_response"
+
+
+def test_api_key_is_sent_as_bearer_token(bundle_bytes: bytes, make_client: Any, image: bytes) -> None:
+    with StubGateway(bundle_bytes, api_key="s3cret") as gateway:
+        with pytest.raises(GatewayError, match="missing or invalid API key") as info:
+            make_client(gateway).ask(image, "what shape?")
+        assert (info.value.code, info.value.status) == ("unauthorized", 401)
+        answer = make_client(gateway, api_key="s3cret").ask(image, "what shape?")
+        assert answer.answer.startswith("features")
+        assert gateway.vqa_calls[-1][0]["authorization"] == "Bearer s3cret"
+        assert gateway.bundle_calls[-1]["authorization"] == "Bearer s3cret"
+
+
+def test_cloud_only_sends_a_jpeg_at_the_model_size(
+    gateway: StubGateway, make_client: Any, image: bytes
+) -> None:
+    answer = make_client(gateway).ask(image, "what shape?", cloud_only=True, timeout_ms=5000)
+    assert answer.answer == "image 32x32" and answer.cloud_only
+    sent = decode_request(gateway.vqa_calls[0][1])
+    assert sent.features is None and sent.image[:2] == b"\xff\xd8" and sent.timeout_ms == 5000
+    assert answer.bits_per_token == len(sent.image) * 8 / 17
+
+
+def test_local_problems_raise_before_sending(
+    gateway: StubGateway, make_client: Any, tmp_path: Path, image: bytes
+) -> None:
+    client = make_client(gateway)
+    with pytest.raises(ImageError, match="cannot read image .*missing.jpg"):
+        client.ask(tmp_path / "missing.jpg", "what shape?")
+    assert gateway.bundle_calls == []
+    with pytest.raises(ImageError, match="could not be decoded"):
+        client.ask(b"not an image", "what shape?")
+    with pytest.raises(RequestError, match="field 'question'"):
+        client.ask(image, "")
+    assert gateway.vqa_calls == []
+    with pytest.raises(ValueError, match="expected an http\\(s\\) gateway URL, got 'ftp://x'"):
+        EdgeClient("ftp://x")
+
+
+def test_unreachable_gateway(make_client: Any, image: bytes) -> None:
+    closed = socket.socket()  # bound but not listening: connections are refused
+    closed.bind(("127.0.0.1", 0))
+    try:
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        client = make_client(url, retries=1)
+        with pytest.raises(
+            GatewayUnreachableError, match=f"cannot reach the gateway at {url}.*2 attempt"
+        ) as info:
+            client.ask(image, "what shape?")
+        assert info.value.status is None and info.value.code == "gateway_unreachable"
+    finally:
+        closed.close()
+
+
+def test_timeout_is_retried_then_reported(gateway: StubGateway, make_client: Any, image: bytes) -> None:
+    client = make_client(gateway, timeout=0.3, retries=1)
+    client.load_bundle()
+    gateway.delay_s = 1.0
+    with pytest.raises(GatewayTimeoutError, match="no reply to POST .*/v1/vqa within 0.3 s") as info:
+        client.ask(image, "what shape?")
+    assert info.value.code == "gateway_timeout"
+    assert len(gateway.vqa_calls) == 2 and len(set(gateway.request_ids)) == 1
+
+
+def test_async_path(gateway: StubGateway, make_client: Any, image: bytes) -> None:
+    busy = {"error": {"code": "overloaded", "message": "queue is full"}}
+    gateway.script = [(503, busy, {"Retry-After": "0"})]
+
+    async def run() -> list:
+        async with make_client(gateway) as client:
+            answers = await asyncio.gather(
+                client.aask(image, "what shape?", request_id="a1"),
+                client.aask(image, "what color?", cloud_only=True, request_id="a2"),
+            )
+            with pytest.raises(GatewayError, match="field 'question'") as info:
+                gateway.script = [
+                    (400, {"error": {"code": "bad_request", "message": "field 'question'"}}, {})
+                ]
+                await client.aask(image, "x")
+            assert info.value.status == 400
+            return answers
+
+    first, second = asyncio.run(run())
+    assert first.answer.startswith("features 17 tokens") and first.request_id == "a1"
+    assert second.answer == "image 32x32" and second.cloud_only
+    # One of the two concurrent requests met the 503 and was retried under its own id.
+    assert len(gateway.vqa_calls) == 4 and set(gateway.request_ids[:3]) == {"a1", "a2"}
+
+
+def test_retry_after_dates_are_honoured_and_capped(gateway: StubGateway, make_client: Any) -> None:
+    client = make_client(gateway, max_backoff_s=2.0)
+    future = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"})
+    assert client._backoff(0, future) == 2.0
+    assert client._backoff(0, httpx.Response(503, headers={"Retry-After": "0.5"})) == 0.5
+    assert client._backoff(0, httpx.Response(503, headers={"Retry-After": "soon"})) == 0.0  # backoff_s = 0
+
+
+def test_codebook_mismatch_refreshes_a_downloaded_bundle_once(
+    gateway: StubGateway, make_client: Any, tmp_path: Path, image: bytes
+) -> None:
+    stale = (409, {"error": {"code": "codebook_mismatch", "message": "codebook changed"}}, {})
+    gateway.script = [stale]
+    answer = make_client(gateway).ask(image, "what shape?")
+    assert answer.answer.startswith("features 17 tokens")
+    assert len(gateway.bundle_calls) == 2 and "if-none-match" in gateway.bundle_calls[1]
+    assert len(gateway.vqa_calls) == 2 and set(gateway.request_ids) == {answer.request_id}
+
+    gateway.script = [stale, stale]
+    with pytest.raises(GatewayError, match="codebook changed") as info:
+        make_client(gateway).ask(image, "what shape?")
+    assert (info.value.code, info.value.status) == ("codebook_mismatch", 409)
+    assert len(gateway.vqa_calls) == 4
+
+    path = tmp_path / "edge.bundle"
+    path.write_bytes(gateway.bundle_bytes)
+    gateway.script = [stale]
+    with pytest.raises(GatewayError, match="codebook changed"):
+        make_client(gateway, bundle=path).ask(image, "what shape?")
+    assert len(gateway.vqa_calls) == 5

@@ -1,0 +1,71 @@
+"""``VQA_QUEUE=memory``: gateway and worker loop in one process, same API, no Redis."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from edge_client.bundle import EdgeBundle
+from edge_client.encoder import EdgeEncoder
+from gateway.api.main import create_app
+from gateway.config import GatewaySettings
+from tests.conftest import TINY_QUANTIZER
+
+from .helpers import MSGPACK, body, png, wait_for
+
+
+@pytest.fixture(scope="module")
+def memory_client(tiny_model_dir):
+    settings = GatewaySettings(
+        _env_file=None,
+        queue="memory",
+        allow_anonymous=True,
+        model=str(tiny_model_dir),
+        quantizer=TINY_QUANTIZER,
+        device="cpu",
+        max_batch=4,
+        max_wait_ms=20,
+        poll_ms=50,
+        max_backlog=4,
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, timeout=60, what="in-process model")
+        yield client
+
+
+def test_memory_mode_answers_and_serves_the_bundle(memory_client) -> None:
+    (entry,) = memory_client.get("/v1/models").json()["models"]
+    assert entry["live_workers"] == 1
+    bundle = memory_client.get(f"/v1/models/{entry['name']}/edge-bundle")
+    encoder = EdgeEncoder(EdgeBundle.from_bytes(bundle.content))
+    content = body(entry["name"], features=encoder.encode_image(png(seed=31)), request_id="mem-1")
+    first = memory_client.post("/v1/vqa", content=content, headers=MSGPACK)  # anonymous: no key
+    assert first.status_code == 200, first.text
+    again = memory_client.post("/v1/vqa", content=content, headers=MSGPACK)
+    assert again.json() == first.json()  # idempotent retry: the stored answer
+    cloud = memory_client.post("/v1/vqa", content=body(entry["name"], image=png(seed=32)), headers=MSGPACK)
+    assert cloud.status_code == 200
+
+
+def test_memory_mode_validation_and_backlog(memory_client) -> None:
+    name = memory_client.get("/v1/models").json()["models"][0]["name"]
+    bad = memory_client.post("/v1/vqa", content=body(name, features=b"AVQ\x01"), headers=MSGPACK)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "truncated_stream"
+    contents = [body(name, image=png(seed=40 + i)) for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(
+            pool.map(
+                lambda c: memory_client.post("/v1/vqa", content=c, headers=MSGPACK).status_code, contents
+            )
+        )
+    assert set(statuses) <= {200, 429} and 200 in statuses
+
+
+def test_memory_mode_deadline(memory_client) -> None:
+    name = memory_client.get("/v1/models").json()["models"][0]["name"]
+    reply = memory_client.post(
+        "/v1/vqa", content=body(name, image=png(seed=50), timeout_ms=1), headers=MSGPACK
+    )
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "deadline_exceeded"

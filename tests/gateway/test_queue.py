@@ -1,0 +1,227 @@
+"""Queue semantics through the real API and Redis: back-pressure, deadlines, idempotent retries,
+claiming from dead workers and dead letters."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import msgpack
+import pytest
+import redis
+
+from gateway.queue import GROUP, Keys, RedisWorkerQueue
+from gateway.worker import worker_id
+
+from .conftest import gateway_settings, worker_settings
+from .helpers import HEADERS, body, png, wait_for
+
+
+@pytest.fixture
+def r(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def published(redis_url, prefix, runner):
+    """The tiny model's info and bundle in Redis, but no worker consuming its stream."""
+    queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "publisher")
+    queue.prepare()
+    queue.publish(runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
+    yield queue
+    queue.close()
+
+
+@pytest.fixture
+def features(encoder) -> bytes:
+    return encoder.encode_image(png(seed=11))
+
+
+def post_in_background(client, content: bytes):
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(client.post, "/v1/vqa", content=content, headers=HEADERS)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_backlog_429_then_deadline_504_then_worker_drops_expired(
+    redis_url, prefix, published, open_client, start_worker, model_name, features, r
+) -> None:
+    stream = Keys(prefix).stream(model_name)
+    client = open_client(gateway_settings(redis_url, prefix, max_backlog=1, retry_after_s=3))
+    waiting = post_in_background(client, body(model_name, features=features, timeout_ms=1200))
+    wait_for(lambda: r.xlen(stream) == 1, what="first request queued")
+
+    overloaded = client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
+    assert overloaded.status_code == 429 and overloaded.headers["retry-after"] == "3"
+    assert overloaded.json()["error"]["code"] == "overloaded"
+    assert r.xlen(stream) == 1  # the refused request was not queued
+
+    late = waiting.result(timeout=10)
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+
+    worker = start_worker(worker_settings(redis_url, prefix))
+    wait_for(lambda: r.xlen(stream) == 0, what="expired entry dropped")
+    wait_for(lambda: worker.worker.stats.expired == 1, what="expired count")
+    assert worker.worker.stats.answered == 0 and worker.worker.stats.batches == 1
+
+
+def test_timeout_is_capped_by_max_timeout(
+    redis_url, prefix, published, open_client, model_name, features
+) -> None:
+    client = open_client(gateway_settings(redis_url, prefix, request_timeout_ms=300, max_timeout_ms=400))
+    start = time.monotonic()
+    reply = client.post(
+        "/v1/vqa", content=body(model_name, features=features, timeout_ms=60_000), headers=HEADERS
+    )
+    assert reply.status_code == 504 and time.monotonic() - start < 3
+
+
+def test_retry_of_finished_request_returns_stored_answer(served, model_name, features, prefix, r) -> None:
+    client, worker, settings = served
+    content = body(model_name, features=features, request_id="retry-me")
+    first = client.post("/v1/vqa", content=content, headers=HEADERS)
+    second = client.post("/v1/vqa", content=content, headers=HEADERS)
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert worker.worker.stats.answered == 1
+    result = Keys(prefix).result(model_name, "retry-me")
+    assert 0 < r.pttl(result) <= settings.result_ttl_s * 1000
+    assert r.xinfo_stream(Keys(prefix).stream(model_name))["entries-added"] == 1
+
+
+def test_retry_of_in_flight_request_waits_for_the_same_answer(
+    redis_url, prefix, published, open_client, start_worker, model_name, features, r
+) -> None:
+    """Two gateways (two reply lists) get the same request id; it is queued once, answered once."""
+    keys = Keys(prefix)
+    gateways = [open_client(gateway_settings(redis_url, prefix)) for _ in range(2)]
+    content = body(model_name, features=features, request_id="in-flight", timeout_ms=20_000)
+    replies = [post_in_background(client, content) for client in gateways]
+    wait_for(lambda: r.scard(keys.waiters(model_name, "in-flight")) == 2, what="both gateways waiting")
+    assert r.xlen(keys.stream(model_name)) == 1
+    worker = start_worker(worker_settings(redis_url, prefix))
+    answers = [future.result(timeout=10) for future in replies]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json() == answers[1].json()
+    assert worker.worker.stats.answered == 1
+    assert r.xinfo_stream(keys.stream(model_name))["entries-added"] == 1
+    assert not r.exists(keys.inflight(model_name, "in-flight"), keys.waiters(model_name, "in-flight"))
+
+
+def test_error_replies_are_not_stored(served, model_name, prefix, r) -> None:
+    """A retry after an error runs again (only answers are kept for idempotent retries)."""
+    client, _, _ = served
+    content = body(model_name, features=b"AVQ garbage", request_id="failed-once")
+    assert client.post("/v1/vqa", content=content, headers=HEADERS).status_code == 422
+    assert not r.exists(Keys(prefix).result(model_name, "failed-once"))
+
+
+def test_entry_of_a_dead_worker_is_claimed_and_answered(
+    redis_url, prefix, published, open_client, start_worker, model_name, features, r
+) -> None:
+    settings = worker_settings(redis_url, prefix, claim_idle_ms=300)
+    client = open_client(gateway_settings(redis_url, prefix))
+    waiting = post_in_background(client, body(model_name, features=features, timeout_ms=20_000))
+    dead = RedisWorkerQueue(settings, model_name, "dead-worker")
+    wait_for(lambda: dead.read(4, 50), what="the doomed worker to take the entry")
+    dead.close()  # ...and never finishes it
+    worker = start_worker(settings)
+    reply = waiting.result(timeout=15)
+    assert reply.status_code == 200, reply.text
+    assert worker.worker.stats.answered == 1
+    assert r.xpending(Keys(prefix).stream(model_name), GROUP)["pending"] == 0
+
+
+def test_dead_letter_after_max_deliveries(
+    redis_url, prefix, published, open_client, model_name, features, r
+) -> None:
+    keys = Keys(prefix)
+    settings = worker_settings(redis_url, prefix, claim_idle_ms=1, max_deliveries=2)
+    client = open_client(gateway_settings(redis_url, prefix))
+    waiting = post_in_background(client, body(model_name, features=features, request_id="poison"))
+    queues = [RedisWorkerQueue(settings, model_name, worker_id()) for _ in range(3)]
+    try:
+        wait_for(lambda: queues[0].read(4, 50), what="first delivery")  # worker 1 dies holding it
+        time.sleep(0.01)
+        second = queues[1].claim(4)  # delivery 2: worker 2 dies too
+        assert [job.deliveries for job in second.jobs] == [2] and not second.dead
+        time.sleep(0.01)
+        third = queues[2].claim(4)  # delivery 3 > max_deliveries: dead letter
+        assert not third.jobs and [job.request_id for job in third.dead] == ["poison"]
+    finally:
+        for queue in queues:
+            queue.close()
+    reply = waiting.result(timeout=10)
+    assert reply.status_code == 502 and reply.json()["error"]["code"] == "dead_letter"
+    assert "VQA_MAX_DELIVERIES=2" in reply.json()["error"]["message"]
+    ((entry_id, fields),) = r.xrange(keys.dead(model_name))
+    assert fields[b"request_id"] == b"poison" and b"died" in fields[b"reason"]
+    assert r.xlen(keys.stream(model_name)) == 0
+
+
+def test_stream_holds_only_unanswered_entries(served, model_name, features, prefix, r) -> None:
+    """Answered entries are acknowledged and deleted, never trimmed by length."""
+    client, _, _ = served
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(
+            pool.map(
+                lambda i: client.post(
+                    "/v1/vqa", content=body(model_name, features=features), headers=HEADERS
+                ),
+                range(6),
+            )
+        )
+    assert all(reply.status_code == 200 for reply in replies)
+    stream = Keys(prefix).stream(model_name)
+    assert r.xlen(stream) == 0 and r.xinfo_stream(stream)["entries-added"] == 6
+    assert r.xpending(stream, GROUP)["pending"] == 0
+    assert max(reply.json()["batch_size"] for reply in replies) >= 1
+
+
+def test_waiting_requests_hold_no_redis_connection(
+    redis_url, prefix, published, open_client, start_worker, model_name, features, r
+) -> None:
+    """24 requests wait on in-process futures; only the reply reader holds a connection."""
+    client = open_client(gateway_settings(redis_url, prefix))
+    pool = ThreadPoolExecutor(24)
+    replies = [
+        pool.submit(client.post, "/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
+        for _ in range(24)
+    ]
+    wait_for(lambda: r.xlen(Keys(prefix).stream(model_name)) == 24, what="24 queued requests")
+    connections = client.app.state.queue.client.connection_pool
+    assert len(connections._in_use_connections) <= 1  # the reader's BLMPOP
+    start_worker(worker_settings(redis_url, prefix, max_batch=8, max_wait_ms=50))
+    assert [future.result(timeout=20).status_code for future in replies] == [200] * 24
+    pool.shutdown()
+
+
+def test_cloud_only_and_features_share_a_batch(
+    redis_url, prefix, published, open_client, start_worker, model_name, features, r
+) -> None:
+    client = open_client(gateway_settings(redis_url, prefix))
+    image = png(seed=9)
+    contents = [
+        body(model_name, features=features) if i % 2 else body(model_name, image=image) for i in range(6)
+    ]
+    pool = ThreadPoolExecutor(6)
+    replies = [pool.submit(client.post, "/v1/vqa", content=c, headers=HEADERS) for c in contents]
+    wait_for(lambda: r.xlen(Keys(prefix).stream(model_name)) == 6, what="6 queued requests")
+    worker = start_worker(worker_settings(redis_url, prefix, max_batch=6, max_wait_ms=200))
+    answers = [future.result(timeout=20) for future in replies]
+    pool.shutdown()
+    assert [a.status_code for a in answers] == [200] * 6
+    assert [a.json()["batch_size"] for a in answers] == [6] * 6
+    assert worker.worker.stats.batches == 1
+
+
+def test_reply_unpack_rejects_garbage() -> None:
+    from gateway.queue import Reply
+
+    with pytest.raises(ValueError, match="malformed reply"):
+        Reply.unpack(msgpack.packb({"nope": 1}))
+    reply = Reply(request_id="a", model="m", answer="red", queue_ms=1.5, compute_ms=2.0, batch_size=3)
+    assert Reply.unpack(reply.pack()) == reply
