@@ -59,7 +59,7 @@ def test_normalize_freqs_ties_go_to_lower_index() -> None:
     groups=st.integers(1, 3),
     stages=st.integers(1, 3),
     size=st.integers(2, 600),
-    high=st.sampled_from([1, 10, 10**6, 2**30]),
+    high=st.sampled_from([1, 10, 10**6, 2**28]),  # rows stay below the documented 2**38 sum
     seed=st.integers(0, 2**32 - 1),
 )
 def test_normalize_freqs_rows_are_exact_and_positive(

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# `make demo`: start what is needed, answer questions about sample images end to end, stop.
+#
+# Uses the Redis on VQA_REDIS_URL if one answers; else starts redis-server if installed; else runs
+# gateway + worker in one process with the in-memory queue. Everything listens on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${VENV:-.venv}/bin
+PORT=${VQA_DEMO_PORT:-8765}
+REDIS_PORT=${VQA_DEMO_REDIS_PORT:-6379}
+export VQA_REDIS_URL=${VQA_REDIS_URL:-redis://127.0.0.1:${REDIS_PORT}/0}
+export VQA_ALLOW_ANONYMOUS=true VQA_KEY_PREFIX=vqa-demo-$$ VQA_DEVICE=cpu VQA_LOG_LEVEL=error
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+GATEWAY=http://127.0.0.1:${PORT}
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+redis_up() { "$BIN/python" -c "import redis; redis.Redis.from_url('$VQA_REDIS_URL', socket_timeout=1).ping()" 2>/dev/null; }
+
+if redis_up; then
+  echo "demo: using the Redis at $VQA_REDIS_URL"
+elif command -v redis-server >/dev/null; then
+  echo "demo: starting redis-server on 127.0.0.1:${REDIS_PORT}"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --loglevel warning &
+  pids+=($!)
+  for _ in $(seq 50); do redis_up && break; sleep 0.1; done
+fi
+
+if redis_up; then
+  export VQA_QUEUE=redis
+  "$BIN/vqa-worker" --model llava-mini-shapes &
+  pids+=($!)
+else
+  echo "demo: no Redis available, using the in-process memory queue"
+  export VQA_QUEUE=memory
+fi
+"$BIN/vqa-gateway" --host 127.0.0.1 --port "$PORT" &
+pids+=($!)
+
+echo -n "demo: waiting for the gateway to be ready"
+for _ in $(seq 240); do
+  if "$BIN/python" -c "import httpx, sys; sys.exit(httpx.get('$GATEWAY/readyz', timeout=1).status_code != 200)" 2>/dev/null; then
+    break
+  fi
+  echo -n .; sleep 0.5
+done
+echo
+
+ask() {  # image question [extra edge-client flags]
+  "$BIN/edge-client" ask "$1" "$2" --gateway "$GATEWAY" --json "${@:3}" | "$BIN/python" -c '
+import json, sys
+r = json.load(sys.stdin)
+mode = "cloud-only JPEG-90" if r["cloud_only"] else "AlignedVQ %d bits/token" % r["bits_per_token"]
+print("  Q: %-34r A: %-11r %5d bytes sent (%s), edge %.1f ms, total %.0f ms"
+      % (sys.argv[1], r["answer"], r["request_bytes"], mode, r["edge_ms"], r["latency_ms"]))' "$2"
+}
+
+for image in samples/red_circle.png samples/blue_triangle.png samples/teal_rectangle.png; do
+  echo "$image"
+  ask "$image" "what color is the shape?"
+  ask "$image" "what shape is in the image?"
+  ask "$image" "is there a circle in the image?"
+done
+echo "baseline, same image sent as JPEG-90 (cloud-only mode):"
+ask samples/red_circle.png "what color is the shape?" --cloud-only
