@@ -192,5 +192,24 @@ def eval_cmd(
             typer.echo(f"{key:>24}: {value}")
 
 
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option(help="edge bundle file to write")],
+    model: str = "llava-mini-shapes",
+    quantizer: Annotated[
+        str, typer.Option(help="quantizer name in the model folder, or a file")
+    ] = "preln-4096",
+) -> None:
+    """Write the edge bundle (what the edge client needs, numpy-loadable) for a model + quantizer."""
+    from .export import write_edge_bundle
+    from .quantizer import AlignedVQ
+    from .registry import load_model
+
+    loaded = load_model(model)
+    path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
+    digest = write_edge_bundle(loaded, AlignedVQ.load(path), out)
+    typer.echo(f"{out} sha256={digest} ({out.stat().st_size} bytes)")
+
+
 if __name__ == "__main__":
     app()
