@@ -173,7 +173,7 @@ class WorkerQueue(Protocol):
     def live_workers(self) -> int: ...
 
     def read(self, count: int, block_ms: int) -> list[Job]:
-        """Up to ``count`` new entries, blocking at most ``block_ms`` (>= 1) for the first one."""
+        """Up to ``count`` new entries, blocking at most ``block_ms`` for the first one (0: no wait)."""
 
     def claim(self, count: int) -> Claimed:
         """Take over entries idle past VQA_CLAIM_IDLE_MS; dead-letter those delivered too often."""

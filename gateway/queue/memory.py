@@ -140,7 +140,7 @@ class MemoryQueue:
     def _read(self, model: str, count: int, block_ms: int) -> list[Job]:
         with self._cond:
             stream = self._streams[model]
-            if not stream and not self.closed:
+            if not stream and not self.closed and block_ms > 0:
                 self._cond.wait(block_ms / 1000)
             jobs = [stream.popleft() for _ in range(min(count, len(stream)))]
             self._taken[model] += len(jobs)

@@ -292,8 +292,9 @@ class RedisWorkerQueue:
     def read(self, count: int, block_ms: int) -> list[Job]:
         with redis_errors():
             try:
+                # block_ms == 0: a non-blocking read (redis-py omits BLOCK when block is None).
                 response = self.client.xreadgroup(
-                    GROUP, self.consumer, {self.stream: ">"}, count=count, block=max(1, block_ms)
+                    GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms or None
                 )
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):

@@ -5,6 +5,10 @@ queue's blocking read. Once something has arrived, the batch waits at most ``max
 company; a batch that is already full, or ``max_wait_ms = 0``, goes without waiting. No single read
 blocks longer than ``poll_ms``, so a stop request (SIGTERM) is noticed within that time even while
 a batch is filling.
+
+While a batch fills, reads do not block: Redis ends a timed-out ``XREADGROUP BLOCK`` only on its
+``hz`` tick (100 ms at the default ``hz 10``; measured in benchmarks/results/serving_load_cpu.json),
+so a 10 ms block would wait 100 ms. Non-blocking reads with 2 ms sleeps honour ``max_wait_ms``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TypeVar
 __all__ = ["collect_batch", "split_expired"]
 
 T = TypeVar("T")
+FILL_POLL_S = 0.002  # sleep between non-blocking reads while a batch fills
 
 
 def collect_batch(
@@ -39,7 +44,11 @@ def collect_batch(
         remaining_ms = int((deadline - time.monotonic()) * 1000)
         if remaining_ms < 1:
             break
-        batch += read(max_batch - len(batch), min(remaining_ms, max(1, poll_ms)))
+        more = read(max_batch - len(batch), 0)
+        if more:
+            batch += more
+        else:
+            time.sleep(min(FILL_POLL_S, remaining_ms / 1000))
     return batch
 
 

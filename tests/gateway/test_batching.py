@@ -78,3 +78,11 @@ def test_stop_during_the_wait_is_noticed_within_poll() -> None:
 def test_split_expired() -> None:
     live, expired = split_expired([3, 10, 5, 20], lambda d: d, now_ms=5)
     assert live == [10, 20] and expired == [3, 5]
+
+
+def test_filling_reads_never_block_so_redis_tick_granularity_cannot_stretch_the_wait() -> None:
+    source = Source([(0, 1)])
+    start = time.monotonic()
+    assert collect_batch(source.read, 16, 10, 500) == [1]
+    assert time.monotonic() - start < 0.08  # a blocking Redis read would end on the 100 ms hz tick
+    assert [block for _, block in source.calls[1:]] == [0] * (len(source.calls) - 1)

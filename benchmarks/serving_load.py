@@ -1,0 +1,669 @@
+"""Serving load: a real gateway and real CPU workers over the local Redis, driven by an async load generator.
+
+    .venv/bin/python benchmarks/serving_load.py            # full run, ~6 min on 2 cores
+    .venv/bin/python benchmarks/serving_load.py --quick    # smoke run, ~1 min, 2 configs
+    .venv/bin/python benchmarks/serving_load.py --configs b16-w1,b1-w1 --out /tmp/load.json
+
+Starts ``vqa-gateway`` (anonymous, its own ``VQA_KEY_PREFIX``, a free port on 127.0.0.1) once, and
+for each worker configuration (batching on/off x 1/2 workers) that many ``vqa-worker --device cpu``
+processes. Request payloads are encoded once, before any load, by the real edge encoder from the
+bundle the gateway serves; each send only stamps a fresh ``request_id`` into the msgpack map (the
+gateway answers a repeated id from its result store, so ids must not repeat).
+
+Load: closed loop (C clients, each sends its next request when the previous one returns) and open
+loop (Poisson arrivals at a target rate; latency counted from the scheduled arrival, so a lagging
+generator cannot hide queueing). Every run is bounded in requests and seconds. Per run: sent /
+answered / errored, req/s, latency p50/p95/p99, the gateway's queue_ms, compute_ms and batch_size
+from each reply, overhead = latency - queue_ms - compute_ms (HTTP, gateway, Redis round trips,
+result delivery, client), and the share of answers matching the easy-VQA-style ground truth.
+
+Raw JSON (machine, load averages, settings, every run) goes to results/serving_load_cpu.json; one
+table is printed. The load generator, the gateway, Redis and the workers share the same CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import msgpack
+import redis
+
+from edge_client import EdgeClient
+from edge_client.encoder import EdgeEncoder
+from edge_client.protocol import CONTENT_TYPE, decode_request
+from gateway.queue.keys import Keys
+from models.data import generate_shapes
+
+# ---- settings ---------------------------------------------------------------------------------
+SETTINGS: dict = {
+    "model": "llava-mini-shapes",
+    "redis_url": "redis://127.0.0.1:6379/0",
+    "dataset": {
+        "generator": "models.data.generate_shapes",
+        "images": 64,
+        "questions_per_image": 4,
+        "seed": 7,
+    },
+    "max_new_tokens": 8,
+    # Worker configurations, each measured with every load below (baselines in the same run).
+    "configs": [
+        {"name": "b16-w1", "workers": 1, "max_batch": 16, "max_wait_ms": 10},
+        {"name": "b1-w1", "workers": 1, "max_batch": 1, "max_wait_ms": 10},
+        {"name": "b16-w2", "workers": 2, "max_batch": 16, "max_wait_ms": 10},
+        {"name": "b1-w2", "workers": 2, "max_batch": 1, "max_wait_ms": 10},
+    ],
+    # torch threads per worker ("auto": cpu_count // workers). 1: on 2 shared cores, 2 OpenMP
+    # threads per worker stall whenever one is descheduled (compute p95 20x its p50 in trials).
+    "torch_threads": 1,
+    "warmup_requests": 16,
+    "closed_loop": {"concurrency": [1, 4, 16], "duration_s": 12.0, "max_requests": 2000},
+    "open_loop": {"rates": [5.0, 15.0, 30.0], "duration_s": 12.0, "max_requests": 500},
+    "drain_s": 30.0,  # after a run's send window: how long outstanding requests may still finish
+    "request_timeout_ms": 30000,  # each request's timeout_ms: the gateway answers 504 past it
+    "client_timeout_s": 35.0,  # per HTTP request, client side (so the gateway's 504 comes first)
+    "startup_timeout_s": 90.0,  # gateway /healthz, workers live, /readyz
+}
+QUICK: dict = {
+    "dataset": {**SETTINGS["dataset"], "images": 16},
+    "configs": [SETTINGS["configs"][0], SETTINGS["configs"][1]],
+    "warmup_requests": 8,
+    "closed_loop": {"concurrency": [1, 8], "duration_s": 5.0, "max_requests": 500},
+    "open_loop": {"rates": [10.0], "duration_s": 5.0, "max_requests": 100},
+    "drain_s": 15.0,
+}
+RESULTS = Path(__file__).parent / "results"
+HOST = "127.0.0.1"
+
+
+# ---- the stack ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def entry_point(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"cannot find the {name} entry point next to {sys.executable} or on PATH")
+    return found
+
+
+@dataclass
+class Stack:
+    """One gateway and the current set of workers, all subprocesses; :meth:`stop` ends them all."""
+
+    redis_url: str
+    model: str
+    workdir: Path
+    prefix: str = field(default_factory=lambda: f"bench-load-{uuid.uuid4().hex[:10]}")
+    port: int = field(default_factory=free_port)
+    gateway: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    spawned: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VQA_")}
+        env.update(
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            VQA_QUEUE="redis",
+            VQA_REDIS_URL=self.redis_url,
+            VQA_KEY_PREFIX=self.prefix,
+            VQA_LOG_LEVEL="warning",
+        )
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.spawned += 1
+        with (self.workdir / f"{self.spawned:02d}-{name}.log").open("wb") as log:
+            # cwd: an empty directory, so no stray .env is read; the child keeps its own log handle.
+            return subprocess.Popen(argv, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_gateway(self, timeout: float) -> None:
+        env = self.env(VQA_ALLOW_ANONYMOUS="true", VQA_API_KEYS="", VQA_HOST=HOST, VQA_PORT=str(self.port))
+        argv = [entry_point("vqa-gateway"), "--host", HOST, "--port", str(self.port)]
+        self.gateway = self.spawn("gateway", argv, env)
+        self.wait(lambda: self._get("/healthz") == 200, timeout, "gateway /healthz")
+
+    def start_workers(
+        self, count: int, max_batch: int, max_wait_ms: int, threads: int, timeout: float
+    ) -> None:
+        env = self.env(
+            VQA_MAX_BATCH=str(max_batch), VQA_MAX_WAIT_MS=str(max_wait_ms), VQA_TORCH_THREADS=str(threads)
+        )
+        argv = [entry_point("vqa-worker"), "--model", self.model, "--device", "cpu", "--log-level", "WARNING"]
+        for _ in range(count):
+            self.workers.append(self.spawn("worker", argv, env))
+        self.wait(lambda: self.live_workers() == count, timeout, f"{count} live workers")
+        self.wait(lambda: self._get("/readyz") == 200, timeout, "gateway /readyz")
+
+    def stop_workers(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.workers:
+            _reap(process)
+        self.workers = []
+
+    def stop(self) -> None:
+        self.stop_workers()
+        if self.gateway is not None:
+            if self.gateway.poll() is None:
+                self.gateway.send_signal(signal.SIGTERM)
+            _reap(self.gateway)
+            self.gateway = None
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        try:
+            keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError as exc:
+            print(f"warning: could not delete the {self.prefix}:* keys: {exc}", file=sys.stderr)
+        finally:
+            client.close()
+
+    def backlog(self) -> int:
+        """Entries in the model's stream (queued + in progress); finished ones are deleted."""
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        try:
+            return int(client.xlen(Keys(self.prefix).stream(self.model)))
+        finally:
+            client.close()
+
+    def live_workers(self) -> int:
+        try:
+            response = httpx.get(f"{self.url}/v1/models", timeout=2)
+        except httpx.TransportError:
+            return -1
+        if response.status_code != 200:
+            return -1
+        models = {m["name"]: m for m in response.json().get("models", [])}
+        return int(models.get(self.model, {}).get("live_workers", 0))
+
+    def _get(self, path: str) -> int:
+        try:
+            return httpx.get(f"{self.url}{path}", timeout=2).status_code
+        except httpx.TransportError:
+            return 0
+
+    def wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [
+                p.args[0] for p in [self.gateway, *self.workers] if p is not None and p.poll() is not None
+            ]
+            if dead:
+                raise RuntimeError(f"{dead} exited while waiting for {what}\n{self.log_tail()}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"no {what} after {timeout:.0f} s\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+            for p in sorted(self.workdir.glob("*.log"))
+        )
+
+
+def _reap(process: subprocess.Popen) -> None:
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+# ---- request payloads --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    fields: dict  # the msgpack map without request_id
+    truth: str
+    body_bytes: int
+
+
+def build_items(
+    url: str, model: str, dataset: dict, max_new_tokens: int, timeout_ms: int, cache: Path
+) -> tuple[list[Item], dict]:
+    """Encode every (image, question) once with the real edge encoder and the gateway's bundle."""
+    with EdgeClient(url, model=model, cache_dir=cache, timeout=30) as client:
+        bundle = client.load_bundle()
+    encoder = EdgeEncoder(bundle)
+    split = generate_shapes(
+        dataset["images"], seed=dataset["seed"], questions_per_image=dataset["questions_per_image"]
+    )
+    started = time.perf_counter()
+    streams = [encoder.encode_image(image) for image in split.images]
+    encode_ms = (time.perf_counter() - started) * 1e3 / len(streams)
+    items = []
+    for question, answers, index in zip(split.questions, split.answers, split.image_index, strict=True):
+        fields = {"v": 1, "model": model, "question": question, "features": streams[index]}
+        fields |= {"max_new_tokens": max_new_tokens, "timeout_ms": timeout_ms}
+        body = pack(fields, "probe-0")
+        decode_request(body)  # the gateway's own parser must accept it
+        items.append(Item(fields, answers[0], len(body)))
+    info = {
+        "bundle_sha256": bundle.sha256,
+        "codebook_hash": bundle.codebook_hash,
+        "tokens": bundle.tokens,
+        "requests": len(items),
+        "images": len(streams),
+        "edge_encode_ms_per_image": round(encode_ms, 2),
+        "feature_bytes_mean": round(statistics.fmean(len(s) for s in streams), 1),
+        "body_bytes_mean": round(statistics.fmean(i.body_bytes for i in items), 1),
+        "answer_counts": dict(Counter(i.truth for i in items).most_common()),
+    }
+    return items, info
+
+
+def pack(fields: dict, request_id: str) -> bytes:
+    return msgpack.packb({**fields, "request_id": request_id}, use_bin_type=True)
+
+
+def normalize(text: str) -> str:
+    """models.evaluate.normalize_answer, without importing torch into the load generator."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[0] if words else ""
+
+
+# ---- load generator ----------------------------------------------------------------------------
+@dataclass
+class Record:
+    ok: bool
+    latency_ms: float
+    status: int | str = 200
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+    correct: bool = False
+
+
+class Loader:
+    def __init__(self, client: httpx.AsyncClient, items: list[Item], seed: int) -> None:
+        self.client = client
+        self.items = items
+        self.rng = random.Random(seed)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.count = 0
+
+    async def one(self, started: float | None = None) -> Record:
+        """Send one request; latency from ``started`` (a scheduled arrival) or from the send."""
+        item = self.items[self.rng.randrange(len(self.items))]
+        self.count += 1
+        body = pack(item.fields, f"{self.run_id}-{self.count}")
+        t0 = time.perf_counter() if started is None else started
+        try:
+            response = await self.client.post(
+                "/v1/vqa", content=body, headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
+            )
+        except httpx.TransportError as exc:
+            return Record(False, (time.perf_counter() - t0) * 1e3, type(exc).__name__)
+        latency = (time.perf_counter() - t0) * 1e3
+        if response.status_code != 200:
+            try:
+                code = response.json()["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                code = "?"
+            return Record(False, latency, f"{response.status_code}:{code}")
+        reply = msgpack.unpackb(response.content, raw=False)
+        return Record(
+            True,
+            latency,
+            queue_ms=float(reply["queue_ms"]),
+            compute_ms=float(reply["compute_ms"]),
+            batch_size=int(reply["batch_size"]),
+            correct=normalize(reply["answer"]) == item.truth,
+        )
+
+    async def closed(
+        self, concurrency: int, duration_s: float, max_requests: int
+    ) -> tuple[list[Record], float]:
+        records: list[Record] = []
+        start = time.perf_counter()
+        deadline = start + duration_s
+        budget = [max_requests]
+
+        async def client() -> None:
+            while time.perf_counter() < deadline and budget[0] > 0:
+                budget[0] -= 1
+                records.append(await self.one())
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return records, time.perf_counter() - start
+
+    async def open(
+        self, rate: float, duration_s: float, max_requests: int, drain_s: float
+    ) -> tuple[list[Record], float, dict]:
+        """Poisson arrivals for ``duration_s`` (at most ``max_requests``); returns (records, elapsed,
+        {send window s, offered req/s, p99 lag of the generator behind its schedule ms})."""
+        tasks: list[asyncio.Task] = []
+        lags: list[float] = []
+        start = time.perf_counter()
+        at = start
+        for _ in range(max_requests):
+            at += self.rng.expovariate(rate)
+            if at - start > duration_s:
+                break
+            delay = at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lags.append(max(0.0, time.perf_counter() - at) * 1e3)
+            tasks.append(asyncio.create_task(self.one(started=at)))
+        window = time.perf_counter() - start
+        done, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        records = [t.result() for t in tasks if t in done]
+        records += [Record(False, drain_s * 1e3, "unfinished")] * len(pending)
+        sent = {
+            "send_window_s": round(window, 2),
+            "offered_req_per_s": round(len(tasks) / window, 2) if window > 0 else 0.0,
+            "generator_lag_p99_ms": round(percentile(lags, 99), 2) if lags else None,
+        }
+        return records, time.perf_counter() - start, sent
+
+
+# ---- summaries -----------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile; None for no values (JSON null)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def dist(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    return {f"p{q}": round(percentile(values, q), 2) for q in (50, 95, 99)} | {
+        "mean": round(statistics.fmean(values), 2)
+    }
+
+
+def summarize(records: list[Record], elapsed_s: float) -> dict:
+    ok = [r for r in records if r.ok]
+    sizes = Counter(r.batch_size for r in ok)
+    overhead = [r.latency_ms - r.queue_ms - r.compute_ms for r in ok]
+    return {
+        "sent": len(records),
+        "answered": len(ok),
+        "errored": len(records) - len(ok),
+        "errors": dict(Counter(str(r.status) for r in records if not r.ok)),
+        "elapsed_s": round(elapsed_s, 2),
+        "req_per_s": round(len(ok) / elapsed_s, 2) if elapsed_s > 0 else 0.0,
+        "latency_ms": dist([r.latency_ms for r in ok]),
+        "queue_ms": dist([r.queue_ms for r in ok]),
+        "compute_ms": dist([r.compute_ms for r in ok]),
+        "overhead_ms": dist(overhead),
+        "batch_size_hist": {str(k): sizes[k] for k in sorted(sizes)},
+        "batch_size_mean": round(statistics.fmean(r.batch_size for r in ok), 2) if ok else None,
+        # A request's compute_ms is its whole batch's; per answer it is compute_ms / batch_size.
+        "compute_ms_per_answer": dist([r.compute_ms / r.batch_size for r in ok if r.batch_size]),
+        "accuracy": round(sum(r.correct for r in ok) / len(ok), 4) if ok else None,
+    }
+
+
+async def measure(url: str, items: list[Item], config: dict, settings: dict, seed: int) -> list[dict]:
+    closed, opened = settings["closed_loop"], settings["open_loop"]
+    connections = max(max(closed["concurrency"]), 64)
+    limits = httpx.Limits(max_connections=connections * 4, max_keepalive_connections=connections)
+    timeout = httpx.Timeout(settings["client_timeout_s"], connect=5.0)
+    runs = []
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False) as client:
+        loader = Loader(client, items, seed)
+        warm = settings["warmup_requests"]
+        await loader.closed(min(warm, 8), settings["client_timeout_s"], warm)  # first batches are slow
+        for c in closed["concurrency"]:
+            load_before = os.getloadavg()[0]
+            records, elapsed = await loader.closed(c, closed["duration_s"], closed["max_requests"])
+            runs.append(
+                {**config, "mode": "closed", "concurrency": c, "loadavg_1m_before": round(load_before, 2)}
+                | summarize(records, elapsed)
+            )
+            print_row(runs[-1])
+        for rate in opened["rates"]:
+            load_before = os.getloadavg()[0]
+            records, elapsed, sent = await loader.open(
+                rate, opened["duration_s"], opened["max_requests"], settings["drain_s"]
+            )
+            runs.append(
+                {**config, "mode": "open", "rate": rate, "loadavg_1m_before": round(load_before, 2)}
+                | summarize(records, elapsed)
+                | sent
+            )
+            print_row(runs[-1])
+    return runs
+
+
+# ---- output ------------------------------------------------------------------------------------
+COLUMNS = (
+    ("config", 7), ("load", 6), ("ld1m", 5), ("sent", 5), ("ok", 5), ("err", 4), ("req/s", 6), ("p50", 6),
+    ("p95", 6), ("p99", 6), ("queue50", 7), ("comp50", 6), ("comp/ans", 8), ("batch", 5), ("ovh50", 6),
+    ("ovh99", 6), ("acc", 6),
+)  # fmt: skip
+
+
+def header() -> str:
+    return " ".join(f"{name:>{width}}" for name, width in COLUMNS)
+
+
+def row(run: dict) -> str:
+    load = f"C={run['concurrency']}" if run["mode"] == "closed" else f"{run['rate']:g}/s"
+    cells = (
+        run["name"], load, f"{run['loadavg_1m_before']:.1f}", run["sent"], run["answered"], run["errored"],
+        fmt(run["req_per_s"], 1), *(fmt(run["latency_ms"][q], 0) for q in ("p50", "p95", "p99")),
+        fmt(run["queue_ms"]["p50"], 0), fmt(run["compute_ms"]["p50"], 0),
+        fmt(run["compute_ms_per_answer"]["p50"], 1), fmt(run["batch_size_mean"], 1),
+        fmt(run["overhead_ms"]["p50"], 1), fmt(run["overhead_ms"]["p99"], 0), fmt(run["accuracy"], 3),
+    )  # fmt: skip
+    return " ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True))
+
+
+def fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_row(run: dict) -> None:
+    print(f"  .. {row(run)}", flush=True)
+
+
+def machine(redis_url: str) -> dict:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "hostname": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        # Versions from package metadata: the load generator itself never imports torch.
+        **{
+            name: version(name)
+            for name in ("torch", "transformers", "numpy", "httpx", "fastapi", "uvicorn", "redis")
+        },
+        "redis_server": redis_version(redis_url),
+    }
+
+
+def redis_version(url: str) -> str | None:
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        return client.info("server").get("redis_version")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def redis_timer_probe(url: str, prefix: str) -> dict:
+    """Redis's ``hz`` and how long ``XREADGROUP ... BLOCK 10`` really blocks on an empty stream:
+    Redis wakes blocked clients on timeout only at its cron ticks (1000/hz ms apart), which bounds
+    how finely a worker's VQA_MAX_WAIT_MS can act."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    key = f"{prefix}:timer-probe"
+    try:
+        try:
+            hz = int(client.config_get("hz").get("hz", 0))
+        except redis.RedisError:
+            hz = None
+        client.xgroup_create(key, "probe", id="$", mkstream=True)
+        blocked = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            client.xreadgroup("probe", "probe", {key: ">"}, count=1, block=10)
+            blocked.append((time.perf_counter() - t0) * 1e3)
+        return {"hz": hz, "block_10ms_observed_ms": dist(blocked)}
+    except redis.RedisError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ---- main --------------------------------------------------------------------------------------
+def run(settings: dict, out: Path) -> dict:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    result = {
+        "benchmark": "serving_load",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(settings["redis_url"]),
+        "loadavg_start": loadavg(),
+        "settings": settings,
+        "notes": (
+            "latency is client-side (closed loop: from send; open loop: from the scheduled Poisson "
+            "arrival). queue_ms: gateway enqueue -> worker batch start (includes the batch-fill wait). "
+            "compute_ms: the whole batch's generate call. overhead = latency - queue_ms - compute_ms. "
+            "Load generator, gateway, Redis and workers share the machine's CPUs; other jobs may too "
+            "(see loadavg_*)."
+        ),
+        "runs": [],
+    }
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="serving-load-") as tmp:
+        workdir = Path(tmp)
+        stack = Stack(settings["redis_url"], settings["model"], workdir)
+        try:
+            result["redis_timer"] = redis_timer_probe(stack.redis_url, stack.prefix)
+            print(f"redis timer: {json.dumps(result['redis_timer'])}", flush=True)
+            stack.start_gateway(settings["startup_timeout_s"])
+            items: list[Item] = []
+            for i, config in enumerate(settings["configs"]):
+                threads = settings["torch_threads"]
+                threads = max(1, cpus // config["workers"]) if threads == "auto" else int(threads)
+                t0 = time.monotonic()
+                stack.start_workers(
+                    config["workers"],
+                    config["max_batch"],
+                    config["max_wait_ms"],
+                    threads,
+                    settings["startup_timeout_s"],
+                )
+                if not items:
+                    items, result["payload"] = build_items(
+                        stack.url,
+                        settings["model"],
+                        settings["dataset"],
+                        settings["max_new_tokens"],
+                        settings["request_timeout_ms"],
+                        workdir / "cache",
+                    )
+                    print(f"payload: {json.dumps(result['payload'])}", flush=True)
+                    print(header(), flush=True)
+                print(f"{config['name']}: {config['workers']} worker(s) x {threads} thread(s) up in "
+                      f"{time.monotonic() - t0:.1f} s", flush=True)  # fmt: skip
+                config = {**config, "torch_threads": threads}
+                result["runs"] += asyncio.run(measure(stack.url, items, config, settings, seed=1000 + i))
+                # Entries the drain gave up on would run under the next config: wait until the
+                # workers have answered or expired them (timeout_ms bounds this).
+                timeout = settings["request_timeout_ms"] / 1000 + 10
+                stack.wait(lambda: stack.backlog() == 0, timeout, "an empty stream")
+                stack.stop_workers()
+                stack.wait(lambda: stack.live_workers() == 0, settings["startup_timeout_s"], "0 live workers")
+        except BaseException:
+            print(stack.log_tail(), file=sys.stderr)
+            raise
+        finally:
+            stack.stop()
+    result["loadavg_end"] = loadavg()
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 configs, shorter and fewer loads")
+    parser.add_argument("--configs", help="comma-separated config names to keep (default: all)")
+    parser.add_argument("--duration", type=float, help="seconds per run (closed and open loop)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving_load_cpu.json")
+    args = parser.parse_args()
+    settings = {**SETTINGS, **(QUICK if args.quick else {})}
+    if args.configs:
+        keep = args.configs.split(",")
+        settings["configs"] = [c for c in SETTINGS["configs"] if c["name"] in keep]
+        if not settings["configs"]:
+            raise SystemExit(f"no config named {keep}; known: {[c['name'] for c in SETTINGS['configs']]}")
+    if args.duration:
+        for key in ("closed_loop", "open_loop"):
+            settings[key] = {**settings[key], "duration_s": args.duration}
+    # SIGTERM ends the script like Ctrl-C does, so the finally block stops every subprocess.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    result = run(settings, args.out)
+
+    m = result["machine"]
+    print(f"\nserving_load on {m['hostname']} ({m['processor']}, {m['cpus_usable']} CPUs, {m['platform']}), "
+          f"python {m['python']}, torch {m['torch']}; load average {result['loadavg_start']} -> "
+          f"{result['loadavg_end']}; {result['wall_s']} s")  # fmt: skip
+    print("latency/queue/compute/overhead in ms; comp/ans = compute_ms / batch_size; batch = mean batch size")
+    print(header())
+    for run_ in result["runs"]:
+        print(row(run_))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
