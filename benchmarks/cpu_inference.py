@@ -83,21 +83,41 @@ def main() -> None:
         def unsplit(batch=batch, ids=ids, mask=mask):
             px = pixel_values(torch.from_numpy(images[:batch]), loaded.image_spec)
             with torch.no_grad():
-                return loaded.model.generate(input_ids=ids, pixel_values=px, attention_mask=mask,
-                                             max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+                return loaded.model.generate(
+                    input_ids=ids,
+                    pixel_values=px,
+                    attention_mask=mask,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    do_sample=False,
+                )
 
         for name, fn in (("cloud_half_alignedvq", cloud_half), ("unsplit_hf_generate", unsplit)):
             ms = timed(fn, args.repeats)
-            runs.append({"path": name, "batch": batch, "batch_ms_median": statistics.median(ms),
-                         "ms_per_question": statistics.median(ms) / batch, "samples_ms": ms})
+            runs.append(
+                {
+                    "path": name,
+                    "batch": batch,
+                    "batch_ms_median": statistics.median(ms),
+                    "ms_per_question": statistics.median(ms) / batch,
+                    "samples_ms": ms,
+                }
+            )
     result = {
-        "benchmark": "cpu_inference", "model": "llava-mini-shapes", "quantizer": DEFAULT_QUANTIZER,
+        "benchmark": "cpu_inference",
+        "model": "llava-mini-shapes",
+        "quantizer": DEFAULT_QUANTIZER,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "load_average": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "load_average": os.getloadavg(),
+        },
         "max_new_tokens": MAX_NEW_TOKENS,
-        "edge_encode_ms_median": statistics.median(edge_ms), "edge_encode_ms": edge_ms,
+        "edge_encode_ms_median": statistics.median(edge_ms),
+        "edge_encode_ms": edge_ms,
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

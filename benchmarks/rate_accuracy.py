@@ -40,22 +40,40 @@ def machine() -> dict:
 
 def run(model: str, limit: int | None, device: str) -> dict:
     loaded = load_model(model, device=device)
-    data = load_dataset("easy-vqa", "test").subset(limit)
+    data = load_dataset("easy-vqa", "test", loaded.image_spec.size).subset(limit)
     names = sorted(p.stem for p in (loaded.path / "quantizers").glob("*.safetensors"))
-    result = {"benchmark": "rate_accuracy", "model": model, "dataset": "easy-vqa", "split": "test",
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "device": device, "runs": []}
+    result = {
+        "benchmark": "rate_accuracy",
+        "model": model,
+        "dataset": "easy-vqa",
+        "split": "test",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "device": device,
+        "runs": [],
+    }
     for i, name in enumerate(names):
         started = time.perf_counter()
         quantizer = AlignedVQ.load(loaded.quantizer_path(name))
-        record = evaluate(loaded, data, "easy-vqa", "test", quantizer, quantizer.config.site, device=device,
-                          with_original=i == 0)
+        record = evaluate(
+            loaded,
+            data,
+            "easy-vqa",
+            "test",
+            quantizer,
+            quantizer.config.site,
+            device=device,
+            with_original=i == 0,
+        )
         if "accuracy_original" in record:
             result["accuracy_original"] = record.pop("accuracy_original")
         record.update(name=name, eval_s=round(time.perf_counter() - started, 1))
         result["runs"].append(record)
-        print(f"{name:>14} {record['bits_per_token']:>3} b/tok  entropy {record['bits_per_token_entropy']:6.2f} b/tok"
-              f"  acc {record['accuracy_alignedvq']:.4f}  (original {result['accuracy_original']:.4f})", flush=True)
+        print(
+            f"{name:>14} {record['bits_per_token']:>3} b/tok  "
+            f"entropy {record['bits_per_token_entropy']:6.2f} b/tok  acc {record['accuracy_alignedvq']:.4f}  (original {result['accuracy_original']:.4f})",
+            flush=True,
+        )
     return result
 
 
@@ -68,25 +86,50 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     runs = [r for r in result["runs"] if r["site"] == "preln"]
     single = sorted((r for r in runs if r["groups"] == r["stages"] == 1), key=lambda r: r["bits_per_token"])
-    ax.plot([r["bits_per_token"] for r in single], [100 * r["accuracy_alignedvq"] for r in single], "o-",
-            label="preln, 1 codebook, packed")
-    ax.plot([r["bits_per_token_entropy"] for r in single], [100 * r["accuracy_alignedvq"] for r in single], "s--",
-            label="preln, 1 codebook, entropy-coded (measured)")
+    ax.plot(
+        [r["bits_per_token"] for r in single],
+        [100 * r["accuracy_alignedvq"] for r in single],
+        "o-",
+        label="preln, 1 codebook, packed",
+    )
+    ax.plot(
+        [r["bits_per_token_entropy"] for r in single],
+        [100 * r["accuracy_alignedvq"] for r in single],
+        "s--",
+        label="preln, 1 codebook, entropy-coded (measured)",
+    )
     for r in runs:
         if r["groups"] > 1 or r["stages"] > 1:
             kind = "grouped" if r["groups"] > 1 else "residual"
-            ax.plot(r["bits_per_token"], 100 * r["accuracy_alignedvq"], "^" if kind == "grouped" else "v",
-                    color="tab:green" if kind == "grouped" else "tab:red")
-            ax.annotate(r["name"].removeprefix("preln-"), (r["bits_per_token"], 100 * r["accuracy_alignedvq"]),
-                        fontsize=7, xytext=(3, -8), textcoords="offset points")
+            ax.plot(
+                r["bits_per_token"],
+                100 * r["accuracy_alignedvq"],
+                "^" if kind == "grouped" else "v",
+                color="tab:green" if kind == "grouped" else "tab:red",
+            )
+            ax.annotate(
+                r["name"].removeprefix("preln-"),
+                (r["bits_per_token"], 100 * r["accuracy_alignedvq"]),
+                fontsize=7,
+                xytext=(3, -8),
+                textcoords="offset points",
+            )
     for r in result["runs"]:
         if r["site"] == "embed":
-            ax.plot(r["bits_per_token"], 100 * r["accuracy_alignedvq"], "x", color="black", markersize=9,
-                    label="embed (unaligned), 12 bits")
+            ax.plot(
+                r["bits_per_token"],
+                100 * r["accuracy_alignedvq"],
+                "x",
+                color="black",
+                markersize=9,
+                label="embed (unaligned), 12 bits",
+            )
     ax.axhline(100 * result["accuracy_original"], color="gray", linestyle=":", label="unquantized")
     ax.set_xlabel("bits per token (index section; entropy-coded points measured per image)")
     ax.set_ylabel("easy-VQA test accuracy (%)")
-    ax.set_title(f"{result['model']}: rate vs accuracy ({len(result['runs'])} quantizers, n={result['runs'][0]['n']})")
+    ax.set_title(
+        f"{result['model']}: rate vs accuracy ({len(result['runs'])} quantizers, n={result['runs'][0]['n']})"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -108,6 +108,12 @@ def train_cmd(
     lr: float = 1e-3,
     trainable: Annotated[str, typer.Option(help="comma list of quantizer,vision,projector")] = "quantizer",
     generated_images: int = 0,
+    dataset: Annotated[
+        str, typer.Option(help="easy-vqa, or a JSON file of {image, question, answers}")
+    ] = "easy-vqa",
+    holdout: Annotated[
+        str | None, typer.Option(help="JSON file for model selection (with a JSON --dataset)")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option(help="quantizer folder; default MODEL/quantizers")] = None,
     model_out: Annotated[
         Path | None, typer.Option(help="where to save the model when cloud weights train (vision, projector)")
@@ -117,7 +123,8 @@ def train_cmd(
 ) -> None:
     """Fit an AlignedVQ quantizer: k-means init, then task-aware fine-tuning."""
     from .config import QuantizerConfig, SplitSite
-    from .data import VQASplit, generate_shapes, load_easy_vqa
+    from .data import VQASplit, generate_shapes
+    from .evaluate import load_dataset
     from .registry import load_model, save_model_dir
     from .train import train_quantizers
 
@@ -138,7 +145,14 @@ def train_cmd(
     parts = tuple(trainable.split(","))
     if set(parts) - {"quantizer"} and model_out is None:
         raise typer.BadParameter("training cloud weights changes the model: pass --model-out DIR")
-    train = load_easy_vqa("train")
+    size = loaded.image_spec.size
+    train = load_dataset(dataset, "train", size)
+    if dataset == "easy-vqa":
+        selection = load_dataset(dataset, "holdout", size)
+    elif holdout is not None:
+        selection = load_dataset(holdout, "holdout", size)
+    else:
+        raise typer.BadParameter("a JSON --dataset needs a --holdout JSON file for model selection")
     if generated_images:
         train = VQASplit.concat([train, generate_shapes(generated_images, seed=seed + 7)])
     folder = out_dir or loaded.path / "quantizers"
@@ -146,7 +160,7 @@ def train_cmd(
         loaded,
         [config],
         train,
-        load_easy_vqa("holdout"),
+        selection,
         folder,
         steps=steps,
         batch_size=batch_size,
@@ -181,7 +195,7 @@ def eval_cmd(
     loaded = load_model(model)
     path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
     vq = AlignedVQ.load(path)
-    data = load_dataset(dataset, split).subset(limit)
+    data = load_dataset(dataset, split, loaded.image_spec.size).subset(limit)
     record = evaluate(
         loaded, data, dataset, split, vq, vq.config.site, device=_device(device), batch_size=batch_size
     )

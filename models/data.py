@@ -119,6 +119,37 @@ def load_easy_vqa(split: str) -> VQASplit:
     )
 
 
+def load_json_vqa(path: str | Path, image_size: int) -> VQASplit:
+    """A VQA set as JSON: a list of ``{"image": path, "question": str, "answers": [str, ...]}``.
+
+    ``answer`` (one string) may stand for ``answers``; image paths are relative to the file. Images
+    are resized (shortest edge, bicubic) and centre-cropped to ``image_size``, as the processor does.
+    """
+    from edge_client.preprocess import resize_and_crop
+
+    path = Path(path)
+    records = json.loads(path.read_text())
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a non-empty JSON list of VQA records")
+    index: dict[str, int] = {}
+    images, questions, answers, image_index = [], [], [], []
+    for i, rec in enumerate(records):
+        refs = rec.get("answers") or ([rec["answer"]] if "answer" in rec else None)
+        if "image" not in rec or "question" not in rec or not refs:
+            raise ValueError(
+                f"{path}: record {i} needs image, question and answer(s), got keys {sorted(rec)}"
+            )
+        key = str(rec["image"])
+        if key not in index:
+            index[key] = len(images)
+            with Image.open(path.parent / key) as im:
+                images.append(resize_and_crop(im, image_size))
+        questions.append(str(rec["question"]))
+        answers.append([str(a) for a in refs])
+        image_index.append(index[key])
+    return VQASplit(np.stack(images), questions, answers, np.array(image_index, dtype=np.int64))
+
+
 def draw_shape(shape: str, color: str, rng: random.Random, size: int = 64) -> np.ndarray:
     """One easy-VQA-style image ``(size, size, 3)`` uint8, drawn 4x larger and downsampled."""
     scale = 4

@@ -23,7 +23,7 @@ from edge_client.preprocess import resize_and_crop
 from edge_client.protocol import VQARequest, encode_request
 
 from .config import SplitSite
-from .data import VQASplit, load_easy_vqa
+from .data import VQASplit, load_easy_vqa, load_json_vqa
 from .quantizer import AlignedVQ
 from .registry import LoadedModel
 from .split import CloudHalf, EdgeHalf, split_llava
@@ -41,10 +41,13 @@ def vqa_score(prediction: str, references: list[str]) -> float:
     return float(hits > 0) if len(references) == 1 else min(hits / 3.0, 1.0)
 
 
-def load_dataset(name: str, split: str) -> VQASplit:
-    if name != "easy-vqa":
-        raise ValueError(f"unknown dataset {name!r}; expected easy-vqa")
-    return load_easy_vqa(split)
+def load_dataset(name: str, split: str, image_size: int) -> VQASplit:
+    """``easy-vqa`` (split train/holdout/test) or a JSON file of records (see ``load_json_vqa``)."""
+    if name == "easy-vqa":
+        return load_easy_vqa(split)
+    if name.endswith(".json"):
+        return load_json_vqa(name, image_size)
+    raise ValueError(f"unknown dataset {name!r}; expected easy-vqa or a .json file")
 
 
 def stream_header(

@@ -49,3 +49,74 @@ def test_manifest_catches_a_changed_file(tmp_path: Path) -> None:
     (copy / "config.json").write_text(config.replace("64", "65", 1))
     with pytest.raises(ModelNotAvailable, match="config.json does not match its sha256"):
         load_model_dir(copy)
+
+
+def test_json_vqa_records_load_resized_with_shared_images(tmp_path: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    from models.data import load_json_vqa
+
+    Image.new("RGB", (80, 60), (255, 0, 0)).save(tmp_path / "a.png")
+    records = [
+        {"image": "a.png", "question": "what color is the shape?", "answer": "red"},
+        {"image": "a.png", "question": "how many?", "answers": ["two", "2", "two"]},
+    ]
+    (tmp_path / "vqa.json").write_text(json.dumps(records))
+    data = load_json_vqa(tmp_path / "vqa.json", 32)
+    assert data.images.shape == (1, 32, 32, 3) and data.image_index.tolist() == [0, 0]
+    assert data.answers == [["red"], ["two", "2", "two"]]
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png"}]))
+    with pytest.raises(ValueError, match="record 0 needs image, question and answer"):
+        load_json_vqa(tmp_path / "bad.json", 32)
+
+
+def test_alignedvq_train_on_a_json_dataset(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from models.data import generate_shapes
+
+    data = generate_shapes(8, seed=4, questions_per_image=2, size=32)
+    for i, img in enumerate(data.images):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    records = [
+        {"image": f"{i}.png", "question": q, "answers": a}
+        for q, a, i in zip(data.questions, data.answers, data.image_index.tolist(), strict=True)
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "models.cli",
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--codebook-size",
+            "8",
+            "--code-dim",
+            "4",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--dataset",
+            str(tmp_path / "train.json"),
+            "--holdout",
+            str(tmp_path / "train.json"),
+            "--out-dir",
+            str(tmp_path / "q"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "q" / "preln-8.safetensors").is_file()
