@@ -71,7 +71,8 @@ def run(model: str, limit: int | None, device: str) -> dict:
         result["runs"].append(record)
         print(
             f"{name:>14} {record['bits_per_token']:>3} b/tok  "
-            f"entropy {record['bits_per_token_entropy']:6.2f} b/tok  acc {record['accuracy_alignedvq']:.4f}  (original {result['accuracy_original']:.4f})",
+            f"entropy {record['bits_per_token_entropy']:6.2f} b/tok  "
+            f"acc {record['accuracy_alignedvq']:.4f}  (original {result['accuracy_original']:.4f})",
             flush=True,
         )
     return result
