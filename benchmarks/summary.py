@@ -1,0 +1,244 @@
+"""Headline figures, gathered from the raw benchmark results into ``results/summary.json``.
+
+    .venv/bin/python -m benchmarks.summary             # from the repository root; runs nothing
+
+Each figure is ``{"value", "unit", "description", "source": {"file", "path"}}``: ``file`` is the
+raw result relative to the repository root and ``path`` a JSON Pointer (RFC 6901) into it, so
+``tests/benchmarks/test_summary.py`` can check every figure against its source without re-running
+a benchmark. A figure whose benchmark has not produced a result yet is ``null`` (no source) and is
+named in ``missing``. Raw files that are absent are skipped the same way.
+
+Choices:
+
+- JPEG-90 is given twice for the LLaVA-1.5 geometry: ``jpeg90_file_bytes_llava15`` (the bare JPEG
+  file, what papers quote) and ``jpeg90_body_bytes_llava15`` (the cloud-only ``POST /v1/vqa`` body
+  carrying it). ``reduction_vs_jpeg90`` and ``ratio_vs_fp16`` compare request body with request
+  body (DESIGN.md: every size we report is the measured HTTP body); the ``*_file``/``*_tensor``
+  variants compare the aligned body with the bare JPEG file / bare fp16 tensor.
+- ``gateway_overhead_p99_ms``: from ``serving_load_cpu.json``, the open-loop run with batching off
+  (``max_batch`` 1) and one worker at the highest offered rate; overhead there is client latency
+  minus the gateway's queue and compute time (see that file's ``notes``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.wire_bytes import machine_info, now
+
+# ---- settings -----------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "summary.json"
+WIRE = "benchmarks/results/wire_bytes.json"
+EDGE = "benchmarks/results/edge_cost.json"
+SERVING = "benchmarks/results/serving_load_cpu.json"
+LLAVA15 = "/geometries/0"  # wire_bytes.py: llava-1.5-7b on photos; edge_cost.py: llava-1.5-7b
+# Figures of benchmarks not run yet (GPU serving, end to end): null until their results exist.
+NOT_YET = {
+    "gpu_req_per_s": ("req/s", "LLaVA-1.5-7B answers per second on one GPU (best batch size)"),
+    "gpu_batch1_ms": ("ms", "LLaVA-1.5-7B latency at batch 1 on one GPU"),
+    "gpu_card": ("name", "the GPU the gpu_* figures were measured on"),
+    "e2e_speedup_vs_cloud_only": ("x", "end-to-end latency of cloud-only over edge-cloud"),
+}
+# --------------------------------------------------------------------------------------------------
+
+
+def pointer(*parts: str | int) -> str:
+    """A JSON Pointer from keys and list indices (``~`` and ``/`` escaped as RFC 6901 says)."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def resolve(document: Any, path: str) -> Any:
+    """The value at JSON Pointer ``path`` in ``document``."""
+    node = document
+    for raw in path.split("/")[1:]:
+        key = raw.replace("~1", "/").replace("~0", "~")
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node
+
+
+class Sources:
+    """Raw result files, loaded once; ``figure`` reads a value and records where it came from."""
+
+    def __init__(self) -> None:
+        self.documents: dict[str, Any] = {}
+
+    def load(self, file: str) -> Any | None:
+        if file not in self.documents:
+            path = ROOT / file
+            self.documents[file] = json.loads(path.read_text()) if path.is_file() else None
+        return self.documents[file]
+
+    def figure(self, file: str, path: str, unit: str, description: str) -> dict[str, Any]:
+        document = self.load(file)
+        if document is None:
+            return {"value": None, "unit": unit, "description": description, "source": None}
+        return {
+            "value": resolve(document, path),
+            "unit": unit,
+            "description": description,
+            "source": {"file": file, "path": path},
+        }
+
+    def described(self) -> dict[str, Any]:
+        """Date and machine of every raw file used."""
+        out = {}
+        for file, doc in self.documents.items():
+            if doc is not None:
+                machine = doc.get("machine", {})
+                out[file] = {
+                    "date": doc.get("date"),
+                    "machine": {k: machine.get(k) for k in ("cpu", "processor", "hostname", "cpus")},
+                    "loadavg_start": doc.get("loadavg_start"),
+                }
+        return out
+
+
+def gateway_run(serving: dict[str, Any]) -> int:
+    """Index of the open-loop, batching-off (max_batch 1), one-worker run at the highest rate."""
+    candidates = [
+        (run["rate"], i)
+        for i, run in enumerate(serving["runs"])
+        if run["mode"] == "open" and run["max_batch"] == 1 and run["workers"] == 1
+    ]
+    if not candidates:
+        raise ValueError(f"{SERVING}: no open-loop run with max_batch 1 and 1 worker")
+    return max(candidates)[1]
+
+
+def build() -> dict[str, Any]:
+    sources = Sources()
+    w = pointer("geometries", 0, "mean")
+    means, ratios = w, w + pointer("ratios_of_means")
+    edge = pointer("geometries", 0, "timing", "input_array_to_packed")
+    figures = {
+        "wire_bytes_llava15": sources.figure(
+            WIRE,
+            ratios + "/aligned_body_bytes",
+            "bytes",
+            "AlignedVQ POST /v1/vqa body, LLaVA-1.5-7B geometry (577 tokens, 12 bits each, stream "
+            "header, msgpack envelope and question included), mean over photos",
+        ),
+        "wire_stream_bytes_llava15": sources.figure(
+            WIRE,
+            means + "/aligned_packed/stream_bytes",
+            "bytes",
+            "the AlignedVQ feature stream alone (header + packed indices) inside that body",
+        ),
+        "jpeg90_file_bytes_llava15": sources.figure(
+            WIRE,
+            means + "/jpeg90/file_bytes",
+            "bytes",
+            "JPEG-90 file of the photo at 336x336 (resize_and_crop), mean over photos",
+        ),
+        "jpeg90_body_bytes_llava15": sources.figure(
+            WIRE,
+            means + "/jpeg90/body_bytes",
+            "bytes",
+            "cloud-only POST /v1/vqa body carrying that JPEG-90, mean over photos",
+        ),
+        "reduction_vs_jpeg90": sources.figure(
+            WIRE,
+            ratios + "/reduction_vs_jpeg90_body",
+            "fraction",
+            "1 - AlignedVQ body / JPEG-90 cloud-only body (photo means), LLaVA-1.5-7B geometry",
+        ),
+        "reduction_vs_jpeg90_file": sources.figure(
+            WIRE,
+            ratios + "/reduction_vs_jpeg90_file",
+            "fraction",
+            "1 - AlignedVQ body / bare JPEG-90 file (photo means)",
+        ),
+        "ratio_vs_fp16": sources.figure(
+            WIRE,
+            ratios + "/ratio_vs_fp16_body",
+            "x",
+            "fp16 feature tensor (577 x 1024 x 2 bytes) in the same request / AlignedVQ body",
+        ),
+        "ratio_vs_fp16_tensor": sources.figure(
+            WIRE,
+            ratios + "/ratio_vs_fp16_tensor",
+            "x",
+            "bare fp16 tensor bytes / AlignedVQ body",
+        ),
+        "goal_reduction_vs_jpeg90_met": sources.figure(
+            WIRE, "/goals_llava15/reduction_vs_jpeg90/met", "bool", ">= 97.5 % fewer bytes than JPEG-90"
+        ),
+        "goal_ratio_vs_fp16_met": sources.figure(
+            WIRE, "/goals_llava15/ratio_vs_fp16/met", "bool", ">= 1365x vs fp16, every byte counted"
+        ),
+        "edge_encode_ms_llava15": sources.figure(
+            EDGE,
+            edge + "/median_ms",
+            "ms",
+            "numpy edge encode, one thread, 336x336 uint8 array -> packed stream, median",
+        ),
+        "edge_encode_p90_ms_llava15": sources.figure(EDGE, edge + "/p90_ms", "ms", "the same, p90"),
+        "goal_edge_encode_met": sources.figure(
+            EDGE, "/goal_llava15/met", "bool", "<= 15 ms per 336 px image on one core (median)"
+        ),
+        "edge_install_bytes": sources.figure(
+            EDGE,
+            "/installed_size/edge_client/total_bytes",
+            "bytes",
+            "installed size of the edge client's dependencies (RECORD files)",
+        ),
+        "torch_install_bytes": sources.figure(
+            EDGE,
+            "/installed_size/torch_with_requirements/total_bytes",
+            "bytes",
+            "installed size of torch and its requirements, for comparison",
+        ),
+    }
+    overhead = "p99 of client latency - queue - compute, CPU serving, open loop, batching off, 1 worker"
+    serving = sources.load(SERVING)
+    if serving is None:
+        figures["gateway_overhead_p99_ms"] = sources.figure(SERVING, "", "ms", overhead)
+    else:
+        i = gateway_run(serving)
+        run = serving["runs"][i]
+        figures["gateway_overhead_p99_ms"] = sources.figure(
+            SERVING,
+            pointer("runs", i, "overhead_ms", "p99"),
+            "ms",
+            f"{overhead}: run {run['name']!r} at {run['rate']} req/s offered (the highest such rate)",
+        )
+    for name, (unit, description) in NOT_YET.items():
+        figures[name] = {"value": None, "unit": unit, "description": description, "source": None}
+    return {
+        "benchmark": "summary",
+        "date": now(),
+        "machine": machine_info(),
+        "notes": __doc__.split("\n\n", 2)[2].strip(),
+        "figures": figures,
+        "missing": sorted(name for name, fig in figures.items() if fig["value"] is None),
+        "sources": sources.described(),
+    }
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"headline figures (gathered on {summary['machine']['hostname']}; sources below)")
+    print(f"{'figure':<30} {'value':>14} {'unit':<8} source")
+    print("-" * 100)
+    for name, fig in summary["figures"].items():
+        value = fig["value"]
+        text = "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        src = f"{fig['source']['file']}#{fig['source']['path']}" if fig["source"] else "-"
+        print(f"{name:<30} {text:>14} {fig['unit']:<8} {src}")
+    for file, info in summary["sources"].items():
+        print(f"{file}: {info['date']} on {info['machine'].get('cpu') or info['machine'].get('processor')}")
+    print(f"missing: {', '.join(summary['missing'])}")
+
+
+def main() -> None:
+    summary = build()
+    OUT.write_text(json.dumps(summary, indent=1) + "\n")
+    print_table(summary)
+    print(f"JSON: {OUT}")
+
+
+if __name__ == "__main__":
+    main()
