@@ -34,6 +34,7 @@ _SHA256_ENTRY = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "your-api-key", "api-key", "example", "xxx"}
 MIN_KEY_CHARS = 16
 _REDIS_URL = re.compile(r"(redis|rediss|unix)://.+")
+_ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?")
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -130,13 +131,26 @@ class GatewaySettings(WorkerLoopSettings):
     max_question_chars: Annotated[int, Field(ge=1, le=MAX_QUESTION_CHARS)] = MAX_QUESTION_CHARS
     max_image_pixels: Annotated[int, Field(ge=1, le=MAX_IMAGE_PIXELS)] = MAX_IMAGE_PIXELS
     registry_ttl_ms: Annotated[int, Field(ge=0, le=600_000)] = 2_000
+    rate_limit_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
+    rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+    cors_origins: Annotated[list[str], NoDecode] = []
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part for part in value.split(",") if part.strip()]
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"expected '*' or origins like https://app.example.com[:port], got {origin!r}"
+                )
         return value
 
     @field_validator("api_keys")

@@ -25,6 +25,7 @@ and the gateway re-raises it here (:func:`error_from_code`). Every error body is
         ├── StreamMismatch              stream_mismatch          422
         ├── QuestionTooLong             question_too_long        422
         ├── Overloaded                  overloaded               429 (+ Retry-After)
+        ├── RateLimited                 rate_limited             429 (+ Retry-After)
         ├── WorkerError                 worker_error             500
         ├── DeadLettered                dead_letter              502
         ├── Unavailable                 unavailable              503 (+ Retry-After)
@@ -73,6 +74,7 @@ __all__ = [
     "Overloaded",
     "QuestionTooLong",
     "QueueUnavailable",
+    "RateLimited",
     "ServerError",
     "StreamMismatch",
     "Unauthorized",
@@ -154,6 +156,12 @@ class Overloaded(ServerError):
     code = "overloaded"
 
 
+class RateLimited(ServerError):
+    """The API key (or, anonymously, the client address) is over ``VQA_RATE_LIMIT_PER_S``."""
+
+    code = "rate_limited"
+
+
 class WorkerError(ServerError):
     """A worker failed on this request for a reason that is not the request's fault."""
 
@@ -214,6 +222,7 @@ HTTP_STATUS: dict[str, int] = {
     StreamMismatch.code: 422,
     QuestionTooLong.code: 422,
     Overloaded.code: 429,
+    RateLimited.code: 429,
     WorkerError.code: 500,
     DeadLettered.code: 502,
     Unavailable.code: 503,
@@ -257,7 +266,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         413: "body_too_large",
         415: "unsupported_media_type",
         422: "bad_request, stream_mismatch, question_too_long, bad_image, corrupt_stream, ...",
-        429: "overloaded (with Retry-After)",
+        429: "overloaded, rate_limited (with Retry-After)",
         502: "dead_letter",
         503: "queue_unavailable (with Retry-After)",
         504: "deadline_exceeded",

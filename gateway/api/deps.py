@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, queue, registry, metrics, the API-key check and the bounded body.
+"""FastAPI dependencies: settings, queue, registry, metrics, the API-key check + rate limit, the bounded body.
 
 Everything a route needs arrives through these, as ``Annotated`` aliases, so tests can override
 any of them (``app.dependency_overrides``) and routes stay a few lines long.
@@ -19,6 +19,7 @@ from ..config import GatewaySettings
 from ..errors import BodyTooLarge, Unauthorized, UnsupportedMediaType
 from ..metrics import Metrics
 from ..queue import GatewayQueue
+from ..rate_limit import RateLimiter
 from ..registry import Registry
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "QueueDep",
     "RegistryDep",
     "SettingsDep",
+    "authorize",
     "read_body",
     "require_api_key",
 ]
@@ -49,6 +51,10 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_limiter(request: Request) -> RateLimiter | None:
+    return request.app.state.limiter
+
+
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 QueueDep = Annotated[GatewayQueue, Depends(get_queue)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
@@ -58,12 +64,17 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from VQA_API_KEYS
 
 
 def require_api_key(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """401 unless ``Authorization: Bearer <key>`` carries a configured key (or anonymity is allowed)."""
+) -> str:
+    """401 unless ``Authorization: Bearer <key>`` carries a configured key (or anonymity is allowed).
+
+    Returns the client id the rate limit counts against: ``key:<first 16 hex of the key's sha256>``,
+    or ``ip:<address>`` in anonymous mode.
+    """
     if settings.allow_anonymous:
-        return
+        return f"ip:{request.client.host if request.client else 'unknown'}"
     if credentials is None or not credentials.credentials:
         raise Unauthorized("expected an 'Authorization: Bearer <api key>' header, got none")
     digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
@@ -74,9 +85,19 @@ def require_api_key(
         matched |= hmac.compare_digest(entry.removeprefix("sha256:"), digest)
     if not matched:
         raise Unauthorized("the API key is not valid")
+    return f"key:{digest[:16]}"
 
 
-Authorized = Depends(require_api_key)
+async def authorize(
+    client_id: Annotated[str, Depends(require_api_key)],
+    limiter: Annotated[RateLimiter | None, Depends(get_limiter)],
+) -> None:
+    """The API key check, then the client's rate limit (429), before the body is read."""
+    if limiter is not None:
+        await limiter.acquire(client_id)
+
+
+Authorized = Depends(authorize)
 
 
 async def read_body(request: Request, settings: SettingsDep) -> bytes:

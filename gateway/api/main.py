@@ -9,6 +9,8 @@ module never imports torch (only ``VQA_QUEUE=memory`` loads the model, inside th
 exception handler maps every :class:`~edge_client.errors.AlignedVQError` to its HTTP status and
 ``{"error": {"code", "message"}}``; FastAPI's and Starlette's own errors get the same body, and an
 unexpected exception is logged and answered with a bare 500 ``server_error``, never a traceback.
+The ``/v1`` routes check the API key, then the client's rate limit (:mod:`gateway.rate_limit`),
+then read the body; CORS headers are sent only to ``VQA_CORS_ORIGINS`` (none by default).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +37,7 @@ from ..config import GatewaySettings
 from ..errors import HTTP_STATUS, ServerError, error_body, http_status
 from ..metrics import Metrics
 from ..queue import MemoryQueue, RedisGatewayQueue
+from ..rate_limit import MemoryRateLimiter, RateLimit, RedisRateLimiter
 from ..registry import Registry
 from .routes import health_router, models_router, vqa_router
 
@@ -53,6 +57,9 @@ _HTTP_CODES = {
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: GatewaySettings = app.state.settings
     in_process = None
+    limit = None
+    if settings.rate_limit_per_s > 0:
+        limit = RateLimit(settings.rate_limit_per_s, settings.rate_limit_burst)
     if settings.queue == "memory":
         from ..worker.worker import InProcessWorker  # its thread loads torch: in this mode only
 
@@ -60,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await queue.start()
         in_process = InProcessWorker(queue, settings)
         in_process.start()
+        app.state.limiter = MemoryRateLimiter(limit) if limit else None
     else:
         queue = RedisGatewayQueue(settings, gateway_id=uuid.uuid4().hex[:16])
         await queue.start()
@@ -67,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await queue.ping()
         except AlignedVQError as exc:  # not fatal: the gateway answers 503 until Redis is back
             log.warning("Redis is not reachable at start-up (%s); serving 503 until it is", exc)
+        app.state.limiter = RedisRateLimiter(queue.client, queue.keys, limit) if limit else None
     app.state.queue = queue
     app.state.in_process = in_process
     app.state.registry = Registry(queue, settings.registry_ttl_ms)
@@ -91,8 +100,11 @@ def _respond(
 async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AlignedVQError)
     status = http_status(exc)
-    if status >= 500:
-        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc.message)
+    if status >= 500:  # the cause (e.g. redis-py's error) is logged, never sent
+        cause = f" ({exc.__cause__!r})" if exc.__cause__ is not None else ""
+        log.warning(
+            "%s %s -> %d %s: %s%s", request.method, request.url.path, status, exc.code, exc.message, cause
+        )
     return _respond(request, status, exc.code, exc.message, getattr(exc, "retry_after", None))
 
 
@@ -155,6 +167,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.limiter = None  # set by the lifespan when VQA_RATE_LIMIT_PER_S > 0
     app.include_router(vqa_router)
     app.include_router(models_router)
     app.include_router(health_router)
@@ -163,6 +176,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(Exception, _handle_unexpected)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.cors_origins:  # off by default: the API is for edge devices, not browser pages
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "If-None-Match"],
+            expose_headers=["Retry-After", "ETag", "X-Codebook-Hash"],
+            max_age=600,
+        )
     assert all(code in HTTP_STATUS for code in _HTTP_CODES.values())
     return app
 

@@ -17,6 +17,7 @@ key                                type    what it holds
 ``{p}:bundle:{sha256}``            string  the edge bundle bytes (safetensors) named by their sha256
 ``{p}:workers:{model}``            zset    worker id -> heartbeat expiry (epoch ms): live-worker index
 ``{p}:heartbeat:{model}:{worker}`` string  JSON worker status, expires unless refreshed
+``{p}:rate:{client}``              string  GCRA theoretical arrival time (us, Redis clock) of a client
 =================================  ======  ===========================================================
 
 Stream entries are deleted (``XACK`` + ``XDEL`` in one script) as soon as they are answered, so the
@@ -113,3 +114,8 @@ class Keys:
 
     def heartbeat(self, model: str, worker_id: str) -> str:
         return f"{self.prefix}:heartbeat:{model}:{worker_id}"
+
+    def rate(self, client_id: str) -> str:
+        # TTL: until the client's bucket is full again (at most burst / rate seconds), set by the
+        # RATE_LIMIT script: past it the key means nothing, so an idle client holds no key.
+        return f"{self.prefix}:rate:{client_id}"

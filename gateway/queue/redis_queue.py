@@ -54,11 +54,15 @@ _RETRIES = 2
 
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Translate any redis-py error into QueueUnavailable (the one place that knows redis errors)."""
+    """Translate any redis-py error into QueueUnavailable (the one place that knows redis errors).
+
+    The message names only the error type: it reaches clients in the 503 body, and redis-py's own
+    text names the internal Redis address. The full error stays the ``__cause__``, for the logs.
+    """
     try:
         yield
     except redis.RedisError as exc:
-        raise QueueUnavailable(f"queue unavailable: {type(exc).__name__}: {exc}") from exc
+        raise QueueUnavailable(f"queue unavailable ({type(exc).__name__}); retry later") from exc
 
 
 def _client_options(settings: QueueSettings, block_s: float) -> dict:

@@ -1,4 +1,4 @@
-"""The two Lua scripts that make enqueue and finish atomic (Redis runs each script as one step).
+"""The Lua scripts that make enqueue, finish and rate limiting atomic (Redis runs each as one step).
 
 Atomicity is what makes the idempotency rules hold without polling:
 
@@ -8,13 +8,16 @@ Atomicity is what makes the idempotency rules hold without polling:
 - FINISH stores the result, pushes the reply to every waiter, clears the in-flight marker and
   acknowledges + deletes the entry: no waiter can register between the reply and the cleanup.
 
-Both scripts write reply lists named in ARGV or read from a set, so they assume one Redis (or a
+- RATE_LIMIT reads, checks and advances one client's GCRA timestamp, on Redis's own clock, so
+  every gateway replica enforces one shared limit without trusting its own clock.
+
+ENQUEUE and FINISH write reply lists named in ARGV or read from a set, so they assume one Redis (or a
 Redis Cluster with every key of a prefix in one hash slot), not a sharded keyspace.
 """
 
 from __future__ import annotations
 
-__all__ = ["ENQUEUE", "FINISH"]
+__all__ = ["ENQUEUE", "FINISH", "RATE_LIMIT"]
 
 # KEYS: result, inflight, waiters, stream
 # ARGV: reply_to, deadline_ms, marker_ttl_ms, max_backlog, request_id, enqueued_ms, body, model
@@ -57,4 +60,25 @@ if redis.call('GET', KEYS[3]) == ARGV[2] then redis.call('DEL', KEYS[3], KEYS[4]
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return #targets
+"""
+
+# GCRA (the generic cell rate algorithm, ITU-T I.371; a token bucket kept as one timestamp): the
+# stored value is the client's theoretical arrival time (TAT). A request is allowed while
+# TAT + interval - burst * interval <= now, and then moves TAT one interval on. Integers in
+# microseconds, formatted with %.0f: Lua's tostring would print a 16-digit time as 1.7e+15.
+# KEYS: rate key
+# ARGV: interval_us (1e6 / rate, an integer >= 1), burst (>= 1)
+# -> {1, 0} allowed | {0, wait_us} refused: the request would be allowed wait_us from now
+RATE_LIMIT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local interval = tonumber(ARGV[1])
+local tat = now
+local stored = redis.call('GET', KEYS[1])
+if stored then tat = math.max(tonumber(stored), now) end
+local next_tat = tat + interval
+local allow_at = next_tat - tonumber(ARGV[2]) * interval
+if allow_at > now then return {0, allow_at - now} end
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000))
+return {1, 0}
 """

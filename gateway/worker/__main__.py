@@ -58,7 +58,7 @@ def check(settings: WorkerSettings) -> int:
     try:
         live = queue.live_workers()
     except QueueUnavailable as exc:
-        print(f"vqa-worker --check: {exc}", file=sys.stderr)
+        print(f"vqa-worker --check: {exc}: {exc.__cause__}", file=sys.stderr)
         return 1
     finally:
         queue.close()

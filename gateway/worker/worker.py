@@ -92,7 +92,7 @@ class Heartbeat(threading.Thread):
             try:
                 self.beat()
             except QueueUnavailable as exc:
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat failed: %s", exc.__cause__ or exc)
 
 
 class Worker:
@@ -143,7 +143,7 @@ class Worker:
                     handled = self.step()
                     delay = 0.1
                 except QueueUnavailable as exc:
-                    log.warning("queue unavailable: %s (retrying in %.1fs)", exc, delay)
+                    log.warning("queue unavailable: %s (retrying in %.1fs)", exc.__cause__ or exc, delay)
                     self.stop_event.wait(delay)
                     delay = min(delay * 2, 1.0)
                     continue
@@ -158,7 +158,7 @@ class Worker:
                 try:
                     self.queue.leave()
                 except QueueUnavailable as exc:
-                    log.warning("could not remove the heartbeat: %s", exc)
+                    log.warning("could not remove the heartbeat: %s", exc.__cause__ or exc)
             log.info("worker %s stopped: %s", self.queue.consumer, self.stats)
 
     def step(self) -> int:

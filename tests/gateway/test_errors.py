@@ -26,6 +26,7 @@ def test_gateway_errors_map_to_documented_statuses() -> None:
         errors.UnsupportedMediaType: 415,
         errors.StreamMismatch: 422,
         errors.Overloaded: 429,
+        errors.RateLimited: 429,
         errors.DeadLettered: 502,
         errors.QueueUnavailable: 503,
         errors.DeadlineExceeded: 504,

@@ -11,6 +11,7 @@ from edge_client.bundle import EdgeBundle
 from edge_client.encoder import EdgeEncoder
 from gateway.api.main import create_app
 from gateway.config import GatewaySettings
+from gateway.rate_limit import MemoryRateLimiter, RateLimit
 from tests.conftest import TINY_QUANTIZER
 
 from .helpers import MSGPACK, body, png, wait_for
@@ -29,6 +30,8 @@ def memory_client(tiny_model_dir):
         max_wait_ms=20,
         poll_ms=50,
         max_backlog=4,
+        rate_limit_per_s=1000,  # generous: the tests below are not slowed, the wiring is exercised
+        rate_limit_burst=1000,
     )
     with TestClient(create_app(settings)) as client:
         wait_for(lambda: client.get("/readyz").status_code == 200, timeout=60, what="in-process model")
@@ -69,3 +72,16 @@ def test_memory_mode_deadline(memory_client) -> None:
         "/v1/vqa", content=body(name, image=png(seed=50), timeout_ms=1), headers=MSGPACK
     )
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_memory_mode_rate_limits_in_process(memory_client) -> None:
+    app = memory_client.app
+    assert isinstance(app.state.limiter, MemoryRateLimiter)
+    generous = app.state.limiter
+    app.state.limiter = MemoryRateLimiter(RateLimit(per_s=0.5, burst=2))
+    try:
+        assert [memory_client.get("/v1/models").status_code for _ in range(3)] == [200, 200, 429]
+        refused = memory_client.get("/v1/models")
+        assert refused.json()["error"]["code"] == "rate_limited" and refused.headers["retry-after"] == "2"
+    finally:
+        app.state.limiter = generous

@@ -1,0 +1,101 @@
+"""Per-client rate limits: GCRA in Redis (shared by every gateway replica) or in-process.
+
+A client is an API key (``key:<first 16 hex of its sha256>``) or, with ``VQA_ALLOW_ANONYMOUS``,
+a client address (``ip:<address>``; behind a proxy, run uvicorn with ``--proxy-headers`` so the
+address is the client's, not the proxy's). Each may send ``VQA_RATE_LIMIT_BURST`` requests at
+once and ``VQA_RATE_LIMIT_PER_S`` per second sustained; past that it gets 429 ``rate_limited``
+with ``Retry-After`` (whole seconds, rounded up) naming when its next request will pass.
+
+GCRA (ITU-T I.371) is a token bucket stored as one timestamp, the client's theoretical arrival
+time: no refill job, one key per active client. :class:`RedisRateLimiter` runs it as the
+``RATE_LIMIT`` Lua script on Redis's clock (replicas need no clock agreement, and a Redis error is
+the usual 503 ``queue_unavailable``); :class:`MemoryRateLimiter` runs the same arithmetic for
+``VQA_QUEUE=memory``, where there is only one process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from .errors import RateLimited
+from .queue.keys import Keys
+from .queue.redis_queue import redis_errors
+from .queue.scripts import RATE_LIMIT
+
+__all__ = ["MemoryRateLimiter", "RateLimit", "RateLimiter", "RedisRateLimiter"]
+
+# The in-process table is pruned of clients whose bucket is full again once it holds this many.
+_MEMORY_PRUNE_AT = 10_000
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """``per_s`` requests per second sustained, ``burst`` at once (a full bucket)."""
+
+    per_s: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if not (self.per_s > 0 and self.burst >= 1):
+            raise ValueError(f"expected per_s > 0 and burst >= 1, got per_s={self.per_s}, burst={self.burst}")
+
+    @property
+    def interval_us(self) -> int:
+        """Microseconds between two requests at the sustained rate."""
+        return max(1, round(1_000_000 / self.per_s))
+
+    def refusal(self, client_id: str, wait_us: int) -> RateLimited:
+        return RateLimited(
+            f"client {client_id} is over its rate limit of {self.per_s:g} requests/s (burst "
+            f"{self.burst}); the next request is allowed in {math.ceil(wait_us / 1000)} ms",
+            retry_after=max(1, math.ceil(wait_us / 1_000_000)),
+        )
+
+
+class RateLimiter(Protocol):
+    limit: RateLimit
+
+    async def acquire(self, client_id: str) -> None:
+        """Count one request of ``client_id``; raise RateLimited (with retry_after) if over its limit."""
+
+
+class RedisRateLimiter:
+    """GCRA in Redis: one ``{prefix}:rate:{client}`` key per client, shared by all replicas."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, limit: RateLimit) -> None:
+        self.limit = limit
+        self.keys = keys
+        self._script = client.register_script(RATE_LIMIT)
+
+    async def acquire(self, client_id: str) -> None:
+        with redis_errors():
+            allowed, wait_us = await self._script(
+                keys=[self.keys.rate(client_id)], args=[self.limit.interval_us, self.limit.burst]
+            )
+        if not allowed:
+            raise self.limit.refusal(client_id, int(wait_us))
+
+
+class MemoryRateLimiter:
+    """The same GCRA in this process (``VQA_QUEUE=memory``); called on the event loop only."""
+
+    def __init__(self, limit: RateLimit, clock=time.monotonic_ns) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._tat: dict[str, int] = {}
+
+    async def acquire(self, client_id: str) -> None:
+        now = self._clock() // 1000
+        interval = self.limit.interval_us
+        next_tat = max(self._tat.get(client_id, now), now) + interval
+        allow_at = next_tat - self.limit.burst * interval
+        if allow_at > now:
+            raise self.limit.refusal(client_id, allow_at - now)
+        self._tat[client_id] = next_tat
+        if len(self._tat) > _MEMORY_PRUNE_AT:
+            self._tat = {client: tat for client, tat in self._tat.items() if tat > now}
