@@ -170,7 +170,8 @@ class WorkerQueue(Protocol):
     def leave(self) -> None:
         """Remove this worker's heartbeat (clean shutdown)."""
 
-    def live_workers(self) -> int: ...
+    def live_workers(self, host: str | None = None) -> int:
+        """Live workers of this model (worker ids start with their host name: a pod's name in k8s)."""
 
     def read(self, count: int, block_ms: int) -> list[Job]:
         """Up to ``count`` new entries, blocking at most ``block_ms`` for the first one (0: no wait)."""

@@ -194,8 +194,8 @@ class MemoryWorkerQueue:
         with self.queue._cond:
             self.queue._beats.pop((self.model, self.consumer), None)
 
-    def live_workers(self) -> int:
-        return self.queue._live(self.model)
+    def live_workers(self, host: str | None = None) -> int:
+        return self.queue._live(self.model)  # one process: its worker is this host's
 
     def read(self, count: int, block_ms: int) -> list[Job]:
         return self.queue._read(self.model, count, block_ms)

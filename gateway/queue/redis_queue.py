@@ -285,9 +285,13 @@ class RedisWorkerQueue:
             pipe.zrem(self.keys.workers(self.model), self.consumer)
             pipe.execute()
 
-    def live_workers(self) -> int:
+    def live_workers(self, host: str | None = None) -> int:
+        """Live workers of this model; with ``host``, only those whose id starts with ``host-``."""
         with redis_errors():
-            return int(self.client.zcount(self.keys.workers(self.model), now_ms(), "+inf"))
+            if host is None:
+                return int(self.client.zcount(self.keys.workers(self.model), now_ms(), "+inf"))
+            members = self.client.zrangebyscore(self.keys.workers(self.model), now_ms(), "+inf")
+        return sum(1 for m in members if m.decode().startswith(f"{host}-"))
 
     def backlog(self) -> int:
         with redis_errors():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,18 +52,22 @@ def served_name(model: str) -> str:
 
 
 def check(settings: WorkerSettings) -> int:
-    """Probe without loading anything heavy: 0 iff a live heartbeat exists for the model."""
+    """Probe without loading anything heavy: 0 iff a live worker of the model runs on this host.
+
+    Per host, not per model: in Kubernetes the host name is the pod name, so a pod is ready only
+    once its own worker has loaded, warmed up and announced itself — not because another pod has.
+    """
     from ..queue import RedisWorkerQueue
 
     queue = RedisWorkerQueue(settings, served_name(settings.model), consumer="check")
     try:
-        live = queue.live_workers()
+        live = queue.live_workers(socket.gethostname())
     except QueueUnavailable as exc:
         print(f"vqa-worker --check: {exc}: {exc.__cause__}", file=sys.stderr)
         return 1
     finally:
         queue.close()
-    print(f"{served_name(settings.model)}: {live} live worker(s)")
+    print(f"{served_name(settings.model)}: {live} live worker(s) on {socket.gethostname()}")
     return 0 if live else 1
 
 
@@ -88,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LookupError, ValueError, OSError) as exc:
         print(f"vqa-worker: cannot load {settings.model} / {settings.quantizer}: {exc}", file=sys.stderr)
         return 2
+    # One full batch before announcing: first-batch costs (allocator, kernels) are paid here, so a
+    # worker that looks live (and a pod that probes ready) answers at full speed.
+    log.info("warm-up batch of %d took %.0f ms", settings.max_batch, runner.warmup(settings.max_batch))
     block_s = (settings.poll_ms + settings.max_wait_ms) / 1000
     queue = RedisWorkerQueue(settings, runner.info.name, worker_id(), block_s=block_s)
     worker = Worker(runner, queue, settings, burst=args.burst)

@@ -15,6 +15,7 @@ The batch generates ``max(max_new_tokens)`` tokens; each answer is cut at its ow
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,6 +140,26 @@ class Runner:
             rows.update(zip(images, self.edge(pixels), strict=True))
         dtype = next(self.cloud.parameters()).dtype
         return torch.stack([rows[i].to(dtype) for i in range(len(items))])
+
+    def warmup(self, batch: int) -> float:
+        """Answer one synthetic full batch (valid random codes); returns its wall time in ms."""
+        rng = np.random.default_rng(0)
+        c = self.quantizer.config
+        shape = (self.info.tokens, c.groups, c.stages)
+        items = [
+            Prepared(
+                "what color is the shape?",
+                2,
+                rng.integers(0, c.codebook_size, size=shape, dtype=np.uint16),
+                rng.integers(0, 2**c.stat_bits, size=(self.info.tokens, 2), dtype=np.uint16)
+                if c.stat_bits
+                else None,
+            )
+            for _ in range(batch)
+        ]
+        started = time.perf_counter()
+        self.run(items)
+        return (time.perf_counter() - started) * 1000
 
     @torch.inference_mode()
     def run(self, items: list[Prepared]) -> list[str]:
