@@ -1,7 +1,7 @@
 """``vqa-worker``: serve one model from its Redis stream.
 
     vqa-worker --redis-url redis://127.0.0.1:6379/0 --model llava-mini-shapes --device cuda
-    vqa-worker --model llava-mini-shapes --check        # probe: exit 0 iff a live worker exists
+    vqa-worker --model llava-mini-shapes --check        # probe: exit 0 iff this host's worker is live
     vqa-worker --model llava-mini-shapes --burst        # drain the stream, then exit
 
 Flags override the ``VQA_*`` settings (see ``.env.example``). Exit codes: 0 stopped cleanly
@@ -39,7 +39,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--max-batch", type=int, help="entries per batch (VQA_MAX_BATCH)")
     parser.add_argument("--max-wait-ms", type=int, help="wait to fill a batch (VQA_MAX_WAIT_MS)")
     parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
-    parser.add_argument("--check", action="store_true", help="exit 0 iff a live worker serves the model")
+    parser.add_argument("--check", action="store_true", help="exit 0 iff a live worker of the model runs on this host")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     names = ("redis_url", "model", "quantizer", "device", "dtype", "max_batch", "max_wait_ms")
