@@ -39,7 +39,9 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--max-batch", type=int, help="entries per batch (VQA_MAX_BATCH)")
     parser.add_argument("--max-wait-ms", type=int, help="wait to fill a batch (VQA_MAX_WAIT_MS)")
     parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
-    parser.add_argument("--check", action="store_true", help="exit 0 iff a live worker of the model runs on this host")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 0 iff a live worker of the model runs on this host"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     names = ("redis_url", "model", "quantizer", "device", "dtype", "max_batch", "max_wait_ms")
