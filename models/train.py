@@ -231,6 +231,7 @@ def train_quantizers(
     kmeans_images: int = 4000,
     kmeans_iters: int = 20,
     time_budget_s: float | None = None,
+    checkpoint_every: int = 500,
     device: str = "cpu",
     seed: int = 0,
 ) -> list[AlignedVQ]:
@@ -243,6 +244,9 @@ def train_quantizers(
     ``projector``. When cloud weights learn, every few steps also run unquantized, so one cloud half
     serves the original features and every quantizer (one bundled model, many rates). Quantizers
     are written to ``out_dir/<name>.safetensors``; the caller saves the model if the cloud changed.
+
+    ``out_dir/checkpoint.pt`` is written every ``checkpoint_every`` steps and when ``time_budget_s``
+    runs out; a later call with the same configs resumes from it (no k-means, same schedule).
     """
     unknown = set(trainable) - set(TRAINABLE)
     if unknown:
@@ -255,12 +259,22 @@ def train_quantizers(
     holdout = TensorSplit.for_training(holdout_split, tok, fmt, spec, device)
     halves = {str(c.site): split_llava(model, c.site) for c in configs}
     quantizers = [AlignedVQ(c).to(device) for c in configs]
-    for q in quantizers:
-        q.init_from_features(
-            collect_features(halves[str(q.config.site)][0], train, kmeans_images),
-            iters=kmeans_iters,
-            seed=seed,
-        )
+    ckpt = out_dir / "checkpoint.pt"
+    state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None  # our file
+    if state is not None:
+        if state["names"] != [c.name for c in configs]:
+            raise ValueError(f"{ckpt} holds quantizers {state['names']}, not {[c.name for c in configs]}")
+        for q, q_state in zip(quantizers, state["quantizers"], strict=True):
+            q.load_state_dict(q_state)
+        if state.get("model") is not None:
+            model.load_state_dict(state["model"])
+    else:
+        for q in quantizers:
+            q.init_from_features(
+                collect_features(halves[str(q.config.site)][0], train, kmeans_images),
+                iters=kmeans_iters,
+                seed=seed,
+            )
     cloud_params: list[torch.nn.Parameter] = []
     if "vision" in trainable:
         vision_model(model).encoder.requires_grad_(True)
@@ -286,7 +300,7 @@ def train_quantizers(
         with autocast(device):
             return holdout_accuracy(lambda b: forward(b, q, site, False)[0], holdout)
 
-    for q in quantizers:
+    for q in quantizers if state is None else []:
         log(
             event="init",
             name=q.config.name,
@@ -309,11 +323,30 @@ def train_quantizers(
             q for q, n in zip(quantizers, turns or [1] * len(quantizers), strict=True) for _ in range(n)
         ]
         rotation += [None] * (unquantized_turns if cloud_params else 0)
-        batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed), device)
+        first = 1
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            first = state["step"] + 1
+            log(event="resumed", step=state["step"])
+
+        def checkpoint(step: int) -> None:
+            _checkpoint(
+                ckpt,
+                names=[c.name for c in configs],
+                quantizers=[q.state_dict() for q in quantizers],
+                model=model.state_dict() if cloud_params else None,
+                optimizer=optimizer.state_dict(),
+                schedule=schedule.state_dict(),
+                step=step,
+            )
+
+        batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed + first), device)
         started = time.time()
-        for step in tqdm(range(1, steps + 1), desc="train quantizers", mininterval=5):
+        for step in tqdm(range(first, steps + 1), desc="train quantizers", mininterval=5):
             if time_budget_s is not None and time.time() - started > time_budget_s:
-                log(event="stopped", step=step, reason="time budget")
+                checkpoint(step - 1)
+                log(event="stopped", step=step - 1, reason="time budget")
                 break
             q = rotation[step % len(rotation)]
             site = str(q.config.site) if q is not None else str(configs[0].site)
@@ -338,6 +371,8 @@ def train_quantizers(
                     loss=round(loss.item(), 5),
                     restarted=restarted,
                 )
+            if step % checkpoint_every == 0 or step == steps:
+                checkpoint(step)
     model.requires_grad_(False)
     for q in quantizers:
         q.eval()

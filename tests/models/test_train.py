@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from models.config import QuantizerConfig
@@ -61,3 +62,19 @@ def test_train_quantizers_jointly_with_the_cloud(tiny_model_dir: Path, tmp_path:
         json.loads(x).get("name") for x in (tmp_path / "train_quantizers.log.jsonl").read_text().splitlines()
     ]
     assert {"preln-8", "embed-8", "unquantized"} <= set(names)
+
+
+def test_train_quantizers_checkpoints_and_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_model_dir))
+    config = QuantizerConfig(dim=loaded.model.config.vision_config.hidden_size, codebook_size=8, code_dim=4)
+    data = generate_shapes(8, seed=5, size=32)
+    kw = dict(steps=3, batch_size=4, kmeans_images=8, kmeans_iters=2)
+    train_quantizers(loaded, [config], data, data, tmp_path, time_budget_s=0.0, **kw)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 0
+    train_quantizers(loaded, [config], data, data, tmp_path, **kw)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    events = _events(tmp_path / "train_quantizers.log.jsonl")
+    assert events.count("init") == 1 and "stopped" in events and "resumed" in events
+    other = QuantizerConfig(dim=config.dim, codebook_size=4, code_dim=4)
+    with pytest.raises(ValueError, match="holds quantizers"):
+        train_quantizers(loaded, [other], data, data, tmp_path, **kw)
