@@ -65,7 +65,8 @@ def write_manifest(directory: Path) -> dict[str, str]:
     files = {
         str(p.relative_to(directory)): sha256_file(p)
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "manifest.json" and not p.name.endswith(".jsonl")
+        # Logs and training checkpoints travel beside a model but are not part of it.
+        if p.is_file() and p.name != "manifest.json" and p.suffix not in (".jsonl", ".pt")
     }
     (directory / "manifest.json").write_text(json.dumps(files, indent=1, sort_keys=True) + "\n")
     return files
