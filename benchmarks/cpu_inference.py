@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,7 @@ def main() -> None:
         "benchmark": "cpu_inference",
         "model": "llava-mini-shapes",
         "quantizer": DEFAULT_QUANTIZER,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

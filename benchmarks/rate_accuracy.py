@@ -14,7 +14,7 @@ import argparse
 import json
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ def run(model: str, limit: int | None, device: str) -> dict:
         "model": model,
         "dataset": "easy-vqa",
         "split": "test",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "device": device,
         "runs": [],
