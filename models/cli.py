@@ -17,6 +17,17 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
 Device = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")]
+QuantizerName = Annotated[str, typer.Option(help="quantizer name in the model folder, or a file")]
+
+
+def _load(model: str, quantizer: str):
+    """A registry model and one of its quantizers (by name, or any quantizer file)."""
+    from .quantizer import AlignedVQ
+    from .registry import load_model
+
+    loaded = load_model(model)
+    path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
+    return loaded, AlignedVQ.load(path)
 
 
 def _device(device: str) -> str:
@@ -179,9 +190,7 @@ def eval_cmd(
     model: str = "llava-mini-shapes",
     dataset: str = "easy-vqa",
     split: str = "test",
-    quantizer: Annotated[
-        str, typer.Option(help="quantizer name in the model folder, or a file")
-    ] = "preln-4096",
+    quantizer: QuantizerName = "preln-4096",
     limit: Annotated[int | None, typer.Option(help="first N questions only")] = None,
     batch_size: int = 256,
     device: Device = "auto",
@@ -189,12 +198,8 @@ def eval_cmd(
 ) -> None:
     """Accuracy of the original and the split + quantized model on the same questions."""
     from .evaluate import evaluate, load_dataset
-    from .quantizer import AlignedVQ
-    from .registry import load_model
 
-    loaded = load_model(model)
-    path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
-    vq = AlignedVQ.load(path)
+    loaded, vq = _load(model, quantizer)
     data = load_dataset(dataset, split, loaded.image_spec.size).subset(limit)
     record = evaluate(
         loaded, data, dataset, split, vq, vq.config.site, device=_device(device), batch_size=batch_size
@@ -210,18 +215,13 @@ def eval_cmd(
 def export_cmd(
     out: Annotated[Path, typer.Option(help="edge bundle file to write")],
     model: str = "llava-mini-shapes",
-    quantizer: Annotated[
-        str, typer.Option(help="quantizer name in the model folder, or a file")
-    ] = "preln-4096",
+    quantizer: QuantizerName = "preln-4096",
 ) -> None:
     """Write the edge bundle (what the edge client needs, numpy-loadable) for a model + quantizer."""
     from .export import write_edge_bundle
-    from .quantizer import AlignedVQ
-    from .registry import load_model
 
-    loaded = load_model(model)
-    path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
-    digest = write_edge_bundle(loaded, AlignedVQ.load(path), out)
+    loaded, vq = _load(model, quantizer)
+    digest = write_edge_bundle(loaded, vq, out)
     typer.echo(f"{out} sha256={digest} ({out.stat().st_size} bytes)")
 
 
