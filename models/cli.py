@@ -137,12 +137,13 @@ def train_cmd(
     from .data import VQASplit, generate_shapes
     from .evaluate import load_dataset
     from .registry import load_model, save_model_dir
+    from .split import vision_tokens
     from .train import train_quantizers
 
     split_site = SplitSite.parse(site)
     loaded = load_model(model)
     vision = loaded.model.config.vision_config
-    dim, tokens = vision.hidden_size, (vision.image_size // vision.patch_size) ** 2 + 1
+    dim, tokens = vision.hidden_size, vision_tokens(vision)
     config = QuantizerConfig(
         dim=dim,
         split_site=str(split_site),

@@ -24,6 +24,7 @@ from edge_client.protocol import VQARequest, encode_request
 
 from .config import SplitSite
 from .data import VQASplit, load_easy_vqa, load_json_vqa
+from .prompt import encode_prompts
 from .quantizer import AlignedVQ
 from .registry import LoadedModel
 from .split import CloudHalf, EdgeHalf, split_llava
@@ -123,8 +124,6 @@ def answer(
     max_new_tokens: int = 3,
 ) -> list[str]:
     """Greedy answers for every question, its image's hidden states gathered from ``hidden_states``."""
-    from .prompt import encode_prompts
-
     preds: list[str] = []
     for start in range(0, len(split), batch_size):
         questions = split.questions[start : start + batch_size]

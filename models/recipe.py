@@ -28,6 +28,7 @@ from .evaluate import evaluate
 from .mini import NAME
 from .quantizer import AlignedVQ
 from .registry import load_model_dir, save_model_dir
+from .split import vision_tokens
 from .train import train_mini, train_quantizers
 
 # (split site, groups, stages, codebook size, code dim per group); the default comes first.
@@ -86,7 +87,7 @@ def run_recipe(
     if not (final / "manifest.json").is_file():
         base = load_model_dir(base_dir, name=NAME, device=device)
         vision = base.model.config.vision_config
-        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        tokens = vision_tokens(vision)
         train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(8000, seed=11)])
         configs = sweep_configs(vision.hidden_size, tokens if position_centre else 0)[:sweep_limit]
         train_quantizers(

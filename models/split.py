@@ -34,6 +34,11 @@ def _run_block(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def vision_tokens(vision_config) -> int:
+    """Tokens at the split site: one per patch plus CLS (577 for LLaVA-1.5, 65 for the mini model)."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
 def feature_layer_indices(model: nn.Module) -> list[int]:
     """LLaVA's ``vision_feature_layer`` as non-negative indices into the hidden-state list."""
     layers = model.config.vision_feature_layer
