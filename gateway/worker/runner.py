@@ -14,7 +14,6 @@ The batch generates ``max(max_new_tokens)`` tokens; each answer is cut at its ow
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -74,22 +73,23 @@ class Runner:
         self.device = device
         self.edge, self.cloud = split_llava(loaded.model, quantizer.config.site)
         self.bundle = export_edge_bundle(loaded, quantizer)
+        # What gateways validate against is read back from the bundle edges receive, so the two
+        # can never disagree.
         parsed = EdgeBundle.from_bytes(self.bundle)
-        config = quantizer.config
         self.info = ModelInfo(
             name=loaded.name,
             quantizer=quantizer_name,
-            split_site=config.split_site,
+            split_site=parsed.split_site,
             tokens=parsed.tokens,
-            groups=config.groups,
-            stages=config.stages,
-            codebook_size=config.codebook_size,
-            code_dim=config.code_dim,
-            stat_bits=config.stat_bits,
-            codebook_hash=quantizer.content_hash(),
-            bundle_sha256=hashlib.sha256(self.bundle).hexdigest(),
-            bundle_bytes=len(self.bundle),
-            image_size=loaded.image_spec.size,
+            groups=parsed.groups,
+            stages=parsed.stages,
+            codebook_size=parsed.codebook_size,
+            code_dim=parsed.code_dim,
+            stat_bits=parsed.stat_bits,
+            codebook_hash=parsed.codebook_hash,
+            bundle_sha256=parsed.sha256,
+            bundle_bytes=parsed.nbytes,
+            image_size=parsed.image_spec.size,
         )
         self.served = ServedModel(info=self.info, bundle=self.bundle, freqs=parsed.freqs)
         self.eos_token_id = loaded.tokenizer.eos_token_id
