@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import SplitSite
+from .decode import greedy_decode
 
 
 def vision_model(model: nn.Module) -> nn.Module:
@@ -132,15 +133,21 @@ class CloudHalf(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         max_new_tokens: int = 8,
+        stop_at_eos: bool = True,
     ) -> torch.Tensor:
-        """Greedy decoding from left-padded prompts; returns only the new tokens ``(batch, new)``."""
+        """Greedy decoding from left-padded prompts; returns only the new tokens ``(batch, new)``.
+
+        ``stop_at_eos=False`` always decodes ``max_new_tokens`` (benchmarks: equal work per run).
+        """
         embeds = self.inputs_embeds(input_ids, self.image_features(hidden_states))
-        return self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.model.generation_config.pad_token_id,
+        generation = self.model.generation_config
+        return greedy_decode(
+            self.model,
+            embeds,
+            attention_mask,
+            max_new_tokens,
+            eos_token_id=generation.eos_token_id if stop_at_eos else None,
+            pad_token_id=generation.pad_token_id,
         )
 
 

@@ -1,0 +1,304 @@
+"""GPU worker: the cloud half of LLaVA-1.5-7B vs plain Hugging Face ``generate``, by batch size.
+
+    python -m benchmarks.gpu_worker                      # on an H100/H200, ~5 min
+    python -m benchmarks.gpu_worker --tiny --batches 1 2 # CPU smoke run of the same code (tests)
+
+The LLaVA-1.5-7B architecture (CLIP ViT-L/14-336 + Llama-2-7B shapes) with random bf16 weights;
+speed does not depend on the weights' values. Every request is a 577-token AlignedVQ payload
+(12-bit indices at the ``preln`` site) plus a short question, answered with 3 new tokens (EOS
+ignored, so every run does the same work). Variants, all in one process on one card:
+
+- ``hf_generate_unsplit``: the baseline, ``model.generate(pixel_values=...)`` of the unsplit model
+  (vision tower from pixels, HF's generation loop).
+- ``cloud_half``: what the worker runs: codebook gather -> the rest of the vision tower ->
+  projector -> language model, prefill with last-position logits only, then a lean greedy loop
+  with the KV cache (:mod:`models.decode`).
+- ``cloud_only``: the same lean path from pixels (the whole vision tower in the cloud): the compute
+  of a cloud-only request, used by ``benchmarks/e2e_network.py`` together with the JPEG decode and
+  preprocessing time measured here on the host CPU.
+
+Prompts are left-padded to the longest question in the batch (questions of 6-14 tokens after a
+577-token image: < 1.5 % padding). Per variant and batch size: median wall time per batch over
+``--repeats`` runs after a warm-up (CUDA synchronised), req/s = batch / median. Token agreement of
+``cloud_only`` with the baseline checks that both compute the same answers. Raw JSON, written
+after every measurement so a cut-off run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import LlavaForConditionalGeneration
+
+from models.architectures import llava15_geometry_config, tiny_llava_config
+from models.config import QuantizerConfig
+from models.quantizer import AlignedVQ
+from models.split import split_llava, vision_tokens
+
+RESULTS = Path(__file__).parent / "results"
+NEW_TOKENS = 3
+PREFIX_TOKENS = 5  # "USER:" before the image in the LLaVA-1.5 template
+VARIANTS = ("hf_generate_unsplit", "cloud_half", "cloud_only", "cloud_half_static_compiled")
+
+
+def build_model(tiny: bool, device: str) -> LlavaForConditionalGeneration:
+    """Random weights, built directly on the device in the serving dtype (no fp32 copy of 7B)."""
+    config = tiny_llava_config(image_size=336, patch_size=14) if tiny else llava15_geometry_config()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def prompts(config, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``USER: <image>\\n{question} ASSISTANT:``-shaped ids with random word tokens."""
+    text = config.text_config
+    words = lambda n: rng.integers(3, min(text.vocab_size, config.image_token_id), size=n).tolist()  # noqa: E731
+    image = [config.image_token_id] * (vision_tokens(config.vision_config) - 1)
+    rows = [
+        [text.bos_token_id, *words(PREFIX_TOKENS), *image, *words(int(rng.integers(6, 15)) + 5)]
+        for _ in range(batch)
+    ]
+    width = max(map(len, rows))
+    ids = torch.tensor([[text.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices) -> dict:
+    """One zero-argument callable per variant, all answering the same batch with new tokens."""
+    greedy = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+    def static_compiled() -> torch.Tensor:
+        # HF's own CUDA-graph path: a static KV cache, decode steps compiled (reduce-overhead).
+        embeds = cloud.inputs_embeds(ids, cloud.image_features(quantizer.decode(indices)))
+        return model.generate(
+            inputs_embeds=embeds, attention_mask=mask, cache_implementation="static", **greedy
+        )
+
+    return {
+        "hf_generate_unsplit": lambda: model.generate(
+            input_ids=ids, pixel_values=pixels, attention_mask=mask, **greedy
+        )[:, ids.shape[1] :],
+        "cloud_half": lambda: cloud.generate(
+            quantizer.decode(indices), ids, mask, max_new_tokens=NEW_TOKENS, stop_at_eos=False
+        ),
+        "cloud_only": lambda: cloud.generate(
+            edge(pixels), ids, mask, max_new_tokens=NEW_TOKENS, stop_at_eos=False
+        ),
+        "cloud_half_static_compiled": static_compiled,
+    }
+
+
+def timed(fn, repeats: int, device: str) -> list[float]:
+    def once() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1000
+
+    once()  # warm-up (kernel selection, allocator)
+    return [once() for _ in range(repeats)]
+
+
+def jpeg_preprocess_ms(image_size: int, repeats: int) -> dict | None:
+    """Host-CPU time to decode a JPEG-90 and preprocess it, as the worker does for cloud-only."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    from edge_client.preprocess import ImageSpec, preprocess
+
+    rng = np.random.default_rng(0)
+    # A smooth synthetic photo-like image (gradients + noise): JPEG decode cost scales with pixels.
+    y, x = np.mgrid[0:image_size, 0:image_size] / image_size
+    base = np.stack([x, y, (x + y) / 2], -1) * 200 + rng.normal(0, 12, (image_size, image_size, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    spec = ImageSpec(size=image_size)
+
+    def decode_and_preprocess() -> np.ndarray:
+        return preprocess(Image.open(io.BytesIO(data)).convert("RGB"), spec)
+
+    samples = timed(decode_and_preprocess, repeats, "cpu")
+    return {"jpeg_bytes": len(data), "median_ms": statistics.median(samples), "samples_ms": samples}
+
+
+def machine(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            card=torch.cuda.get_device_name(0),
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            sdpa_flash=torch.backends.cuda.flash_sdp_enabled(),
+        )
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96, 128])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="tiny random config (CPU smoke run)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--compiled-batches",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="batch sizes for cloud_half_static_compiled (each new shape compiles again, ~1 min)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_worker.json")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    built = time.perf_counter()
+    model = build_model(args.tiny, device)
+    config = model.config
+    vq_config = QuantizerConfig(
+        dim=config.vision_config.hidden_size, split_site="preln", codebook_size=4096, code_dim=32
+    )
+    quantizer = AlignedVQ(vq_config).to(device).eval()
+    edge, cloud = split_llava(model, vq_config.site)
+    tokens = vision_tokens(config.vision_config)
+    size = config.vision_config.image_size
+    dtype = next(model.parameters()).dtype
+    result = {
+        "benchmark": "gpu_worker",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "settings": {
+            "architecture": "tiny" if args.tiny else "llava-1.5-7b (random weights)",
+            "params": sum(p.numel() for p in model.parameters()),
+            "dtype": str(dtype),
+            "attn_implementation": config.text_config._attn_implementation,
+            "payload_tokens": tokens,
+            "quantizer": vq_config.name,
+            "new_tokens": NEW_TOKENS,
+            "batches": args.batches,
+            "repeats": args.repeats,
+            "build_s": round(time.perf_counter() - built, 1),
+        },
+        "notes": __doc__,
+        "runs": [],
+    }
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    rng = np.random.default_rng(0)
+    agreement = []
+    for batch in args.batches:
+        ids, mask = (t.to(device) for t in prompts(config, batch, rng))
+        pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+        indices = torch.randint(0, vq_config.codebook_size, (batch, tokens, 1, 1), device=device)
+        calls = variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices)
+        with torch.inference_mode():
+            for name in args.variants:
+                if name == "cloud_half_static_compiled" and batch not in args.compiled_batches:
+                    continue
+                try:
+                    samples = timed(calls[name], args.repeats, device)
+                except torch.OutOfMemoryError as exc:
+                    result["runs"].append(
+                        {"variant": name, "batch": batch, "error": f"out of memory: {exc}"[:300]}
+                    )
+                    torch.cuda.empty_cache()
+                    continue
+                median = statistics.median(samples)
+                run = {
+                    "variant": name,
+                    "batch": batch,
+                    "median_ms": round(median, 3),
+                    "req_per_s": round(batch / median * 1000, 2),
+                    "samples_ms": [round(s, 3) for s in samples],
+                    "prompt_tokens": ids.shape[1],
+                    "padding_fraction": round(1 - float(mask.float().mean()), 4),
+                }
+                if device.startswith("cuda"):
+                    run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    torch.cuda.reset_peak_memory_stats()
+                result["runs"].append(run)
+                print(
+                    f"{name:22s} batch {batch:4d}: {median:9.2f} ms  {run['req_per_s']:8.2f} req/s",
+                    flush=True,
+                )
+                save()
+            if {"hf_generate_unsplit", "cloud_only"} <= set(args.variants):
+                same = calls["hf_generate_unsplit"]() == calls["cloud_only"]()
+                agreement.append(float(same.float().mean()))
+    result["token_agreement_cloud_only_vs_hf"] = statistics.mean(agreement) if agreement else None
+    result["summary"] = summarize(result["runs"])
+    jpeg = jpeg_preprocess_ms(size, 20)
+    result["cpu_jpeg_decode_preprocess"] = jpeg
+    best = result["summary"]
+    result["e2e_inputs"] = {
+        "card": result["machine"].get("card", device),
+        "split_batch1_ms": best.get("cloud_half", {}).get("batch1_ms"),
+        "cloud_only_batch1_ms": (
+            best["cloud_only"]["batch1_ms"] + jpeg["median_ms"]
+            if jpeg and best.get("cloud_only", {}).get("batch1_ms") is not None
+            else None
+        ),
+        "notes": "cloud_only_batch1_ms = cloud_only compute at batch 1 + JPEG-90 decode and "
+        "preprocessing on the host CPU",
+    }
+    save()
+    print(json.dumps(result["summary"], indent=1))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per variant: batch-1 latency and the best req/s over batch sizes (saturation)."""
+    out: dict = {}
+    for name in VARIANTS:
+        done = [r for r in runs if r["variant"] == name and "median_ms" in r]
+        if not done:
+            continue
+        best = max(done, key=lambda r: r["req_per_s"])
+        one = next((r for r in done if r["batch"] == 1), None)
+        out[name] = {
+            "batch1_ms": one["median_ms"] if one else None,
+            "best_req_per_s": best["req_per_s"],
+            "best_batch": best["batch"],
+        }
+    if "cloud_half" in out:
+        goals = out["cloud_half"]
+        out["goals"] = {
+            "req_per_s_at_least_75": goals["best_req_per_s"] >= 75,
+            "batch1_ms_at_most_40": goals["batch1_ms"] is not None and goals["batch1_ms"] <= 40,
+        }
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The worker's greedy loop returns exactly what Hugging Face ``generate`` returns."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from models.architectures import tiny_llava_config
+from models.decode import greedy_decode, left_padded_positions
+from models.split import split_llava
+
+
+def _model() -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(tiny_llava_config()).eval()
+
+
+def _left_padded(model: LlavaForConditionalGeneration) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three prompts of different lengths, left-padded, each with the 16 image tokens."""
+    config = model.config
+    image = [config.image_token_id] * 16
+    rows = [[2, *image, 7, 8, 9], [2, *image, 10], [2, *image, 11, 12]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[config.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    pixels = torch.randn(len(rows), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return ids, mask, pixels
+
+
+def test_positions_restart_after_left_padding() -> None:
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert left_padded_positions(mask).tolist() == [[1, 1, 0, 1], [0, 1, 2, 3]]
+
+
+def test_matches_generate_on_left_padded_batches() -> None:
+    model = _model()
+    ids, mask, pixels = _left_padded(model)
+    edge, cloud = split_llava(model, "preln")
+    with torch.no_grad():
+        reference = model.generate(
+            input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=6, do_sample=False
+        )[:, ids.shape[1] :]
+        new = cloud.generate(edge(pixels), ids, mask, max_new_tokens=6)
+    assert torch.equal(new, reference)
+
+
+def test_rows_past_eos_are_padded_and_decoding_stops_when_all_are_done() -> None:
+    model = _model()
+    ids, mask, pixels = _left_padded(model)
+    edge, cloud = split_llava(model, "preln")
+    embeds = cloud.inputs_embeds(ids, cloud.image_features(edge(pixels)))
+    free = greedy_decode(model, embeds, mask, 5, eos_token_id=None, pad_token_id=0)
+    assert free.shape == (3, 5)
+    # Declare row 0's second token to be EOS: row 0 is padded after it; a shared first token ends all.
+    eos = int(free[0, 1])
+    stopped = greedy_decode(model, embeds, mask, 5, eos_token_id=eos, pad_token_id=0)
+    row = stopped[0].tolist()
+    assert row[:2] == free[0, :2].tolist() and set(row[2:]) <= {0}
+    first = int(free[1, 0])
+    ended = greedy_decode(model, embeds, mask, 5, eos_token_id=[first, eos], pad_token_id=0)
+    assert ended.shape[1] <= 5 and ended[1, 0] == first
+    with torch.no_grad():
+        reference = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    assert torch.equal(stopped, reference)
