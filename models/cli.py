@@ -75,10 +75,13 @@ def train_bundled_cmd(
     budget_s: Annotated[float, typer.Option(help="stop (resumably) after about this many seconds")] = 540.0,
     base_steps: int = 11000,
     generated_images: int = 40000,
+    qat_steps: Annotated[int, typer.Option(help="quantization-aware fine-tuning steps (0: skip)")] = 4000,
+    qat_lr: float = 1e-4,
     quantizer_steps: int = 3000,
-    trainable: str = "quantizer",
+    trainable: Annotated[
+        str, typer.Option(help="what learns in the quantizer sweep besides them")
+    ] = "quantizer",
     position_centre: bool = False,
-    quantizer_budget_s: float | None = None,
     test_limit: int | None = None,
     sweep_limit: int | None = None,
     device: Device = "auto",
@@ -92,9 +95,10 @@ def train_bundled_cmd(
         device=_device(device),
         base_steps=base_steps,
         generated_images=generated_images,
+        qat_steps=qat_steps,
+        qat_lr=qat_lr,
         quantizer_steps=quantizer_steps,
         trainable=tuple(trainable.split(",")),
-        quantizer_budget_s=quantizer_budget_s,
         position_centre=position_centre,
         test_limit=test_limit,
         sweep_limit=sweep_limit,
@@ -117,7 +121,9 @@ def train_cmd(
     steps: int = 1000,
     batch_size: int = 256,
     lr: float = 1e-3,
-    trainable: Annotated[str, typer.Option(help="comma list of quantizer,vision,projector")] = "quantizer",
+    trainable: Annotated[
+        str, typer.Option(help="comma list of quantizer,edge,vision,projector,language")
+    ] = "quantizer",
     generated_images: int = 0,
     dataset: Annotated[
         str, typer.Option(help="easy-vqa, or a JSON file of {image, question, answers}")

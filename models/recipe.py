@@ -6,17 +6,21 @@ Resumable in slices of wall-clock time, so it fits a GPU lease of 10-minute call
 
 1. Train the base model from scratch (:func:`models.train.train_mini`): easy-VQA train minus the
    holdout + 40k generated images, 11k steps of batch 256.
-2. All quantizers of :data:`SWEEP` together: k-means init, then task-aware fine-tuning on train
-   in turns (the default rate three times as often). By default only the quantizers learn, so one
-   unchanged cloud half serves every rate; ``--trainable quantizer,vision,projector`` also adapts
-   the cloud (measured: it cost the unquantized model 0.44 points and gained nothing at 12 bits,
-   benchmarks/results/rate_accuracy_joint_cloud.json). Selection never sees test.
-3. One test-split evaluation per quantizer, recorded in ``rate_accuracy.json``.
+2. Quantization-aware fine-tuning (``--qat-steps``, 0 to skip): the whole model (edge patch
+   embedding included) learns together with the quantizers of :data:`QAT_SWEEP`, in turns with
+   unquantized steps, so its features survive 12 bits and fewer while the unquantized path stays
+   sharp. (Quantizer-only fine-tuning of a fixed model left the 12-bit default 1.5 points short;
+   adapting only the cloud-side vision blocks and projector gained nothing,
+   benchmarks/results/rate_accuracy_joint_cloud.json.)
+3. The rest of :data:`SWEEP` on that model, quantizer-only: k-means init, then task-aware
+   fine-tuning on train in turns; one fixed model serves every rate. Selection never sees test.
+4. One test-split evaluation per quantizer, recorded in ``rate_accuracy.json``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -48,12 +52,23 @@ SWEEP: tuple[tuple[str, int, int, int, int], ...] = (
 )
 
 
-def sweep_configs(dim: int, tokens: int = 0) -> list[QuantizerConfig]:
+# Learned together with the whole model in step 2, with these turns per rotation (2 unquantized).
+QAT_SWEEP: tuple[tuple[tuple[str, int, int, int, int], int], ...] = (
+    (SWEEP[0], 2),  # the 12-bit default
+    (SWEEP[3], 2),  # preln-256: ~4 bits/token once entropy-coded
+    (SWEEP[2], 1),  # preln-64: 6 bits/token before entropy coding
+)
+QAT_TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
+
+
+def sweep_configs(
+    dim: int, tokens: int = 0, rows: tuple[tuple[str, int, int, int, int], ...] = SWEEP
+) -> list[QuantizerConfig]:
     return [
         QuantizerConfig(
             dim=dim, split_site=site, tokens=tokens, groups=g, stages=s, codebook_size=k, code_dim=d
         )
-        for site, g, s, k, d in SWEEP
+        for site, g, s, k, d in rows
     ]
 
 
@@ -64,47 +79,82 @@ def run_recipe(
     device: str,
     base_steps: int = 11000,
     generated_images: int = 40000,
+    qat_steps: int = 4000,
+    qat_lr: float = 1e-4,
     quantizer_steps: int = 3000,
     trainable: tuple[str, ...] = ("quantizer",),
     position_centre: bool = False,
     test_limit: int | None = None,
     sweep_limit: int | None = None,
     kmeans_images: int = 4000,
-    quantizer_budget_s: float | None = None,
 ) -> bool:
     """Advance the recipe by at most ``budget_s`` seconds; returns True once everything is done."""
     started = time.time()
-    base_dir = train_mini(
+    left = lambda: budget_s - (time.time() - started)  # noqa: E731
+    model_dir = train_mini(
         run / "base",
         steps=base_steps,
         generated_images=generated_images,
         device=device,
         time_budget_s=budget_s,
     )
-    if not (base_dir / "manifest.json").is_file():
+    if not (model_dir / "manifest.json").is_file():
         return False
+    train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(8000, seed=11)])
+    holdout = load_easy_vqa("holdout")
+    common = dict(kmeans_images=kmeans_images, device=device, unquantized_turns=2)
+    qat = run / "qat"
+    if qat_steps:
+        if not (qat / "manifest.json").is_file():
+            base = load_model_dir(model_dir, name=NAME, device=device)
+            dim = base.model.config.vision_config.hidden_size
+            trained = train_quantizers(
+                base,
+                sweep_configs(dim, rows=tuple(row for row, _ in QAT_SWEEP)),
+                train,
+                holdout,
+                qat / "quantizers",
+                steps=qat_steps,
+                model_lr=qat_lr,
+                turns=[turns for _, turns in QAT_SWEEP],
+                trainable=QAT_TRAINABLE,
+                time_budget_s=left(),
+                **common,
+            )
+            if trained is None:
+                return False
+            save_model_dir(base.model, base.tokenizer, base.prompt, base.image_spec, qat)
+        model_dir = qat
     final = run / "final"
     if not (final / "manifest.json").is_file():
-        base = load_model_dir(base_dir, name=NAME, device=device)
-        vision = base.model.config.vision_config
-        tokens = vision_tokens(vision)
-        train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(8000, seed=11)])
-        configs = sweep_configs(vision.hidden_size, tokens if position_centre else 0)[:sweep_limit]
-        train_quantizers(
-            base,
-            configs,
-            train,
-            load_easy_vqa("holdout"),
-            final / "quantizers",
-            steps=quantizer_steps,
-            turns=[3] + [1] * (len(configs) - 1),  # the default rate trains three times as often
-            time_budget_s=quantizer_budget_s,
-            unquantized_turns=2,
-            kmeans_images=kmeans_images,
-            trainable=trainable,
-            device=device,
-        )
-        save_model_dir(base.model, base.tokenizer, base.prompt, base.image_spec, final)
+        source = load_model_dir(model_dir, name=NAME, device=device)
+        vision = source.model.config.vision_config
+        tokens = vision_tokens(vision) if position_centre else 0
+        learned = {p.name: p for p in (qat / "quantizers").glob("*.safetensors")} if qat_steps else {}
+        configs = [
+            c
+            for c in sweep_configs(vision.hidden_size, tokens)[:sweep_limit]
+            if f"{c.name}.safetensors" not in learned
+        ]
+        if configs:
+            trained = train_quantizers(
+                source,
+                configs,
+                train,
+                holdout,
+                final / "quantizers",
+                steps=quantizer_steps,
+                turns=[3] + [1] * (len(configs) - 1),  # the first (default or next) rate trains most
+                trainable=trainable,
+                time_budget_s=left(),
+                **common,
+            )
+            if trained is None:
+                return False
+        (final / "quantizers").mkdir(parents=True, exist_ok=True)
+        for name, path in learned.items():
+            shutil.copyfile(path, final / "quantizers" / name)
+        save_model_dir(source.model, source.tokenizer, source.prompt, source.image_spec, final)
     # Evaluate the model as saved (fp16 weights computed in fp32): the numbers CPU evaluation reproduces.
     results_path = run / "rate_accuracy.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
@@ -115,7 +165,7 @@ def run_recipe(
     for name in names:
         if name in done:
             continue
-        if time.time() - started > budget_s:
+        if left() < 0:
             return False
         quantizer = AlignedVQ.load(loaded.quantizer_path(name), map_location=device)
         record = evaluate(

@@ -29,7 +29,7 @@ from .registry import LoadedModel, save_model_dir
 from .split import split_llava, vision_model
 from .tensors import TensorSplit, pixel_values
 
-TRAINABLE = ("quantizer", "vision", "projector")
+TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
 
 
 def autocast(device: str):
@@ -224,7 +224,7 @@ def train_quantizers(
     steps: int = 1000,
     batch_size: int = 256,
     lr: float = 1e-3,
-    cloud_lr: float = 1e-4,
+    model_lr: float = 1e-4,
     trainable: tuple[str, ...] = ("quantizer",),
     turns: list[int] | None = None,
     unquantized_turns: int = 1,
@@ -234,19 +234,21 @@ def train_quantizers(
     checkpoint_every: int = 500,
     device: str = "cpu",
     seed: int = 0,
-) -> list[AlignedVQ]:
+) -> list[AlignedVQ] | None:
     """k-means init, then task-aware fine-tuning (VQA loss through the cloud half + VQ losses).
 
     Several quantizers can train together: each step takes the next one in a rotation where config
-    ``i`` has ``turns[i]`` slots (default 1) and, when cloud weights learn, ``unquantized_turns``
-    slots run without a quantizer. ``trainable`` picks
-    what learns besides the quantizers: ``vision`` (cloud-side vision blocks, shared by all) and
-    ``projector``. When cloud weights learn, every few steps also run unquantized, so one cloud half
-    serves the original features and every quantizer (one bundled model, many rates). Quantizers
-    are written to ``out_dir/<name>.safetensors``; the caller saves the model if the cloud changed.
+    ``i`` has ``turns[i]`` slots (default 1) and, when model weights learn, ``unquantized_turns``
+    slots run without a quantizer. ``trainable`` picks what learns besides the quantizers: ``edge``
+    (patch embedding, pre-LN and edge blocks: quantization-aware features), ``vision`` (the vision
+    encoder blocks), ``projector`` and ``language``. When model weights learn, every few steps also
+    run unquantized, so one model serves the original features and every quantizer (one bundled
+    model, many rates). Quantizers are written to ``out_dir/<name>.safetensors``; the caller saves
+    the model if it changed.
 
     ``out_dir/checkpoint.pt`` is written every ``checkpoint_every`` steps and when ``time_budget_s``
     runs out; a later call with the same configs resumes from it (no k-means, same schedule).
+    Returns None when the time budget ran out before ``steps``.
     """
     unknown = set(trainable) - set(TRAINABLE)
     if unknown:
@@ -275,20 +277,13 @@ def train_quantizers(
                 iters=kmeans_iters,
                 seed=seed,
             )
-    cloud_params: list[torch.nn.Parameter] = []
-    if "vision" in trainable:
-        vision_model(model).encoder.requires_grad_(True)
-        cloud_params += list(vision_model(model).encoder.parameters())
-    if "projector" in trainable:
-        projector = getattr(model, "model", model).multi_modal_projector
-        projector.requires_grad_(True)
-        cloud_params += list(projector.parameters())
+    model_params = _unfreeze(model, [halves[str(c.site)][0] for c in configs], trainable)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(out_dir / "train_quantizers.log.jsonl")
 
     def forward(batch, q: AlignedVQ | None, site: str, train_mode: bool):
         edge, cloud = halves[site]
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "edge" in trainable):
             hidden = edge(batch["pixel_values"]).float()
         if q is None:
             return cloud(hidden, batch["input_ids"], batch["attention_mask"]), None
@@ -310,8 +305,8 @@ def train_quantizers(
         )
     if steps:
         groups = [{"params": [p for q in quantizers for p in q.parameters() if p.requires_grad], "lr": lr}]
-        if cloud_params:
-            groups.append({"params": cloud_params, "lr": cloud_lr})
+        if model_params:
+            groups.append({"params": model_params, "lr": model_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         warmup = max(1, steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -322,7 +317,7 @@ def train_quantizers(
         rotation: list[AlignedVQ | None] = [
             q for q, n in zip(quantizers, turns or [1] * len(quantizers), strict=True) for _ in range(n)
         ]
-        rotation += [None] * (unquantized_turns if cloud_params else 0)
+        rotation += [None] * (unquantized_turns if model_params else 0)
         first = 1
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -335,7 +330,7 @@ def train_quantizers(
                 ckpt,
                 names=[c.name for c in configs],
                 quantizers=[q.state_dict() for q in quantizers],
-                model=model.state_dict() if cloud_params else None,
+                model=model.state_dict() if model_params else None,
                 optimizer=optimizer.state_dict(),
                 schedule=schedule.state_dict(),
                 step=step,
@@ -347,7 +342,8 @@ def train_quantizers(
             if time_budget_s is not None and time.time() - started > time_budget_s:
                 checkpoint(step - 1)
                 log(event="stopped", step=step - 1, reason="time budget")
-                break
+                model.requires_grad_(False)
+                return None
             q = rotation[step % len(rotation)]
             site = str(q.config.site) if q is not None else str(configs[0].site)
             batch = train.batch(next(batches))
@@ -380,6 +376,23 @@ def train_quantizers(
         q.calibrate_freqs(q.encode(collect_features(halves[site][0], train, kmeans_images))[0])
         digest = q.save(out_dir / f"{q.config.name}.safetensors")
         log(event="done", name=q.config.name, holdout_accuracy=evaluate(q, site), hash=digest)
-    if cloud_params:
+    if model_params:
         log(event="done", name="unquantized", holdout_accuracy=evaluate(None, str(configs[0].site)))
     return quantizers
+
+
+def _unfreeze(model: torch.nn.Module, edges: list[torch.nn.Module], trainable: tuple[str, ...]) -> list:
+    """Turn on gradients for the chosen parts of ``model``; returns their parameters (no repeats)."""
+    inner = getattr(model, "model", model)
+    parts = {
+        "edge": edges,
+        "vision": [vision_model(model).encoder],
+        "projector": [inner.multi_modal_projector],
+        "language": [inner.language_model, model.lm_head],
+    }
+    params: dict[int, torch.nn.Parameter] = {}
+    for name in trainable:
+        for module in parts.get(name, []):
+            module.requires_grad_(True)
+            params.update((id(p), p) for p in module.parameters())
+    return list(params.values())

@@ -12,6 +12,7 @@ from models.config import QuantizerConfig
 from models.data import generate_shapes
 from models.quantizer import AlignedVQ
 from models.registry import load_model, load_model_dir
+from models.split import vision_model
 from models.train import train_mini, train_quantizers
 
 
@@ -64,12 +65,32 @@ def test_train_quantizers_jointly_with_the_cloud(tiny_model_dir: Path, tmp_path:
     assert {"preln-8", "embed-8", "unquantized"} <= set(names)
 
 
+def test_quantization_aware_training_moves_the_edge_and_the_language_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    loaded = load_model(str(tiny_model_dir))
+    config = QuantizerConfig(dim=loaded.model.config.vision_config.hidden_size, codebook_size=8, code_dim=4)
+    data = generate_shapes(8, seed=5, size=32)
+    weights = {
+        "edge": vision_model(loaded.model).embeddings.patch_embedding.weight,
+        "language": loaded.model.lm_head.weight,
+    }
+    before = {k: w.detach().clone() for k, w in weights.items()}
+    kw = dict(steps=3, batch_size=4, kmeans_images=8, kmeans_iters=2)
+    trained = train_quantizers(
+        loaded, [config], data, data, tmp_path, trainable=("quantizer", "edge", "language"), **kw
+    )
+    assert trained is not None
+    assert all(not torch.equal(before[k], w) for k, w in weights.items())
+    assert not any(p.requires_grad for p in loaded.model.parameters())  # frozen again for serving
+
+
 def test_train_quantizers_checkpoints_and_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
     loaded = load_model(str(tiny_model_dir))
     config = QuantizerConfig(dim=loaded.model.config.vision_config.hidden_size, codebook_size=8, code_dim=4)
     data = generate_shapes(8, seed=5, size=32)
     kw = dict(steps=3, batch_size=4, kmeans_images=8, kmeans_iters=2)
-    train_quantizers(loaded, [config], data, data, tmp_path, time_budget_s=0.0, **kw)
+    assert train_quantizers(loaded, [config], data, data, tmp_path, time_budget_s=0.0, **kw) is None
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 0
     train_quantizers(loaded, [config], data, data, tmp_path, **kw)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
