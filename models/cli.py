@@ -77,6 +77,9 @@ def train_bundled_cmd(
     generated_images: int = 40000,
     qat_steps: Annotated[int, typer.Option(help="quantization-aware fine-tuning steps (0: skip)")] = 4000,
     qat_lr: float = 1e-4,
+    quantizer_generated_images: Annotated[
+        int, typer.Option(help="generated images added to easy-VQA train for steps 2 and 3")
+    ] = 8000,
     quantizer_steps: int = 3000,
     trainable: Annotated[
         str, typer.Option(help="what learns in the quantizer sweep besides them")
@@ -97,6 +100,7 @@ def train_bundled_cmd(
         generated_images=generated_images,
         qat_steps=qat_steps,
         qat_lr=qat_lr,
+        quantizer_generated_images=quantizer_generated_images,
         quantizer_steps=quantizer_steps,
         trainable=tuple(trainable.split(",")),
         position_centre=position_centre,

@@ -81,6 +81,7 @@ def run_recipe(
     generated_images: int = 40000,
     qat_steps: int = 4000,
     qat_lr: float = 1e-4,
+    quantizer_generated_images: int = 8000,
     quantizer_steps: int = 3000,
     trainable: tuple[str, ...] = ("quantizer",),
     position_centre: bool = False,
@@ -100,7 +101,7 @@ def run_recipe(
     )
     if not (model_dir / "manifest.json").is_file():
         return False
-    train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(8000, seed=11)])
+    train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(quantizer_generated_images, seed=11)])
     holdout = load_easy_vqa("holdout")
     common = dict(kmeans_images=kmeans_images, device=device, unquantized_turns=2)
     qat = run / "qat"
