@@ -75,12 +75,12 @@ def train_bundled_cmd(
     budget_s: Annotated[float, typer.Option(help="stop (resumably) after about this many seconds")] = 540.0,
     base_steps: int = 11000,
     generated_images: int = 40000,
-    qat_steps: Annotated[int, typer.Option(help="quantization-aware fine-tuning steps (0: skip)")] = 4000,
+    qat_steps: Annotated[int, typer.Option(help="quantization-aware fine-tuning steps (0: skip)")] = 3000,
     qat_lr: float = 1e-4,
     quantizer_generated_images: Annotated[
         int, typer.Option(help="generated images added to easy-VQA train for steps 2 and 3")
     ] = 8000,
-    quantizer_steps: int = 3000,
+    quantizer_steps: int = 2000,
     trainable: Annotated[
         str, typer.Option(help="what learns in the quantizer sweep besides them")
     ] = "quantizer",
