@@ -43,12 +43,13 @@ from transformers import LlavaForConditionalGeneration
 from models.architectures import llava15_geometry_config, tiny_llava_config
 from models.config import QuantizerConfig
 from models.quantizer import AlignedVQ
-from models.split import split_llava, vision_tokens
+from models.split import split_llava, vision_model, vision_tokens
 
 RESULTS = Path(__file__).parent / "results"
 NEW_TOKENS = 3
 PREFIX_TOKENS = 5  # "USER:" before the image in the LLaVA-1.5 template
-VARIANTS = ("hf_generate_unsplit", "cloud_half", "cloud_only", "cloud_half_static_compiled")
+VARIANTS = ("hf_generate_unsplit", "cloud_half", "cloud_only")
+COMPILED = "cloud_half_compiled"  # measured in a second pass: compiling changes the model in place
 
 
 def build_model(tiny: bool, device: str) -> LlavaForConditionalGeneration:
@@ -103,6 +104,51 @@ def variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices) -> 
             edge(pixels), ids, mask, max_new_tokens=NEW_TOKENS, stop_at_eos=False
         ),
         "cloud_half_static_compiled": static_compiled,
+    }
+
+
+def compile_layers(model: LlavaForConditionalGeneration) -> None:
+    """``torch.compile`` every transformer block (vision and language): inductor fuses the norms,
+    rotary embedding and gated MLP that eager mode runs as separate memory-bound kernels."""
+    inner = getattr(model, "model", model)
+    for block in [*vision_model(model).encoder.layers, *inner.language_model.layers]:
+        block.compile()
+
+
+def gemm_ceiling(config, tokens: int, device: str, repeats: int = 10) -> list[dict]:
+    """bf16 TFLOP/s of the language model's own GEMM shapes at ``tokens`` rows: this card's roofline."""
+    text = config.text_config
+    h, f = text.hidden_size, text.intermediate_size
+    out = []
+    for n, k in ((h, h), (f, h), (h, f)):
+        a = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        ms = statistics.median(timed(lambda a=a, b=b: torch.nn.functional.linear(a, b), repeats, device))
+        tflops = 2 * tokens * n * k / ms / 1e9
+        out.append({"m": tokens, "n": n, "k": k, "median_ms": round(ms, 3), "tflops": round(tflops, 1)})
+    return out
+
+
+def profile_top_kernels(fn, top: int = 15) -> dict:
+    """GPU time by kernel for one call, and GPU-busy vs wall time (is the call launch-bound?)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) * 1000
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "wall_ms_profiled": round(wall, 2),
+        "gpu_busy_ms": round(sum(e.self_device_time_total for e in events) / 1000, 2),
+        "kernels": [
+            {"name": e.key[:120], "ms": round(e.self_device_time_total / 1000, 3), "calls": e.count}
+            for e in events[:top]
+        ],
     }
 
 
@@ -173,9 +219,10 @@ def main() -> None:
         "--compiled-batches",
         type=int,
         nargs="*",
-        default=[1],
-        help="batch sizes for cloud_half_static_compiled (each new shape compiles again, ~1 min)",
+        default=[1, 64, 96],
+        help=f"batch sizes for {COMPILED}, measured after all eager runs (empty: skip)",
     )
+    parser.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64], help="CUDA only")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_worker.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -216,47 +263,67 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    rng = np.random.default_rng(0)
-    agreement = []
-    for batch in args.batches:
+    def measure(name: str, fn, batch: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        try:
+            samples = timed(fn, args.repeats, device)
+        except Exception as exc:  # noqa: BLE001 - one failed variant (OOM, compile) must not lose the rest
+            result["runs"].append({"variant": name, "batch": batch, "error": repr(exc)[:500]})
+            print(f"{name} batch {batch}: {exc!r}"[:300], flush=True)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            save()
+            return
+        median = statistics.median(samples)
+        run = {
+            "variant": name,
+            "batch": batch,
+            "median_ms": round(median, 3),
+            "req_per_s": round(batch / median * 1000, 2),
+            "samples_ms": [round(s, 3) for s in samples],
+            "prompt_tokens": ids.shape[1],
+            "padding_fraction": round(1 - float(mask.float().mean()), 4),
+        }
+        if device.startswith("cuda"):
+            run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+        result["runs"].append(run)
+        print(f"{name:22s} batch {batch:4d}: {median:9.2f} ms  {run['req_per_s']:8.2f} req/s", flush=True)
+        save()
+
+    def inputs(batch: int) -> tuple[torch.Tensor, ...]:
+        rng = np.random.default_rng(batch)
         ids, mask = (t.to(device) for t in prompts(config, batch, rng))
         pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
         indices = torch.randint(0, vq_config.codebook_size, (batch, tokens, 1, 1), device=device)
-        calls = variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices)
-        with torch.inference_mode():
+        return ids, mask, pixels, indices
+
+    if device.startswith("cuda"):
+        result["gemm_ceiling"] = gemm_ceiling(config, 64 * 607, device)
+        print(json.dumps(result["gemm_ceiling"]), flush=True)
+    agreement = []
+    with torch.inference_mode():
+        for batch in args.batches:
+            ids, mask, pixels, indices = inputs(batch)
+            calls = variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices)
             for name in args.variants:
-                if name == "cloud_half_static_compiled" and batch not in args.compiled_batches:
-                    continue
-                try:
-                    samples = timed(calls[name], args.repeats, device)
-                except torch.OutOfMemoryError as exc:
-                    result["runs"].append(
-                        {"variant": name, "batch": batch, "error": f"out of memory: {exc}"[:300]}
-                    )
-                    torch.cuda.empty_cache()
-                    continue
-                median = statistics.median(samples)
-                run = {
-                    "variant": name,
-                    "batch": batch,
-                    "median_ms": round(median, 3),
-                    "req_per_s": round(batch / median * 1000, 2),
-                    "samples_ms": [round(s, 3) for s in samples],
-                    "prompt_tokens": ids.shape[1],
-                    "padding_fraction": round(1 - float(mask.float().mean()), 4),
-                }
-                if device.startswith("cuda"):
-                    run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                    torch.cuda.reset_peak_memory_stats()
-                result["runs"].append(run)
-                print(
-                    f"{name:22s} batch {batch:4d}: {median:9.2f} ms  {run['req_per_s']:8.2f} req/s",
-                    flush=True,
-                )
-                save()
+                measure(name, calls[name], batch, ids, mask)
             if {"hf_generate_unsplit", "cloud_only"} <= set(args.variants):
                 same = calls["hf_generate_unsplit"]() == calls["cloud_only"]()
                 agreement.append(float(same.float().mean()))
+            if device.startswith("cuda") and batch in args.profile_batches:
+                result.setdefault("profiles", {})[f"cloud_half_b{batch}"] = profile_top_kernels(
+                    calls["cloud_half"]
+                )
+                save()
+        if args.compiled_batches:
+            compile_layers(model)
+            for batch in args.compiled_batches:
+                ids, mask, pixels, indices = inputs(batch)
+                calls = variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices)
+                measure(COMPILED, calls["cloud_half"], batch, ids, mask)
+                if device.startswith("cuda") and batch in args.profile_batches:
+                    result["profiles"][f"{COMPILED}_b{batch}"] = profile_top_kernels(calls["cloud_half"])
+                    save()
     result["token_agreement_cloud_only_vs_hf"] = statistics.mean(agreement) if agreement else None
     result["summary"] = summarize(result["runs"])
     jpeg = jpeg_preprocess_ms(size, 20)
@@ -280,7 +347,7 @@ def main() -> None:
 def summarize(runs: list[dict]) -> dict:
     """Per variant: batch-1 latency and the best req/s over batch sizes (saturation)."""
     out: dict = {}
-    for name in VARIANTS:
+    for name in (*VARIANTS, COMPILED):
         done = [r for r in runs if r["variant"] == name and "median_ms" in r]
         if not done:
             continue
@@ -291,11 +358,12 @@ def summarize(runs: list[dict]) -> dict:
             "best_req_per_s": best["req_per_s"],
             "best_batch": best["batch"],
         }
-    if "cloud_half" in out:
-        goals = out["cloud_half"]
+    ours = [out[name] for name in ("cloud_half", COMPILED) if name in out]
+    if ours:
+        fastest = [r["batch1_ms"] for r in ours if r["batch1_ms"] is not None]
         out["goals"] = {
-            "req_per_s_at_least_75": goals["best_req_per_s"] >= 75,
-            "batch1_ms_at_most_40": goals["batch1_ms"] is not None and goals["batch1_ms"] <= 40,
+            "req_per_s_at_least_75": max(r["best_req_per_s"] for r in ours) >= 75,
+            "batch1_ms_at_most_40": bool(fastest) and min(fastest) <= 40,
         }
     return out
 
