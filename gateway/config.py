@@ -133,6 +133,8 @@ class GatewaySettings(WorkerLoopSettings):
     registry_ttl_ms: Annotated[int, Field(ge=0, le=600_000)] = 2_000
     rate_limit_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
     rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+    auth_failures_per_minute: Annotated[float, Field(ge=0, le=1_000_000)] = 10.0
+    auth_failure_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
     cors_origins: Annotated[list[str], NoDecode] = []
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 

@@ -157,7 +157,8 @@ class Overloaded(ServerError):
 
 
 class RateLimited(ServerError):
-    """The API key (or, anonymously, the client address) is over ``VQA_RATE_LIMIT_PER_S``."""
+    """The API key (or, anonymously, the client address) is over ``VQA_RATE_LIMIT_PER_S``, or the
+    client address failed authentication too often (``VQA_AUTH_FAILURES_PER_MINUTE``)."""
 
     code = "rate_limited"
 

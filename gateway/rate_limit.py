@@ -11,6 +11,11 @@ time: no refill job, one key per active client. :class:`RedisRateLimiter` runs i
 ``RATE_LIMIT`` Lua script on Redis's clock (replicas need no clock agreement, and a Redis error is
 the usual 503 ``queue_unavailable``); :class:`MemoryRateLimiter` runs the same arithmetic for
 ``VQA_QUEUE=memory``, where there is only one process.
+
+Failed authentication is limited the same way, per client address (``authfail:ip:<address>``,
+``VQA_AUTH_FAILURE_BURST`` at once, ``VQA_AUTH_FAILURES_PER_MINUTE`` sustained): :meth:`check`
+refuses a blocked address before its key is even compared, so a correct guess is not told apart
+from a wrong one while blocked; only a failure is counted (:meth:`acquire`).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from .errors import RateLimited
+from .queue import GatewayQueue, RedisGatewayQueue
 from .queue.keys import Keys
 from .queue.redis_queue import redis_errors
 from .queue.scripts import RATE_LIMIT
 
-__all__ = ["MemoryRateLimiter", "RateLimit", "RateLimiter", "RedisRateLimiter"]
+__all__ = ["MemoryRateLimiter", "RateLimit", "RateLimiter", "RedisRateLimiter", "limiter_for"]
 
 # The in-process table is pruned of clients whose bucket is full again once it holds this many.
 _MEMORY_PRUNE_AT = 10_000
@@ -35,10 +41,12 @@ _MEMORY_PRUNE_AT = 10_000
 
 @dataclass(frozen=True)
 class RateLimit:
-    """``per_s`` requests per second sustained, ``burst`` at once (a full bucket)."""
+    """``per_s`` requests per second sustained, ``burst`` at once (a full bucket); ``what`` names
+    the counted events in the 429 message."""
 
     per_s: float
     burst: int
+    what: str = "requests"
 
     def __post_init__(self) -> None:
         if not (self.per_s > 0 and self.burst >= 1):
@@ -49,9 +57,18 @@ class RateLimit:
         """Microseconds between two requests at the sustained rate."""
         return max(1, round(1_000_000 / self.per_s))
 
+    def advance(self, client_id: str, tat: int | None, now: int) -> int:
+        """GCRA at ``now`` (us) on the stored ``tat`` (None: none stored): the client's next TAT,
+        or RateLimited if this event would be refused. The RATE_LIMIT script is its Redis twin."""
+        next_tat = max(now if tat is None else tat, now) + self.interval_us
+        allow_at = next_tat - self.burst * self.interval_us
+        if allow_at > now:
+            raise self.refusal(client_id, allow_at - now)
+        return next_tat
+
     def refusal(self, client_id: str, wait_us: int) -> RateLimited:
         return RateLimited(
-            f"client {client_id} is over its rate limit of {self.per_s:g} requests/s (burst "
+            f"client {client_id} is over its rate limit of {self.per_s:g} {self.what}/s (burst "
             f"{self.burst}); the next request is allowed in {math.ceil(wait_us / 1000)} ms",
             retry_after=max(1, math.ceil(wait_us / 1_000_000)),
         )
@@ -63,6 +80,9 @@ class RateLimiter(Protocol):
     async def acquire(self, client_id: str) -> None:
         """Count one request of ``client_id``; raise RateLimited (with retry_after) if over its limit."""
 
+    async def check(self, client_id: str) -> None:
+        """Raise RateLimited if ``client_id``'s next request would be refused; counts nothing."""
+
 
 class RedisRateLimiter:
     """GCRA in Redis: one ``{prefix}:rate:{client}`` key per client, shared by all replicas."""
@@ -70,6 +90,7 @@ class RedisRateLimiter:
     def __init__(self, client: aioredis.Redis, keys: Keys, limit: RateLimit) -> None:
         self.limit = limit
         self.keys = keys
+        self._client = client
         self._script = client.register_script(RATE_LIMIT)
 
     async def acquire(self, client_id: str) -> None:
@@ -79,6 +100,13 @@ class RedisRateLimiter:
             )
         if not allowed:
             raise self.limit.refusal(client_id, int(wait_us))
+
+    async def check(self, client_id: str) -> None:
+        # Read-only, so no script: the stored TAT and Redis's clock in one round trip.
+        with redis_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                stored, (seconds, micros) = await pipe.get(self.keys.rate(client_id)).time().execute()
+        self.limit.advance(client_id, None if stored is None else int(stored), seconds * 1_000_000 + micros)
 
 
 class MemoryRateLimiter:
@@ -91,11 +119,16 @@ class MemoryRateLimiter:
 
     async def acquire(self, client_id: str) -> None:
         now = self._clock() // 1000
-        interval = self.limit.interval_us
-        next_tat = max(self._tat.get(client_id, now), now) + interval
-        allow_at = next_tat - self.limit.burst * interval
-        if allow_at > now:
-            raise self.limit.refusal(client_id, allow_at - now)
-        self._tat[client_id] = next_tat
+        self._tat[client_id] = self.limit.advance(client_id, self._tat.get(client_id), now)
         if len(self._tat) > _MEMORY_PRUNE_AT:
             self._tat = {client: tat for client, tat in self._tat.items() if tat > now}
+
+    async def check(self, client_id: str) -> None:
+        self.limit.advance(client_id, self._tat.get(client_id), self._clock() // 1000)
+
+
+def limiter_for(queue: GatewayQueue, limit: RateLimit) -> RateLimiter:
+    """A limiter held where ``queue`` keeps its state: Redis (shared by replicas) or this process."""
+    if isinstance(queue, RedisGatewayQueue):
+        return RedisRateLimiter(queue.client, queue.keys, limit)
+    return MemoryRateLimiter(limit)

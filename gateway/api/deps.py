@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, queue, registry, metrics, the API-key check + rate limit, the bounded body.
+"""FastAPI dependencies: settings, queue, registry, metrics, API-key check + rate limits, the bounded body.
 
 Everything a route needs arrives through these, as ``Annotated`` aliases, so tests can override
 any of them (``app.dependency_overrides``) and routes stay a few lines long.
@@ -19,7 +19,7 @@ from ..config import GatewaySettings
 from ..errors import BodyTooLarge, Unauthorized, UnsupportedMediaType
 from ..metrics import Metrics
 from ..queue import GatewayQueue
-from ..rate_limit import RateLimiter
+from ..rate_limit import RateLimit, RateLimiter, limiter_for
 from ..registry import Registry
 
 __all__ = [
@@ -55,6 +55,27 @@ def get_limiter(request: Request) -> RateLimiter | None:
     return request.app.state.limiter
 
 
+def get_auth_failure_limiter(request: Request) -> RateLimiter | None:
+    """The failed-authentication limiter (None: anonymous, or VQA_AUTH_FAILURES_PER_MINUTE=0), built
+    on first use next to the queue's state and kept while that queue lives (a new lifespan: a new one)."""
+    state = request.app.state
+    settings: GatewaySettings = state.settings
+    if settings.allow_anonymous or settings.auth_failures_per_minute == 0:
+        return None
+    cached = getattr(state, "auth_failure_limiter", None)
+    if cached is None or cached[0] is not state.queue:
+        limit = RateLimit(
+            settings.auth_failures_per_minute / 60, settings.auth_failure_burst, "failed authentications"
+        )
+        cached = state.auth_failure_limiter = (state.queue, limiter_for(state.queue, limit))
+    return cached[1]
+
+
+def client_address(request: Request) -> str:
+    """The peer address (the client's only if uvicorn runs with ``--proxy-headers`` behind a proxy)."""
+    return request.client.host if request.client else "unknown"
+
+
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 QueueDep = Annotated[GatewayQueue, Depends(get_queue)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
@@ -63,18 +84,32 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from VQA_API_KEYS")
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    failures: Annotated[RateLimiter | None, Depends(get_auth_failure_limiter)],
 ) -> str:
-    """401 unless ``Authorization: Bearer <key>`` carries a configured key (or anonymity is allowed).
+    """401 unless ``Authorization: Bearer <key>`` carries a configured key (or anonymity is allowed);
+    429 before any key is compared while the address is over its failed-authentication limit.
 
     Returns the client id the rate limit counts against: ``key:<first 16 hex of the key's sha256>``,
     or ``ip:<address>`` in anonymous mode.
     """
     if settings.allow_anonymous:
-        return f"ip:{request.client.host if request.client else 'unknown'}"
+        return f"ip:{client_address(request)}"
+    failure_id = f"authfail:ip:{client_address(request)}"
+    if failures is not None:
+        await failures.check(failure_id)
+    try:
+        return _client_id(settings, credentials)
+    except Unauthorized:
+        if failures is not None:
+            await failures.acquire(failure_id)  # over the limit (a replica raced us): 429, not 401
+        raise
+
+
+def _client_id(settings: GatewaySettings, credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
         raise Unauthorized("expected an 'Authorization: Bearer <api key>' header, got none")
     digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()

@@ -109,7 +109,15 @@ def env(redis_url, runner):
     """Module-wide gateway + worker: ``(tally, worker thread, redis client, prefix)``."""
     prefix = f"test-{uuid.uuid4().hex[:10]}"
     worker = WorkerThread(runner, worker_settings(redis_url, prefix)).start()
-    settings_ = gateway_settings(redis_url, prefix, max_body_bytes=MAX_BODY, max_question_chars=MAX_QUESTION)
+    # Random Authorization headers from one address would trip the failed-auth limit (its own tests
+    # cover it); here every generated request must reach the validation it targets.
+    settings_ = gateway_settings(
+        redis_url,
+        prefix,
+        max_body_bytes=MAX_BODY,
+        max_question_chars=MAX_QUESTION,
+        auth_failures_per_minute=0,
+    )
     with TestClient(create_app(settings_)) as client:
         wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
         r = redis.Redis.from_url(redis_url)
