@@ -1,27 +1,35 @@
 """Model side (torch): AlignedVQ, the edge/cloud split of any HF LLaVA, registry, training, evaluation.
 
-The edge never imports this package; the gateway's worker is its only serving-time user.
+The edge never imports this package; the gateway's worker is its only serving-time user. Names are
+resolved lazily (PEP 562), so ``models.data`` (the data sets and the shape generator, numpy only)
+can be used by load generators without importing torch.
 """
 
-from .config import QuantizerConfig, SplitSite
-from .export import export_edge_bundle, write_edge_bundle
-from .quantizer import AlignedVQ, QuantizerFileError
-from .registry import DEFAULT_MODEL, DEFAULT_QUANTIZER, LoadedModel, ModelNotAvailable, load_model
-from .split import CloudHalf, EdgeHalf, split_llava
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "DEFAULT_QUANTIZER",
-    "AlignedVQ",
-    "CloudHalf",
-    "EdgeHalf",
-    "LoadedModel",
-    "ModelNotAvailable",
-    "QuantizerConfig",
-    "QuantizerFileError",
-    "SplitSite",
-    "export_edge_bundle",
-    "load_model",
-    "split_llava",
-    "write_edge_bundle",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "QuantizerConfig": "config",
+    "SplitSite": "config",
+    "export_edge_bundle": "export",
+    "write_edge_bundle": "export",
+    "AlignedVQ": "quantizer",
+    "QuantizerFileError": "quantizer",
+    "DEFAULT_MODEL": "registry",
+    "DEFAULT_QUANTIZER": "registry",
+    "LoadedModel": "registry",
+    "ModelNotAvailable": "registry",
+    "load_model": "registry",
+    "CloudHalf": "split",
+    "EdgeHalf": "split",
+    "split_llava": "split",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
