@@ -35,14 +35,9 @@ OUT = RESULTS / "summary.json"
 WIRE = "benchmarks/results/wire_bytes.json"
 EDGE = "benchmarks/results/edge_cost.json"
 SERVING = "benchmarks/results/serving_load_cpu.json"
+GPU = "benchmarks/results/gpu_worker.json"
+E2E = "benchmarks/results/e2e_network.json"
 LLAVA15 = "/geometries/0"  # wire_bytes.py: llava-1.5-7b on photos; edge_cost.py: llava-1.5-7b
-# Figures of benchmarks not run yet (GPU serving, end to end): null until their results exist.
-NOT_YET = {
-    "gpu_req_per_s": ("req/s", "LLaVA-1.5-7B answers per second on one GPU (best batch size)"),
-    "gpu_batch1_ms": ("ms", "LLaVA-1.5-7B latency at batch 1 on one GPU"),
-    "gpu_card": ("name", "the GPU the gpu_* figures were measured on"),
-    "e2e_speedup_vs_cloud_only": ("x", "end-to-end latency of cloud-only over edge-cloud"),
-}
 # --------------------------------------------------------------------------------------------------
 
 
@@ -91,7 +86,7 @@ class Sources:
                 machine = doc.get("machine", {})
                 out[file] = {
                     "date": doc.get("date"),
-                    "machine": {k: machine.get(k) for k in ("cpu", "processor", "hostname", "cpus")},
+                    "machine": {k: machine.get(k) for k in ("cpu", "processor", "card", "hostname", "cpus")},
                     "loadavg_start": doc.get("loadavg_start"),
                 }
         return out
@@ -206,8 +201,37 @@ def build() -> dict[str, Any]:
             "ms",
             f"{overhead}: run {run['name']!r} at {run['rate']} req/s offered (the highest such rate)",
         )
-    for name, (unit, description) in NOT_YET.items():
-        figures[name] = {"value": None, "unit": unit, "description": description, "source": None}
+    figures.update(
+        gpu_req_per_s=sources.figure(
+            GPU,
+            "/summary/cloud_half/best_req_per_s",
+            "req/s",
+            "LLaVA-1.5-7B cloud half (random bf16 weights, 577-token payloads, 3 new tokens): answers per "
+            "second on one GPU at the best batch size",
+        ),
+        gpu_batch1_ms=sources.figure(
+            GPU, "/summary/cloud_half/batch1_ms", "ms", "the same at batch 1 (median wall time)"
+        ),
+        gpu_hf_generate_req_per_s=sources.figure(
+            GPU,
+            "/summary/hf_generate_unsplit/best_req_per_s",
+            "req/s",
+            "baseline in the same run: plain HF generate of the unsplit model, best batch size",
+        ),
+        gpu_hf_generate_batch1_ms=sources.figure(
+            GPU, "/summary/hf_generate_unsplit/batch1_ms", "ms", "that baseline at batch 1"
+        ),
+        gpu_card=sources.figure(GPU, "/machine/card", "name", "the GPU the gpu_* figures were measured on"),
+    )
+    for name, link in (("0_1mbps", "0.1_mbit"), ("1mbps", "1_mbit"), ("100mbps", "100_mbit")):
+        figures[f"e2e_speedup_{name}"] = sources.figure(
+            E2E,
+            f"/llava15_7b/goals/{link}/speedup",
+            "x",
+            f"LLaVA-1.5-7B end to end at {link.replace('_', ' ')}it/s uplink, 20 ms RTT: cloud-only "
+            "(JPEG-90 upload + full model) latency / edge-cloud latency (measured upload over the "
+            "emulated link + edge encode + H200 compute)",
+        )
     return {
         "benchmark": "summary",
         "date": now(),
@@ -229,7 +253,9 @@ def print_table(summary: dict[str, Any]) -> None:
         src = f"{fig['source']['file']}#{fig['source']['path']}" if fig["source"] else "-"
         print(f"{name:<30} {text:>14} {fig['unit']:<8} {src}")
     for file, info in summary["sources"].items():
-        print(f"{file}: {info['date']} on {info['machine'].get('cpu') or info['machine'].get('processor')}")
+        machine = info["machine"]
+        where = machine.get("card") or machine.get("cpu") or machine.get("processor")
+        print(f"{file}: {info['date']} on {where}")
     print(f"missing: {', '.join(summary['missing'])}")
 
 
