@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serving_load.py            # full run, ~6 min on 2 cores
     .venv/bin/python benchmarks/serving_load.py --quick    # smoke run, ~1 min, 2 configs
     .venv/bin/python benchmarks/serving_load.py --configs b16-w1,b1-w1 --out /tmp/load.json
+    .venv/bin/python -m benchmarks.serving_load --overhead   # gateway overhead at 100-300 req/s
 
 Starts ``vqa-gateway`` (anonymous, its own ``VQA_KEY_PREFIX``, a free port on 127.0.0.1) once, and
 for each worker configuration (batching on/off x 1/2 workers) that many ``vqa-worker --device cpu``
@@ -18,13 +19,21 @@ from each reply, overhead = latency - queue_ms - compute_ms (HTTP, gateway, Redi
 result delivery, client), and the share of answers matching the easy-VQA-style ground truth.
 
 Raw JSON (machine, load averages, settings, every run) goes to results/serving_load_cpu.json; one
-table is printed. The load generator, the gateway, Redis and the workers share the same CPUs.
+table is printed. The load generator, the gateway, Redis and the workers share the same CPUs, so
+each run also records the cores every process used and the generator's lag behind its schedule.
+
+``--overhead`` measures the gateway's own cost at up to 300 req/s (results/serving_overhead_cpu.json):
+the worker serves the tests' tiny random LLaVA (near-zero compute, so one CPU worker keeps up), and
+the load generator uses :class:`RawClient` (httpx alone would take most of a core at that rate).
+During every run the generator's garbage collector is paused (:func:`gc_paused`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import importlib.metadata
 import json
 import os
@@ -41,6 +50,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +93,7 @@ SETTINGS: dict = {
     "request_timeout_ms": 30000,  # each request's timeout_ms: the gateway answers 504 past it
     "client_timeout_s": 35.0,  # per HTTP request, client side (so the gateway's 504 comes first)
     "startup_timeout_s": 90.0,  # gateway /healthz, workers live, /readyz
+    "client": "httpx",  # the load generator's HTTP client: httpx, or "raw" (RawClient: far less CPU)
 }
 QUICK: dict = {
     "dataset": {**SETTINGS["dataset"], "images": 16},
@@ -92,6 +103,32 @@ QUICK: dict = {
     "open_loop": {"rates": [10.0], "duration_s": 5.0, "max_requests": 100},
     "drain_s": 15.0,
 }
+# --overhead: the gateway's own cost at 300 req/s. CPU workers on the bundled model top out near
+# 60-80 req/s here, so the worker serves the tiny random LLaVA the tests build (real weights
+# files, real quantizer, real generate; about 3-15 ms a batch): compute is near-zero by design, and
+# overhead excludes compute and queue wait anyway. Its answers are noise (accuracy means nothing).
+OVERHEAD: dict = {
+    "benchmark": "serving_overhead",
+    "model": "llava-tiny",
+    "tiny_model": {"builder": "tests.conftest.build_tiny_model_dir", "quantizer": "preln-16"},
+    "dataset": {**SETTINGS["dataset"], "images": 32},
+    "max_new_tokens": 2,
+    "client": "raw",
+    "configs": [{"name": "tiny-b32", "workers": 1, "max_batch": 32, "max_wait_ms": 5}],
+    "warmup_requests": 64,
+    "closed_loop": {"concurrency": [1], "duration_s": 10.0, "max_requests": 2000},
+    "open_loop": {"rates": [100.0, 200.0, 300.0], "duration_s": 20.0, "max_requests": 8000},
+}
+OVERHEAD_NOTE = (
+    " Overhead mode: the worker runs the tests' tiny random LLaVA (tests/conftest.py), so compute is "
+    "near-zero by design and the worker keeps up at 300 req/s with batching on; answers are noise "
+    "(accuracy is meaningless). Overhead = latency - queue_ms - compute_ms as above: it excludes "
+    "compute and the queue wait (batch fill included) and counts everything else (client, HTTP, "
+    "gateway validation, Redis round trips, reply delivery, the worker's per-entry decode and "
+    "finish, and any CPU contention between the processes). As in every serving_load run the "
+    "gateway is anonymous with no rate limit, so no API-key check is counted. machine lists uvloop, "
+    "httptools and hiredis when installed (uvicorn and redis-py use them if present)."
+)
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"
 
@@ -125,6 +162,8 @@ class Stack:
     gateway: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
     spawned: int = 0
+    model_dir: Path | None = None  # serve this directory (named ``model``) instead of a registry name
+    quantizer: str | None = None  # the worker's --quantizer (default: the worker's own default)
 
     @property
     def url(self) -> str:
@@ -161,7 +200,8 @@ class Stack:
         env = self.env(
             VQA_MAX_BATCH=str(max_batch), VQA_MAX_WAIT_MS=str(max_wait_ms), VQA_TORCH_THREADS=str(threads)
         )
-        argv = [entry_point("vqa-worker"), "--model", self.model, "--device", "cpu", "--log-level", "WARNING"]
+        argv = [entry_point("vqa-worker"), "--model", str(self.model_dir or self.model), "--device", "cpu"]
+        argv += ["--log-level", "WARNING", *(["--quantizer", self.quantizer] if self.quantizer else [])]
         for _ in range(count):
             self.workers.append(self.spawn("worker", argv, env))
         self.wait(lambda: self.live_workers() == count, timeout, f"{count} live workers")
@@ -191,6 +231,19 @@ class Stack:
             print(f"warning: could not delete the {self.prefix}:* keys: {exc}", file=sys.stderr)
         finally:
             client.close()
+
+    def pids(self) -> dict[str, list[int]]:
+        """Process ids by role (gateway, worker, redis), for :class:`CpuMeter`."""
+        pids = {"gateway": [self.gateway.pid] if self.gateway else []}
+        pids["worker"] = [w.pid for w in self.workers]
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        try:
+            pids["redis"] = [int(client.info("server")["process_id"])]
+        except (redis.RedisError, KeyError, ValueError):
+            pids["redis"] = []  # a remote or restricted Redis: its share is simply not reported
+        finally:
+            client.close()
+        return pids
 
     def backlog(self) -> int:
         """Entries in the model's stream (queued + in progress); finished ones are deleted."""
@@ -242,6 +295,47 @@ def _reap(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(5)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process from Linux's /proc; None where unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used per role during a run, in cores (1.0 = one core busy): on a shared 2-core machine
+    this shows which process the latency is waiting behind, the load generator included."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.start = self.snapshot()
+
+    def restart(self) -> None:
+        self.start = self.snapshot()
+
+    def snapshot(self) -> dict[str, float]:
+        used = {role: sum(cpu_seconds(p) or 0.0 for p in pids) for role, pids in self.pids.items()}
+        return used | {"load_generator": time.process_time(), "wall": time.perf_counter()}
+
+    def cores(self) -> dict[str, float]:
+        """Cores used per role since the last :meth:`restart` (or construction)."""
+        now = self.snapshot()
+        wall = max(now["wall"] - self.start["wall"], 1e-9)
+        return {role: round((now[role] - self.start[role]) / wall, 3) for role in now if role != "wall"}
+
+
+def build_tiny_model(directory: Path, builder: str) -> Path:
+    """The tests' tiny model directory, built in a child process: its k-means, torch threads and the
+    test module's environment defaults stay out of the load generator."""
+    module, _, function = builder.rpartition(".")
+    code = f"import sys, pathlib, {module} as m; m.{function}(pathlib.Path(sys.argv[1]))"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code, str(directory)], cwd=repo, check=True, timeout=300)
+    return directory
 
 
 # ---- request payloads --------------------------------------------------------------------------
@@ -306,6 +400,82 @@ class Record:
     compute_ms: float = 0.0
     batch_size: int = 0
     correct: bool = False
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    """The part of ``httpx.Response`` that :class:`Loader` reads."""
+
+    status_code: int
+    content: bytes
+
+    def json(self) -> object:
+        return json.loads(self.content)
+
+
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client with httpx's ``post`` signature, for the load generator.
+
+    httpx spends about 2 ms of CPU per request here; at 300 req/s that is most of a core taken from
+    the gateway it measures (and its generator falls behind schedule). This writes one prebuilt
+    request and reads one ``Content-Length`` response per pooled connection, nothing else. Failures
+    raise httpx's transport errors, so :class:`Loader` treats both clients alike.
+    """
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        address = httpx.URL(base_url)
+        self.host, self.port, self.timeout = address.host, address.port or 80, timeout
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].close()
+
+    async def post(self, path: str, *, content: bytes, headers: dict[str, str]) -> RawResponse:
+        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}", f"Content-Length: {len(content)}"]
+        request = "\r\n".join([*lines, *(f"{k}: {v}" for k, v in headers.items()), "", ""]).encode() + content
+        try:
+            async with asyncio.timeout(self.timeout):
+                # A pooled connection the server closed while idle (uvicorn: after 5 s) fails before
+                # any byte of a response arrives; the request goes again on the next connection
+                # (a request id is answered once however often it is sent).
+                while self._idle:
+                    try:
+                        return await self._exchange(self._idle.pop(), request)
+                    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                        if getattr(exc, "partial", b""):
+                            raise
+                connection = await asyncio.open_connection(self.host, self.port)
+                return await self._exchange(connection, request)
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no response within {self.timeout} s") from None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _exchange(
+        self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
+    ) -> RawResponse:
+        reader, writer = connection
+        try:
+            writer.write(request)
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower().split("\r\n")
+            status = int(head[0].split()[1])
+            fields = dict(line.split(":", 1) for line in head[1:] if ":" in line)
+            body = await reader.readexactly(int(fields["content-length"]))
+        except BaseException:
+            writer.close()
+            raise
+        if fields.get("connection", "").strip() == "close":
+            writer.close()
+        else:
+            self._idle.append(connection)
+        return RawResponse(status, body)
 
 
 class Loader:
@@ -389,6 +559,7 @@ class Loader:
         sent = {
             "send_window_s": round(window, 2),
             "offered_req_per_s": round(len(tasks) / window, 2) if window > 0 else 0.0,
+            "generator_lag_p50_ms": round(percentile(lags, 50), 2) if lags else None,
             "generator_lag_p99_ms": round(percentile(lags, 99), 2) if lags else None,
         }
         return records, time.perf_counter() - start, sent
@@ -437,33 +608,63 @@ def summarize(records: list[Record], elapsed_s: float) -> dict:
     }
 
 
-async def measure(url: str, items: list[Item], config: dict, settings: dict, seed: int) -> list[dict]:
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection in the load generator during a run: a full collection of its heap
+    (torch arrives with models.data) took ~200 ms, which every request in flight then counted as
+    latency from its scheduled arrival. Collected and frozen before, re-enabled after."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def measure(
+    url: str, items: list[Item], config: dict, settings: dict, seed: int, meter: CpuMeter | None = None
+) -> list[dict]:
+    """Every closed- then open-loop load of ``settings`` against one worker configuration; with a
+    ``meter``, each run also records the cores each process used (``cpu_cores``)."""
     closed, opened = settings["closed_loop"], settings["open_loop"]
-    connections = max(max(closed["concurrency"]), 64)
+    connections = max([*closed["concurrency"], 64])
     limits = httpx.Limits(max_connections=connections * 4, max_keepalive_connections=connections)
     timeout = httpx.Timeout(settings["client_timeout_s"], connect=5.0)
     runs = []
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False) as client:
+    if settings.get("client") == "raw":
+        opened_client = RawClient(url, settings["client_timeout_s"])
+    else:
+        opened_client = httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False)
+    async with opened_client as client:
         loader = Loader(client, items, seed)
         warm = settings["warmup_requests"]
         await loader.closed(min(warm, 8), settings["client_timeout_s"], warm)  # first batches are slow
         for c in closed["concurrency"]:
             load_before = os.getloadavg()[0]
-            records, elapsed = await loader.closed(c, closed["duration_s"], closed["max_requests"])
+            if meter:
+                meter.restart()
+            with gc_paused():
+                records, elapsed = await loader.closed(c, closed["duration_s"], closed["max_requests"])
             runs.append(
                 {**config, "mode": "closed", "concurrency": c, "loadavg_1m_before": round(load_before, 2)}
                 | summarize(records, elapsed)
+                | ({"cpu_cores": meter.cores()} if meter else {})
             )
             print_row(runs[-1])
         for rate in opened["rates"]:
             load_before = os.getloadavg()[0]
-            records, elapsed, sent = await loader.open(
-                rate, opened["duration_s"], opened["max_requests"], settings["drain_s"]
-            )
+            if meter:
+                meter.restart()
+            with gc_paused():
+                records, elapsed, sent = await loader.open(
+                    rate, opened["duration_s"], opened["max_requests"], settings["drain_s"]
+                )
             runs.append(
                 {**config, "mode": "open", "rate": rate, "loadavg_1m_before": round(load_before, 2)}
                 | summarize(records, elapsed)
                 | sent
+                | ({"cpu_cores": meter.cores()} if meter else {})
             )
             print_row(runs[-1])
     return runs
@@ -501,6 +702,28 @@ def print_row(run: dict) -> None:
     print(f"  .. {row(run)}", flush=True)
 
 
+CPU_COLUMNS = (
+    ("config", 8), ("load", 6), ("ovh50", 6), ("ovh95", 6), ("ovh99", 6), ("lag50", 6), ("lag99", 6),
+    ("gateway", 7), ("worker", 7), ("redis", 6), ("loadgen", 7),
+)  # fmt: skip
+
+
+def cpu_table(runs: list[dict]) -> str:
+    """Overhead next to the generator's lag behind its schedule and the cores each process used."""
+    lines = [" ".join(f"{name:>{width}}" for name, width in CPU_COLUMNS)]
+    for run in runs:
+        load = f"C={run['concurrency']}" if run["mode"] == "closed" else f"{run['rate']:g}/s"
+        cores = run.get("cpu_cores", {})
+        cells = (
+            run["name"], load, *(fmt(run["overhead_ms"][q], 1) for q in ("p50", "p95", "p99")),
+            fmt(run.get("generator_lag_p50_ms"), 1), fmt(run.get("generator_lag_p99_ms"), 1),
+            *(fmt(cores.get(role), 2) for role in ("gateway", "worker", "redis", "load_generator")),
+        )  # fmt: skip
+        pairs = zip(cells, CPU_COLUMNS, strict=True)
+        lines.append(" ".join(f"{cell!s:>{width}}" for cell, (_, width) in pairs))
+    return "\n".join(lines)
+
+
 def machine(redis_url: str) -> dict:
     def version(name: str) -> str | None:
         try:
@@ -518,7 +741,18 @@ def machine(redis_url: str) -> dict:
         # Versions from package metadata: the load generator itself never imports torch.
         **{
             name: version(name)
-            for name in ("torch", "transformers", "numpy", "httpx", "fastapi", "uvicorn", "redis")
+            for name in (
+                "torch",
+                "transformers",
+                "numpy",
+                "httpx",
+                "fastapi",
+                "uvicorn",
+                "redis",
+                "uvloop",
+                "httptools",
+                "hiredis",  # uvicorn's and redis-py's fast paths, when installed
+            )  # fmt: skip
         },
         "redis_server": redis_version(redis_url),
     }
@@ -567,7 +801,7 @@ def loadavg() -> list[float]:
 def run(settings: dict, out: Path) -> dict:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     result = {
-        "benchmark": "serving_load",
+        "benchmark": settings.get("benchmark", "serving_load"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(settings["redis_url"]),
         "loadavg_start": loadavg(),
@@ -577,7 +811,8 @@ def run(settings: dict, out: Path) -> dict:
             "arrival). queue_ms: gateway enqueue -> worker batch start (includes the batch-fill wait). "
             "compute_ms: the whole batch's generate call. overhead = latency - queue_ms - compute_ms. "
             "Load generator, gateway, Redis and workers share the machine's CPUs; other jobs may too "
-            "(see loadavg_*)."
+            "(see loadavg_*); cpu_cores: cores each process used during the run (load_generator "
+            "is this script)." + (OVERHEAD_NOTE if "tiny_model" in settings else "")
         ),
         "runs": [],
     }
@@ -585,6 +820,10 @@ def run(settings: dict, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="serving-load-") as tmp:
         workdir = Path(tmp)
         stack = Stack(settings["redis_url"], settings["model"], workdir)
+        if "tiny_model" in settings:
+            tiny = settings["tiny_model"]
+            stack.model_dir = build_tiny_model(workdir / settings["model"], tiny["builder"])
+            stack.quantizer = tiny["quantizer"]
         try:
             result["redis_timer"] = redis_timer_probe(stack.redis_url, stack.prefix)
             print(f"redis timer: {json.dumps(result['redis_timer'])}", flush=True)
@@ -615,7 +854,8 @@ def run(settings: dict, out: Path) -> dict:
                 print(f"{config['name']}: {config['workers']} worker(s) x {threads} thread(s) up in "
                       f"{time.monotonic() - t0:.1f} s", flush=True)  # fmt: skip
                 config = {**config, "torch_threads": threads}
-                result["runs"] += asyncio.run(measure(stack.url, items, config, settings, seed=1000 + i))
+                meter = CpuMeter(stack.pids())
+                result["runs"] += asyncio.run(measure(stack.url, items, config, settings, 1000 + i, meter))
                 # Entries the drain gave up on would run under the next config: wait until the
                 # workers have answered or expired them (timeout_ms bounds this).
                 timeout = settings["request_timeout_ms"] / 1000 + 10
@@ -639,30 +879,41 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 configs, shorter and fewer loads")
     parser.add_argument("--configs", help="comma-separated config names to keep (default: all)")
     parser.add_argument("--duration", type=float, help="seconds per run (closed and open loop)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "serving_load_cpu.json")
+    parser.add_argument(
+        "--overhead", action="store_true", help="gateway overhead at 100-300 req/s on the tiny model"
+    )
+    parser.add_argument("--rates", help="comma-separated open-loop rates (req/s) instead of the defaults")
+    parser.add_argument("--out", type=Path, help="default: results/serving_{load,overhead}_cpu.json")
     args = parser.parse_args()
-    settings = {**SETTINGS, **(QUICK if args.quick else {})}
+    base = {**SETTINGS, **OVERHEAD} if args.overhead else SETTINGS
+    settings = {**base, **(QUICK if args.quick and not args.overhead else {})}
+    out = args.out or RESULTS / ("serving_overhead_cpu.json" if args.overhead else "serving_load_cpu.json")
     if args.configs:
         keep = args.configs.split(",")
-        settings["configs"] = [c for c in SETTINGS["configs"] if c["name"] in keep]
+        settings["configs"] = [c for c in base["configs"] if c["name"] in keep]
         if not settings["configs"]:
-            raise SystemExit(f"no config named {keep}; known: {[c['name'] for c in SETTINGS['configs']]}")
+            raise SystemExit(f"no config named {keep}; known: {[c['name'] for c in base['configs']]}")
+    if args.rates:
+        settings["open_loop"] = {**settings["open_loop"], "rates": [float(r) for r in args.rates.split(",")]}
     if args.duration:
         for key in ("closed_loop", "open_loop"):
             settings[key] = {**settings[key], "duration_s": args.duration}
     # SIGTERM ends the script like Ctrl-C does, so the finally block stops every subprocess.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = run(settings, args.out)
+    result = run(settings, out)
 
     m = result["machine"]
-    print(f"\nserving_load on {m['hostname']} ({m['processor']}, {m['cpus_usable']} CPUs, {m['platform']}), "
+    print(f"\n{result['benchmark']} on {m['hostname']} ({m['processor']}, {m['cpus_usable']} CPUs, "
+          f"{m['platform']}), "
           f"python {m['python']}, torch {m['torch']}; load average {result['loadavg_start']} -> "
           f"{result['loadavg_end']}; {result['wall_s']} s")  # fmt: skip
     print("latency/queue/compute/overhead in ms; comp/ans = compute_ms / batch_size; batch = mean batch size")
     print(header())
     for run_ in result["runs"]:
         print(row(run_))
-    print(f"wrote {args.out}")
+    print("\noverhead (ms), load generator lag behind its Poisson schedule (ms), CPU cores used per process")
+    print(cpu_table(result["runs"]))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

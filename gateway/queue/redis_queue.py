@@ -7,8 +7,9 @@ awaits an in-process future. ONE background task per gateway process pops the ga
 
 Worker side (:class:`RedisWorkerQueue`, blocking): ``XREADGROUP`` new entries, ``XAUTOCLAIM``
 entries a dead worker left pending (moving those delivered more than ``VQA_MAX_DELIVERIES`` times to
-the dead-letter stream), and FINISH each entry: reply to its waiters, store the result, ``XACK`` +
-``XDEL``. The stream therefore holds exactly the unanswered requests and is never trimmed by length.
+the dead-letter stream), and FINISH each batch in one script call: reply to every waiter, store
+the results, ``XACK`` + ``XDEL``. The stream therefore holds exactly the unanswered requests and is
+never trimmed by length.
 
 Every Redis exception is translated to :class:`~gateway.errors.QueueUnavailable` by
 :func:`redis_errors`; the client reconnects by itself once Redis is back, so neither process needs
@@ -381,6 +382,7 @@ class RedisWorkerQueue:
                 claimed.dead.append(job)
             else:
                 claimed.jobs.append(job)
+        failures = []
         for job in claimed.dead:
             reason = (
                 f"delivered {job.deliveries - 1} times without an answer (VQA_MAX_DELIVERIES="
@@ -399,35 +401,26 @@ class RedisWorkerQueue:
                     maxlen=DEAD_LETTER_MAXLEN,
                     approximate=True,
                 )
-            self.finish([(job, Reply.failure(job, DeadLettered(f"request {job.request_id}: {reason}")))])
+            failures.append((job, Reply.failure(job, DeadLettered(f"request {job.request_id}: {reason}"))))
+        self.finish(failures)
         return claimed
 
     def finish(self, done: list[tuple[Job, Reply]]) -> None:
+        """The whole batch in one FINISH call: one round trip between compute and the replies."""
         if not done:
             return
         result_ttl_ms = self.settings.result_ttl_s * 1000
+        keys, args = [self.stream], [GROUP, REPLY_LIST_TTL_MS]
+        for job, reply in done:
+            keys += [
+                self.keys.result(job.model, job.request_id),
+                self.keys.inflight(job.model, job.request_id),
+                self.keys.waiters(job.model, job.request_id),
+            ]
+            # Only answers are stored: a retry after an error should run again.
+            args += [job.entry_id, reply.pack(), result_ttl_ms if reply.ok else 0, job.reply_to]
         with redis_errors():
-            pipe = self.client.pipeline(transaction=False)
-            for job, reply in done:
-                self._finish(
-                    keys=[
-                        self.stream,
-                        self.keys.result(job.model, job.request_id),
-                        self.keys.inflight(job.model, job.request_id),
-                        self.keys.waiters(job.model, job.request_id),
-                    ],
-                    # Only answers are stored: a retry after an error should run again.
-                    args=[
-                        GROUP,
-                        job.entry_id,
-                        reply.pack(),
-                        result_ttl_ms if reply.ok else 0,
-                        job.reply_to,
-                        REPLY_LIST_TTL_MS,
-                    ],
-                    client=pipe,
-                )
-            pipe.execute()
+            self._finish(keys=keys, args=args)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -5,8 +5,9 @@ Atomicity is what makes the idempotency rules hold without polling:
 - ENQUEUE checks for a stored result, joins an in-flight request (``SET NX`` semantics on the
   in-flight marker) or checks the backlog and adds the entry: a request id is never queued twice,
   and a joining gateway is registered as a waiter before the entry can finish.
-- FINISH stores the result, pushes the reply to every waiter, clears the in-flight marker and
-  acknowledges + deletes the entry: no waiter can register between the reply and the cleanup.
+- FINISH stores the results of a batch, pushes each reply to every waiter, clears the in-flight
+  markers and acknowledges + deletes the entries: no waiter can register between a reply and the
+  cleanup.
 
 - RATE_LIMIT reads, checks and advances one client's GCRA timestamp, on Redis's own clock, so
   every gateway replica enforces one shared limit without trusting its own clock.
@@ -41,25 +42,45 @@ redis.call('PEXPIRE', KEYS[3], ttl)
 return {'queued', id}
 """
 
-# KEYS: stream, result, inflight, waiters
-# ARGV: group, entry_id, reply, result_ttl_ms (0: do not store), reply_to, reply_list_ttl_ms
-# -> number of reply lists written
+# One call finishes a whole batch: one round trip, and one RPUSH per reply list for all its replies.
+# KEYS: stream, then per entry: result, inflight, waiters
+# ARGV: group, reply_list_ttl_ms, then per entry: entry_id, reply, result_ttl_ms (0: do not store),
+#       reply_to
+# -> number of replies pushed
 FINISH = """
-if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4]) end
-local targets, seen = {}, {}
-for _, target in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-  seen[target] = true
-  table.insert(targets, target)
+local group, list_ttl = ARGV[1], ARGV[2]
+local pushes, targets, ids = {}, {}, {}
+for i = 0, (#ARGV - 2) / 4 - 1 do
+  local result, inflight, waiters = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  local entry, reply, ttl = ARGV[3 + 4 * i], ARGV[4 + 4 * i], tonumber(ARGV[5 + 4 * i])
+  if ttl > 0 then redis.call('SET', result, reply, 'PX', ttl) end
+  local seen = {}
+  local members = redis.call('SMEMBERS', waiters)
+  table.insert(members, ARGV[6 + 4 * i])
+  for _, target in ipairs(members) do
+    if not seen[target] then
+      seen[target] = true
+      if not pushes[target] then
+        pushes[target] = {}
+        table.insert(targets, target)
+      end
+      table.insert(pushes[target], reply)
+    end
+  end
+  if redis.call('GET', inflight) == entry then redis.call('DEL', inflight, waiters) end
+  table.insert(ids, entry)
 end
-if not seen[ARGV[5]] then table.insert(targets, ARGV[5]) end
+local pushed = 0
 for _, target in ipairs(targets) do
-  redis.call('RPUSH', target, ARGV[3])
-  redis.call('PEXPIRE', target, ARGV[6])
+  redis.call('RPUSH', target, unpack(pushes[target]))
+  redis.call('PEXPIRE', target, list_ttl)
+  pushed = pushed + #pushes[target]
 end
-if redis.call('GET', KEYS[3]) == ARGV[2] then redis.call('DEL', KEYS[3], KEYS[4]) end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return #targets
+if #ids > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+return pushed
 """
 
 # GCRA (the generic cell rate algorithm, ITU-T I.371; a token bucket kept as one timestamp): the

@@ -218,6 +218,40 @@ def test_cloud_only_and_features_share_a_batch(
     assert worker.worker.stats.batches == 1
 
 
+def test_one_finish_call_answers_a_whole_batch(published, model_name, prefix, r) -> None:
+    """Every waiter of every entry gets its reply; only answers are stored; nothing is left behind."""
+    from gateway.errors import WorkerError
+    from gateway.queue import Reply
+    from gateway.queue.scripts import ENQUEUE
+
+    keys, enqueue = Keys(prefix), r.register_script(ENQUEUE)
+    gateway_a, gateway_b = keys.replies("gateway-a"), keys.replies("gateway-b")
+
+    def submit(request_id: str, reply_to: str) -> bytes:
+        tracked = [keys.result(model_name, request_id), keys.inflight(model_name, request_id)]
+        tracked += [keys.waiters(model_name, request_id), keys.stream(model_name)]
+        args = [reply_to, int(time.time() * 1000) + 60_000, 65_000, 100, request_id, 0, b"body", model_name]
+        return enqueue(keys=tracked, args=args)[0]
+
+    assert [submit(rid, gateway_a) for rid in ("r1", "r2", "r3")] == [b"queued"] * 3
+    assert submit("r2", gateway_b) == b"joined"  # a retry that reached another gateway
+    jobs = published.read(3, 0)
+    replies = [
+        Reply(request_id="r1", model=model_name, answer="red", batch_size=3),
+        Reply.failure(jobs[1], WorkerError("boom")),
+        Reply(request_id="r3", model=model_name, answer="blue", batch_size=3),
+    ]
+    published.finish(list(zip(jobs, replies, strict=True)))
+
+    assert [Reply.unpack(x) for x in r.lrange(gateway_a, 0, -1)] == replies
+    assert [Reply.unpack(x) for x in r.lrange(gateway_b, 0, -1)] == [replies[1]]
+    assert [r.exists(keys.result(model_name, rid)) for rid in ("r1", "r2", "r3")] == [1, 0, 1]
+    leftovers = [keys.inflight(model_name, rid) for rid in ("r1", "r2", "r3")]
+    leftovers += [keys.waiters(model_name, rid) for rid in ("r1", "r2", "r3")]
+    assert r.exists(*leftovers) == 0
+    assert r.xlen(keys.stream(model_name)) == 0 and r.xpending(keys.stream(model_name), GROUP)["pending"] == 0
+
+
 def test_reply_unpack_rejects_garbage() -> None:
     from gateway.queue import Reply
 
