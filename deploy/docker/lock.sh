@@ -15,8 +15,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # What `gateway.api` imports (house style 9: never torch): edge_client's own dependencies minus the
-# CLI (typer) plus the HTTP stack. uvloop + httptools are uvicorn's fast event loop and parser.
-GATEWAY=(fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 uvloop httptools redis==8.1.0
+# CLI (typer) plus the HTTP stack, with the extras pyproject.toml's serve extra names (uvloop, httptools,
+# hiredis: the fast event loop, HTTP parser and Redis reply parser).
+GATEWAY=(fastapi==0.165.0 starlette==1.10.0 "uvicorn[standard]==0.54.0" "redis[hiredis]==8.1.0"
   pydantic==2.14.4 pydantic-settings==2.16.3 prometheus-client msgpack==1.2.4 numpy==2.4.6
   pillow==13.0.0 httpx==0.28.1 anyio==4.16.0 safetensors==0.8.0)
 # edge_client: numpy, pillow, httpx, msgpack, safetensors, typer, pydantic (constriction is declared
