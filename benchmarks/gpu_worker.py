@@ -16,6 +16,11 @@ ignored, so every run does the same work). Variants, all in one process on one c
 - ``cloud_only``: the same lean path from pixels (the whole vision tower in the cloud): the compute
   of a cloud-only request, used by ``benchmarks/e2e_network.py`` together with the JPEG decode and
   preprocessing time measured here on the host CPU.
+- ``cloud_half_fused``: the cloud half with :class:`models.fused.FusedLlama` (the parts of a
+  decoder layer around attention compiled once for all layers, q/k/v and gate/up as single
+  GEMMs; compiled during the warm-up call of each new shape).
+- ``cloud_half_compiled`` (second pass): HF's own blocks under ``torch.compile``; kept because it
+  shows why the fused path exists (dynamo recompiles per layer index and falls back to eager).
 
 Prompts are left-padded to the longest question in the batch (questions of 6-14 tokens after a
 577-token image: < 1.5 % padding). Per variant and batch size: median wall time per batch over
@@ -48,7 +53,7 @@ from models.split import split_llava, vision_model, vision_tokens
 RESULTS = Path(__file__).parent / "results"
 NEW_TOKENS = 3
 PREFIX_TOKENS = 5  # "USER:" before the image in the LLaVA-1.5 template
-VARIANTS = ("hf_generate_unsplit", "cloud_half", "cloud_only")
+VARIANTS = ("hf_generate_unsplit", "cloud_half", "cloud_only", "cloud_half_fused")
 COMPILED = "cloud_half_compiled"  # measured in a second pass: compiling changes the model in place
 
 
@@ -82,28 +87,17 @@ def prompts(config, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices) -> dict:
+def variant_calls(model, edge, cloud, fused, quantizer, ids, mask, pixels, indices) -> dict:
     """One zero-argument callable per variant, all answering the same batch with new tokens."""
     greedy = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-
-    def static_compiled() -> torch.Tensor:
-        # HF's own CUDA-graph path: a static KV cache, decode steps compiled (reduce-overhead).
-        embeds = cloud.inputs_embeds(ids, cloud.image_features(quantizer.decode(indices)))
-        return model.generate(
-            inputs_embeds=embeds, attention_mask=mask, cache_implementation="static", **greedy
-        )
-
+    ours = dict(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
     return {
         "hf_generate_unsplit": lambda: model.generate(
             input_ids=ids, pixel_values=pixels, attention_mask=mask, **greedy
         )[:, ids.shape[1] :],
-        "cloud_half": lambda: cloud.generate(
-            quantizer.decode(indices), ids, mask, max_new_tokens=NEW_TOKENS, stop_at_eos=False
-        ),
-        "cloud_only": lambda: cloud.generate(
-            edge(pixels), ids, mask, max_new_tokens=NEW_TOKENS, stop_at_eos=False
-        ),
-        "cloud_half_static_compiled": static_compiled,
+        "cloud_half": lambda: cloud.generate(quantizer.decode(indices), ids, mask, **ours),
+        "cloud_only": lambda: cloud.generate(edge(pixels), ids, mask, **ours),
+        "cloud_half_fused": lambda: fused.generate(quantizer.decode(indices), ids, mask, **ours),
     }
 
 
@@ -236,6 +230,7 @@ def main() -> None:
     )
     quantizer = AlignedVQ(vq_config).to(device).eval()
     edge, cloud = split_llava(model, vq_config.site)
+    fused = split_llava(model, vq_config.site, fused=True)[1] if "cloud_half_fused" in args.variants else None
     tokens = vision_tokens(config.vision_config)
     size = config.vision_config.image_size
     dtype = next(model.parameters()).dtype
@@ -300,31 +295,37 @@ def main() -> None:
     if device.startswith("cuda"):
         result["gemm_ceiling"] = gemm_ceiling(config, 64 * 607, device)
         print(json.dumps(result["gemm_ceiling"]), flush=True)
-    agreement = []
+    agreement, fused_agreement = [], []
     with torch.inference_mode():
         for batch in args.batches:
             ids, mask, pixels, indices = inputs(batch)
-            calls = variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices)
+            calls = variant_calls(model, edge, cloud, fused, quantizer, ids, mask, pixels, indices)
             for name in args.variants:
                 measure(name, calls[name], batch, ids, mask)
-            if {"hf_generate_unsplit", "cloud_only"} <= set(args.variants):
+            measured = {r["variant"] for r in result["runs"] if r["batch"] == batch and "median_ms" in r}
+            if {"hf_generate_unsplit", "cloud_only"} <= measured:
                 same = calls["hf_generate_unsplit"]() == calls["cloud_only"]()
                 agreement.append(float(same.float().mean()))
+            if {"cloud_half", "cloud_half_fused"} <= measured:
+                same = calls["cloud_half"]() == calls["cloud_half_fused"]()
+                fused_agreement.append(float(same.float().mean()))
             if device.startswith("cuda") and batch in args.profile_batches:
-                result.setdefault("profiles", {})[f"cloud_half_b{batch}"] = profile_top_kernels(
-                    calls["cloud_half"]
-                )
+                for name in ("cloud_half", "cloud_half_fused") if fused is not None else ("cloud_half",):
+                    result.setdefault("profiles", {})[f"{name}_b{batch}"] = profile_top_kernels(calls[name])
                 save()
         if args.compiled_batches:
             compile_layers(model)
             for batch in args.compiled_batches:
                 ids, mask, pixels, indices = inputs(batch)
-                calls = variant_calls(model, edge, cloud, quantizer, ids, mask, pixels, indices)
+                calls = variant_calls(model, edge, cloud, fused, quantizer, ids, mask, pixels, indices)
                 measure(COMPILED, calls["cloud_half"], batch, ids, mask)
                 if device.startswith("cuda") and batch in args.profile_batches:
                     result["profiles"][f"{COMPILED}_b{batch}"] = profile_top_kernels(calls["cloud_half"])
                     save()
     result["token_agreement_cloud_only_vs_hf"] = statistics.mean(agreement) if agreement else None
+    result["token_agreement_fused_vs_cloud_half"] = (
+        statistics.mean(fused_agreement) if fused_agreement else None
+    )
     result["summary"] = summarize(result["runs"])
     jpeg = jpeg_preprocess_ms(size, 20)
     result["cpu_jpeg_decode_preprocess"] = jpeg
@@ -358,7 +359,7 @@ def summarize(runs: list[dict]) -> dict:
             "best_req_per_s": best["req_per_s"],
             "best_batch": best["batch"],
         }
-    ours = [out[name] for name in ("cloud_half", COMPILED) if name in out]
+    ours = [out[name] for name in ("cloud_half", COMPILED, "cloud_half_fused") if name in out]
     if ours:
         fastest = [r["batch1_ms"] for r in ours if r["batch1_ms"] is not None]
         out["goals"] = {

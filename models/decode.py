@@ -27,9 +27,38 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+class HFEngine:
+    """``prefill`` / ``step`` through the Hugging Face model itself (its KV cache, its kernels)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.cache_arg = _cache_argument(model)
+
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits, getattr(out, self.cache_arg)
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache):
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_arg: cache},
+        )
+        return out.logits, getattr(out, self.cache_arg)
+
+
 @torch.no_grad()
 def greedy_decode(
-    model: nn.Module,
+    engine: HFEngine,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -38,20 +67,13 @@ def greedy_decode(
 ) -> torch.Tensor:
     """New tokens ``(batch, <= max_new_tokens)``; rows past EOS are filled with ``pad_token_id``.
 
-    Stops early once every row has produced EOS (one host sync per step, which a few-token answer
-    can afford); with ``eos_token_id=None`` it always runs ``max_new_tokens`` steps.
+    ``engine`` is :class:`HFEngine` or :class:`models.fused.FusedLlama` (same two methods). Stops
+    early once every row has produced EOS (one host sync per step, which a few-token answer can
+    afford); with ``eos_token_id=None`` it always runs ``max_new_tokens`` steps.
     """
     positions = left_padded_positions(attention_mask)
-    out = model(
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache_arg = _cache_argument(model)
-    cache = getattr(out, cache_arg)
-    token = out.logits[:, -1].argmax(-1)
+    logits, cache = engine.prefill(inputs_embeds, attention_mask, positions)
+    token = logits[:, -1].argmax(-1)
     tokens = [token]
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=token.device).flatten()
     finished = torch.isin(token, eos)
@@ -61,16 +83,8 @@ def greedy_decode(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
         position = position + 1
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask,
-            position_ids=position,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_arg: cache},
-        )
-        cache = getattr(out, cache_arg)
-        token = out.logits[:, -1].argmax(-1).masked_fill(finished, pad_token_id)
+        logits, cache = engine.step(token[:, None], attention_mask, position, cache)
+        token = logits[:, -1].argmax(-1).masked_fill(finished, pad_token_id)
         tokens.append(token)
         finished |= torch.isin(token, eos)
     return torch.stack(tokens, 1)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import SplitSite
-from .decode import greedy_decode
+from .decode import HFEngine, greedy_decode
 
 
 def vision_model(model: nn.Module) -> nn.Module:
@@ -72,11 +72,17 @@ class EdgeHalf(nn.Module):
 class CloudHalf(nn.Module):
     """The rest of the vision tower, the projector and the language model."""
 
-    def __init__(self, model: nn.Module, site: SplitSite) -> None:
+    def __init__(self, model: nn.Module, site: SplitSite, fused: bool = False) -> None:
         super().__init__()
         vm = vision_model(model)
         self.site = site
         self.model = model
+        if fused:
+            from .fused import FusedLlama
+
+            self.engine = FusedLlama(model)
+        else:
+            self.engine = HFEngine(model)
         self.feature_layers = feature_layer_indices(model)
         first = site.edge_blocks
         if min(self.feature_layers) < first:
@@ -142,7 +148,7 @@ class CloudHalf(nn.Module):
         embeds = self.inputs_embeds(input_ids, self.image_features(hidden_states))
         generation = self.model.generation_config
         return greedy_decode(
-            self.model,
+            self.engine,
             embeds,
             attention_mask,
             max_new_tokens,
@@ -151,7 +157,10 @@ class CloudHalf(nn.Module):
         )
 
 
-def split_llava(model: nn.Module, site: SplitSite | str = "preln") -> tuple[EdgeHalf, CloudHalf]:
-    """Cut ``model`` at ``site``; both halves share its weights."""
+def split_llava(
+    model: nn.Module, site: SplitSite | str = "preln", fused: bool = False
+) -> tuple[EdgeHalf, CloudHalf]:
+    """Cut ``model`` at ``site``; both halves share its weights. ``fused``: the cloud half decodes
+    with :class:`models.fused.FusedLlama` (compiled; for GPUs) instead of the HF modules."""
     site = SplitSite.parse(site) if isinstance(site, str) else site
-    return EdgeHalf(model, site), CloudHalf(model, site)
+    return EdgeHalf(model, site), CloudHalf(model, site, fused)

@@ -6,7 +6,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from models.architectures import tiny_llava_config
-from models.decode import greedy_decode, left_padded_positions
+from models.decode import HFEngine, greedy_decode, left_padded_positions
+from models.fused import FusedLlama
 from models.split import split_llava
 
 
@@ -49,15 +50,16 @@ def test_rows_past_eos_are_padded_and_decoding_stops_when_all_are_done() -> None
     ids, mask, pixels = _left_padded(model)
     edge, cloud = split_llava(model, "preln")
     embeds = cloud.inputs_embeds(ids, cloud.image_features(edge(pixels)))
-    free = greedy_decode(model, embeds, mask, 5, eos_token_id=None, pad_token_id=0)
+    engine = HFEngine(model)
+    free = greedy_decode(engine, embeds, mask, 5, eos_token_id=None, pad_token_id=0)
     assert free.shape == (3, 5)
     # Declare row 0's second token to be EOS: row 0 is padded after it; a shared first token ends all.
     eos = int(free[0, 1])
-    stopped = greedy_decode(model, embeds, mask, 5, eos_token_id=eos, pad_token_id=0)
+    stopped = greedy_decode(engine, embeds, mask, 5, eos_token_id=eos, pad_token_id=0)
     row = stopped[0].tolist()
     assert row[:2] == free[0, :2].tolist() and set(row[2:]) <= {0}
     first = int(free[1, 0])
-    ended = greedy_decode(model, embeds, mask, 5, eos_token_id=[first, eos], pad_token_id=0)
+    ended = greedy_decode(engine, embeds, mask, 5, eos_token_id=[first, eos], pad_token_id=0)
     assert ended.shape[1] <= 5 and ended[1, 0] == first
     with torch.no_grad():
         reference = model.generate(
@@ -69,3 +71,29 @@ def test_rows_past_eos_are_padded_and_decoding_stops_when_all_are_done() -> None
             pad_token_id=0,
         )
     assert torch.equal(stopped, reference)
+
+
+def test_fused_engine_matches_the_hf_modules() -> None:
+    """Same logits at prefill and at each step (fp32, eager), so the same tokens as ``generate``."""
+    model = _model()
+    ids, mask, pixels = _left_padded(model)
+    edge, cloud = split_llava(model, "preln")
+    with torch.no_grad():
+        embeds = cloud.inputs_embeds(ids, cloud.image_features(edge(pixels)))
+        fused, hf = FusedLlama(model, compile=False), HFEngine(model)
+        positions = left_padded_positions(mask)
+        (a, cache_a), (b, cache_b) = (
+            fused.prefill(embeds, mask, positions),
+            hf.prefill(embeds, mask, positions),
+        )
+        torch.testing.assert_close(a[:, -1], b[:, -1], rtol=1e-4, atol=1e-5)
+        token = b[:, -1].argmax(-1)[:, None]
+        longer = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        a, _ = fused.step(token, longer, positions[:, -1:] + 1, cache_a)
+        b, _ = hf.step(token, longer, positions[:, -1:] + 1, cache_b)
+        torch.testing.assert_close(a[:, -1], b[:, -1], rtol=1e-4, atol=1e-5)
+        reference = model.generate(
+            input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=6, do_sample=False
+        )[:, ids.shape[1] :]
+        tokens = greedy_decode(fused, embeds, mask, 6, model.generation_config.eos_token_id, 0)
+    assert torch.equal(tokens, reference)
