@@ -90,6 +90,7 @@ from benchmarks.serving_load import (
     normalize,
     percentile,
     redis_version,
+    write_result,
 )
 from benchmarks.summary import resolve
 from benchmarks.wire_bytes import (
@@ -856,11 +857,7 @@ def run(settings: dict, out: Path, gpu_path: Path) -> dict[str, Any]:
         "rows": rows,
         "goals": goals(rows),
     }
-    result["loadavg_end"] = loadavg()
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return write_result(result, out, started)
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ from benchmarks.serving_load import (
     machine,
     pack,
     percentile,
+    write_result,
 )
 from edge_client.client import RETRY_STATUSES, _retry_after
 from edge_client.protocol import CONTENT_TYPE
@@ -174,6 +175,14 @@ class FaultStack(Stack):
         )
         argv = [entry_point("vqa-worker"), "--model", self.model, "--device", "cpu", "--log-level", "WARNING"]
         return self.spawn("worker", argv, env)
+
+    def start(self, settings: dict) -> None:
+        """The gateway and ``settings["workers"]`` workers; returns once all are live and ready."""
+        timeout = settings["startup_timeout_s"]
+        self.start_gateway(timeout)
+        self.workers = [self.spawn_worker(settings) for _ in range(settings["workers"])]
+        self.wait(lambda: self.live_workers() == settings["workers"], timeout, "live workers")
+        self.wait(lambda: self._get("/readyz") == 200, timeout, "gateway /readyz")
 
 
 class StatsSampler(threading.Thread):
@@ -561,15 +570,7 @@ def run(settings: dict, out: Path) -> dict:
             stack = FaultStack(
                 redis_server.url, settings["model"], workdir, prefix=f"bench-fi-{uuid.uuid4().hex[:8]}"
             )
-            stack.start_gateway(settings["startup_timeout_s"])
-            for _ in range(settings["workers"]):
-                stack.workers.append(stack.spawn_worker(settings))
-            stack.wait(
-                lambda: stack.live_workers() == settings["workers"],
-                settings["startup_timeout_s"],
-                "live workers",
-            )
-            stack.wait(lambda: stack._get("/readyz") == 200, settings["startup_timeout_s"], "gateway /readyz")
+            stack.start(settings)
             items, result["payload"] = build_items(
                 stack.url, settings["model"], settings["dataset"], settings["max_new_tokens"],
                 settings["request_timeout_ms"], workdir / "cache",
@@ -638,11 +639,7 @@ def run(settings: dict, out: Path) -> dict:
             result["logs_tail"] = {
                 p.name: p.read_text(errors="replace")[-1500:] for p in sorted(workdir.glob("*.log"))
             }
-    result["loadavg_end"] = loadavg()
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=sorted) + "\n")
-    return result
+    return write_result(result, out, started)
 
 
 def dead_letters(url: str, prefix: str, model: str) -> int | str:

@@ -797,6 +797,15 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def write_result(result: dict, out: Path, started: float) -> dict:
+    """Close a benchmark's raw result (end load average, wall time) and write it as JSON."""
+    result["loadavg_end"] = loadavg()
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=sorted) + "\n")  # sets -> sorted lists
+    return result
+
+
 # ---- main --------------------------------------------------------------------------------------
 def run(settings: dict, out: Path) -> dict:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -867,11 +876,7 @@ def run(settings: dict, out: Path) -> dict:
             raise
         finally:
             stack.stop()
-    result["loadavg_end"] = loadavg()
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return write_result(result, out, started)
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ import redis
 
 from benchmarks.fault_injection import SETTINGS as FAULT_SETTINGS
 from benchmarks.fault_injection import FaultStack, Load, Outcome, RedisServer, summarize
-from benchmarks.serving_load import build_items, loadavg, machine, percentile
+from benchmarks.serving_load import build_items, loadavg, machine, percentile, write_result
 
 # ---- settings ---------------------------------------------------------------------------------
 SETTINGS: dict = {
@@ -374,11 +374,7 @@ def run(settings: dict, out: Path) -> dict:
             if stack is not None:
                 stack.stop()
             redis_server.stop()
-    result["loadavg_end"] = loadavg()
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return write_result(result, out, started)
 
 
 def start_stack(redis_url: str, workdir: Path, settings: dict) -> FaultStack:
@@ -387,11 +383,7 @@ def start_stack(redis_url: str, workdir: Path, settings: dict) -> FaultStack:
         "VQA_REQUEST_TIMEOUT_MS": str(settings["request_timeout_ms"]),
         "VQA_RESULT_TTL_S": str(settings["result_ttl_s"]),
     }
-    stack.start_gateway(settings["startup_timeout_s"])
-    stack.workers = [stack.spawn_worker(settings) for _ in range(settings["workers"])]
-    ready = settings["startup_timeout_s"]
-    stack.wait(lambda: stack.live_workers() == settings["workers"], ready, "live workers")
-    stack.wait(lambda: stack._get("/readyz") == 200, ready, "gateway /readyz")
+    stack.start(settings)
     return stack
 
 

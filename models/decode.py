@@ -35,24 +35,16 @@ class HFEngine:
         self.cache_arg = _cache_argument(model)
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits, getattr(out, self.cache_arg)
+        return self._forward(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache):
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_arg: cache},
+        return self._forward(
+            input_ids=tokens, attention_mask=attention_mask, position_ids=positions, **{self.cache_arg: cache}
         )
+
+    def _forward(self, **inputs):
+        """Last-position logits and the updated cache."""
+        out = self.model(use_cache=True, logits_to_keep=1, **inputs)
         return out.logits, getattr(out, self.cache_arg)
 
 
