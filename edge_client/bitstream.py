@@ -15,7 +15,7 @@ All integers are big-endian. `n` is the byte length of the utf-8 model name.
     17+n    1     groups (1..255)
     18+n    1     stages (1..255)
     19+n    2     codebook size K minus 1 (so K = 65536 fits)
-    21+n    1     coder: 0 = packed, 1 = rans
+    21+n    1     coder: 0 = packed, 1 = rans, 2 = ranked (rANS over neighbour ranks)
     22+n    1     stat_bits: 0 = no statistics, else 1..16
     23+n    4     payload length: bytes after the header
     27+n    4     CRC32 of header bytes [0, 27+n) followed by the payload
@@ -25,7 +25,9 @@ Payload:
 
 - index section: the `(tokens, groups, stages)` indices in C order, either bit-packed at
   `bits_for(K)` bits each (`edge_client.bitpack`, exactly `ceil(tokens*G*S*bits/8)` bytes) or rANS
-  coded (`edge_client.entropy`, strictly fewer bytes than packing, else the encoder packs);
+  coded (`edge_client.entropy`, strictly fewer bytes than packing, else the encoder packs), either
+  the indices themselves (`rans`) or their neighbour ranks (`ranked`, `edge_client.ranking`; the
+  bundle's table then counts ranks);
 - statistics section (only if stat_bits > 0): `(tokens, 2)` values (quantized mean, log-std per
   token), bit-packed at stat_bits each, `ceil(tokens*2*stat_bits/8)` bytes. Its size is fixed by the
   header, so the index section is whatever precedes it.
@@ -58,6 +60,7 @@ from .errors import (
     TruncatedStreamError,
     UnsupportedVersionError,
 )
+from .ranking import NeighbourRanks
 
 __all__ = [
     "FORMAT_VERSION",
@@ -79,7 +82,7 @@ _FIELDS = struct.Struct(">8sBBHBBHBBII")  # hash .. CRC, see the table above
 _CRC_SIZE = 4
 _SPLIT_KINDS = {"embed": 0, "preln": 1, "block": 2}
 _SPLIT_NAMES = {code: name for name, code in _SPLIT_KINDS.items()}
-_CODERS = {"packed": 0, "rans": 1}
+_CODERS = {"packed": 0, "rans": 1, "ranked": 2}
 _CODER_NAMES = {code: name for name, code in _CODERS.items()}
 _BLOCK_SITE = re.compile(r"block:([1-9][0-9]*)")
 _HEX = re.compile(r"[0-9a-f]+")
@@ -247,7 +250,7 @@ def _parse(data: bytes) -> tuple[StreamHeader, memoryview]:
         if kind not in _SPLIT_NAMES or (kind != _SPLIT_KINDS["block"] and k != 0):
             raise ValueError(f"split kind must be 0, 1 or 2 (with k = 0 unless 2), got kind {kind}, k {k}")
         if coder not in _CODER_NAMES:
-            raise ValueError(f"coder must be 0 (packed) or 1 (rans), got {coder}")
+            raise ValueError(f"coder must be 0 (packed), 1 (rans) or 2 (ranked), got {coder}")
         header = StreamHeader(
             model=model,
             codebook_hash=digest.hex(),
@@ -269,7 +272,7 @@ def _parse(data: bytes) -> tuple[StreamHeader, memoryview]:
             f"expected {packed} bytes of packed indices "
             f"({header.index_count} x {header.bits_per_index} bits), got {index_size}"
         )
-    if header.coder == "rans" and not 0 < index_size < packed:
+    if header.coder != "packed" and not 0 < index_size < packed:
         raise CorruptStreamError(
             f"expected 1..{packed - 1} bytes of rANS-coded indices (fewer than packing), got {index_size}"
         )
@@ -290,13 +293,15 @@ def encode_stream(
     stats: np.ndarray | None = None,
     *,
     freqs: np.ndarray | None = None,
+    ranking: NeighbourRanks | None = None,
     entropy: bool = True,
 ) -> bytes:
     """Encode indices `(tokens, groups, stages)` and optional stats `(tokens, 2)` as a stream.
 
     `header.coder` is not read: with `entropy` and a frequency table `freqs` `(groups, stages, K)`
-    the indices are rANS coded when that is strictly smaller than packing, otherwise packed; the
-    written header records the coder used (see `read_header`). `stats` are required exactly when
+    the indices (or, given `ranking`, their neighbour ranks, which `freqs` then counts) are rANS
+    coded when that is strictly smaller than packing, otherwise packed; the written header records
+    the coder used (see `read_header`). `stats` are required exactly when
     `header.stat_bits > 0` and hold values in [0, 2**stat_bits).
     """
     indices = np.asarray(indices)
@@ -317,9 +322,10 @@ def encode_stream(
         table_shape = (header.groups, header.stages, header.codebook_size)
         if np.shape(freqs) != table_shape:
             raise ValueError(f"expected a frequency table of shape {table_shape}, got {np.shape(freqs)}")
-        coded = rans_encode(indices, freqs)
+        symbols = indices if ranking is None else ranking.ranks(indices)
+        coded = rans_encode(symbols, freqs)
         if len(coded) < len(index_bytes):
-            index_bytes, coder = coded, "rans"
+            index_bytes, coder = coded, "rans" if ranking is None else "ranked"
     payload = index_bytes + stats_bytes
     return _header_bytes(replace(header, coder=coder), payload) + payload
 
@@ -348,11 +354,14 @@ def _encode_stats(header: StreamHeader, stats: np.ndarray | None) -> bytes:
     return pack_indices(stats, header.stat_bits)
 
 
-def decode_stream(data: bytes, freqs: np.ndarray | None = None) -> DecodedStream:
-    """Inverse of `encode_stream`. `freqs` `(groups, stages, K)` is needed for rANS-coded streams.
+def decode_stream(
+    data: bytes, freqs: np.ndarray | None = None, ranking: NeighbourRanks | None = None
+) -> DecodedStream:
+    """Inverse of `encode_stream`. `freqs` `(groups, stages, K)` is needed for rANS-coded streams,
+    and `ranking` as well for ranked ones.
 
     Raises a `BitstreamError` subclass for a malformed stream, `EntropyModelError` for a rANS
-    stream without a matching table and `IndexRangeError` for indices >= codebook_size.
+    stream without a matching table (or ranking) and `IndexRangeError` for indices >= codebook_size.
     """
     header, payload = _parse(data)
     stats_size = _stats_size(header)
@@ -367,10 +376,20 @@ def decode_stream(data: bytes, freqs: np.ndarray | None = None) -> DecodedStream
             raise EntropyModelError(
                 f"expected a frequency table of shape {table_shape} for this rANS stream, got {got}"
             )
+        expected_ranks = (header.tokens, header.groups, header.stages)
+        if header.coder == "rans" and ranking is not None:
+            raise EntropyModelError("this codebook's table counts neighbour ranks: expected a ranked stream")
+        if header.coder == "ranked" and (ranking is None or ranking.shape != expected_ranks):
+            raise EntropyModelError(
+                f"expected a neighbour ranking of shape {expected_ranks} for this ranked stream, "
+                f"got {'none' if ranking is None else ranking.shape}"
+            )
         try:
             indices = rans_decode(index_section, freqs, header.tokens)
         except TruncatedStreamError as error:  # the container length was right, so the content is wrong
             raise CorruptStreamError(f"inconsistent rANS index section: {error}") from error
+        if header.coder == "ranked":
+            indices = ranking.indices(indices)
     if indices.max() >= header.codebook_size:
         position = tuple(int(i) for i in np.argwhere(indices >= header.codebook_size)[0])
         raise IndexRangeError(

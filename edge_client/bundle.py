@@ -20,6 +20,8 @@ size, ``C`` channels, ``P`` patch size, ``T`` = (image_size / P)^2 + 1 tokens, `
     quantizer.codebooks                    (G, S, K, d)
     quantizer.stats_range                  (2, 2)   rows (mean, log_std), cols (lo, hi)
     quantizer.freqs                        (G, S, K) uint32, normalized rANS tables; optional
+    quantizer.rank_books                   (G, S, K, d) int16; only with quantizer.rank_tokens = T
+    quantizer.rank_offsets                 (T, G, S, d) int16; likewise (see edge_client.ranking)
 
 Metadata: safetensors' string map holds one key, ``alignedvq``, whose value is a JSON object:
 ``format`` ("alignedvq-edge-bundle"), ``version`` (1), ``model``, ``split_site``, ``tokens`` (T),
@@ -51,6 +53,7 @@ from .bitstream import StreamHeader
 from .entropy import table_hash
 from .errors import BundleError
 from .preprocess import ImageSpec
+from .ranking import NeighbourRanks
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -261,6 +264,16 @@ def _quantizer_meta(meta: Mapping[str, Any], vision: VisionSpec, tokens: int, si
         raise BundleError(f"expected quantizer.stat_bits {expected} at site {site}, got {q['stat_bits']}")
     if q["tokens"] not in (0, tokens):
         raise BundleError(f"expected quantizer.tokens 0 or {tokens}, got {q['tokens']}")
+    # Fields added after version 1 bundles: absent means off.
+    q["rank_tokens"] = _field(raw, "rank_tokens", int, where) if "rank_tokens" in raw else 0
+    if q["rank_tokens"] not in (0, tokens):
+        raise BundleError(f"expected quantizer.rank_tokens 0 or {tokens}, got {q['rank_tokens']}")
+    threshold = _field(raw, "refine_threshold", (int, float), where) if "refine_threshold" in raw else 0.0
+    if not 0 <= threshold < float("inf") or (threshold and q["stages"] < 2):
+        raise BundleError(
+            f"expected quantizer.refine_threshold 0, or finite and > 0 with 2+ stages, got {threshold}"
+        )
+    q["refine_threshold"] = float(threshold)
     return q
 
 
@@ -274,19 +287,38 @@ def _load_tensors(data: bytes) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _check_tensors(tensors: Mapping[str, np.ndarray], expected: dict[str, tuple], freqs_shape: tuple) -> None:
-    names = set(expected) | ({"quantizer.freqs"} & set(tensors))
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - names)
+def _ranking_shapes(q: dict[str, Any]) -> dict[str, tuple]:
+    """The int16 ranking tensors a ranked quantizer needs (none otherwise)."""
+    if not q["rank_tokens"]:
+        return {}
+    g, s, d = q["groups"], q["stages"], q["code_dim"]
+    return {
+        "quantizer.rank_books": (g, s, q["codebook_size"], d),
+        "quantizer.rank_offsets": (q["rank_tokens"], g, s, d),
+    }
+
+
+def _check_tensors(
+    tensors: Mapping[str, np.ndarray],
+    expected: dict[str, tuple],
+    ranking: dict[str, tuple],
+    freqs_shape: tuple,
+) -> None:
+    names = set(expected) | set(ranking) | ({"quantizer.freqs"} & set(tensors))
+    missing = sorted((set(expected) | set(ranking)) - set(tensors))
+    unexpected = sorted(set(tensors) - names)
     if missing or unexpected:
         raise BundleError(
             f"bundle tensors do not match its metadata: missing {missing}, unexpected {unexpected}"
         )
-    for name, shape in expected.items():
-        array = tensors[name]
-        if array.dtype != np.float32 or array.shape != shape:
-            raise BundleError(
-                f"tensor {name}: expected float32 {shape}, got {array.dtype} {tuple(array.shape)}"
-            )
+    for dtype, shapes in ((np.float32, expected), (np.int16, ranking)):
+        for name, shape in shapes.items():
+            array = tensors[name]
+            if array.dtype != dtype or array.shape != shape:
+                raise BundleError(
+                    f"tensor {name}: expected {np.dtype(dtype).name} {shape}, "
+                    f"got {array.dtype} {tuple(array.shape)}"
+                )
     freqs = tensors.get("quantizer.freqs")
     if freqs is not None:
         if freqs.dtype != np.uint32 or freqs.shape != freqs_shape:
@@ -305,7 +337,8 @@ class EdgeBundle:
     """A verified edge bundle (see the module docstring for the layout).
 
     ``tensors`` maps the names above to read-only numpy arrays; ``freqs`` is the rANS table
-    ``(groups, stages, codebook_size)`` uint32 or None; ``sha256`` is the digest of the whole blob
+    ``(groups, stages, codebook_size)`` uint32 or None; ``ranking`` the neighbour-rank transform of
+    a ranked quantizer (its ``freqs`` count ranks) or None; ``sha256`` is the digest of the whole blob
     (the client's cache key); ``metadata`` is the parsed JSON, for display.
     """
 
@@ -318,11 +351,13 @@ class EdgeBundle:
     code_dim: int
     stat_bits: int
     quantizer_tokens: int
+    refine_threshold: float
     codebook_hash: str
     image_spec: ImageSpec
     vision: VisionSpec
     tensors: Mapping[str, np.ndarray]
     freqs: np.ndarray | None
+    ranking: NeighbourRanks | None
     sha256: str
     nbytes: int
     metadata: Mapping[str, Any]
@@ -384,7 +419,10 @@ class EdgeBundle:
 
         tensors = _load_tensors(data)
         _check_tensors(
-            tensors, _expected_shapes(q, vision, blocks), (q["groups"], q["stages"], q["codebook_size"])
+            tensors,
+            _expected_shapes(q, vision, blocks),
+            _ranking_shapes(q),
+            (q["groups"], q["stages"], q["codebook_size"]),
         )
         entropy_coded = _field(meta, "entropy_coded", bool)
         if entropy_coded != ("quantizer.freqs" in tensors):
@@ -407,11 +445,17 @@ class EdgeBundle:
             code_dim=q["code_dim"],
             stat_bits=q["stat_bits"],
             quantizer_tokens=q["tokens"],
+            refine_threshold=q["refine_threshold"],
             codebook_hash=codebook_hash,
             image_spec=image_spec,
             vision=vision,
             tensors=MappingProxyType(tensors),
             freqs=tensors.get("quantizer.freqs"),
+            ranking=(
+                NeighbourRanks(tensors["quantizer.rank_books"], tensors["quantizer.rank_offsets"])
+                if q["rank_tokens"]
+                else None
+            ),
             sha256=hashlib.sha256(data).hexdigest(),
             nbytes=len(data),
             metadata=MappingProxyType(meta),

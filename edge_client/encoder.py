@@ -11,7 +11,9 @@ by ``models.quantizer.AlignedVQ.encode``), in float32:
    levels exactly as ``AlignedVQ.standardize``/``_quantize_stats`` (round half to even, clamp);
 4. subtract the per-position centre, project down to ``(tokens, groups, code_dim)``;
 5. residual nearest-code search per group and stage: ``argmin(||c||^2 - 2 z.c)``, the same
-   expression (and therefore the same ties, up to float summation order) as ``nearest_code``.
+   expression (and therefore the same ties, up to float summation order) as ``nearest_code``;
+   with a ``refine_threshold``, later stages send code 0 (zero) where the residual's squared norm
+   is at most the threshold, as ``AlignedVQ._search``.
 
 Speed: LLaVA-1.5 geometry (336 px, 577 x 1024, one 4096 x 32 codebook) at ``preln`` is two GEMMs
 and one argmin; the weights are pre-transposed and the codebook norms precomputed once, the
@@ -231,6 +233,9 @@ class EdgeEncoder:
                     np.matmul(part, books_m2t, out=dist)
                     dist += norms
                     indices[start : start + part.shape[0], g, s] = dist.argmin(1)
+                if s and self.bundle.refine_threshold:
+                    small = np.einsum("td,td->t", residual, residual) <= self.bundle.refine_threshold
+                    indices[small, g, s] = 0
                 if s + 1 < stages:
                     residual = residual - self._books[g, s][indices[:, g, s]]
         return indices
@@ -271,4 +276,11 @@ class EdgeEncoder:
         plain packing), else packed at ``bits_for(codebook_size)`` bits per index.
         """
         indices, levels = self.encode_pixels(self.pixel_values(image))
-        return encode_stream(self.header, indices, levels, freqs=self.bundle.freqs, entropy=entropy)
+        return encode_stream(
+            self.header,
+            indices,
+            levels,
+            freqs=self.bundle.freqs,
+            ranking=self.bundle.ranking,
+            entropy=entropy,
+        )

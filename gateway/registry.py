@@ -34,6 +34,7 @@ from edge_client.bundle import EdgeBundle
 from edge_client.errors import BundleError, ImageError
 from edge_client.preprocess import load_image
 from edge_client.protocol import VQARequest
+from edge_client.ranking import NeighbourRanks
 
 from .errors import (
     BundleUnavailable,
@@ -118,6 +119,7 @@ class ServedModel:
     info: ModelInfo
     bundle: bytes
     freqs: np.ndarray | None
+    ranking: NeighbourRanks | None
     fetched: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -134,7 +136,7 @@ class ServedModel:
                 f"{parsed.codebook_hash[:16]} vs {info.codebook_hash[:16]}, sha256 {parsed.sha256[:16]} "
                 f"vs {info.bundle_sha256[:16]}"
             )
-        return cls(info=info, bundle=bundle, freqs=parsed.freqs)
+        return cls(info=info, bundle=bundle, freqs=parsed.freqs, ranking=parsed.ranking)
 
     def check(self, request: VQARequest, *, max_question_chars: int, max_image_pixels: int) -> None:
         """Every check listed in the module docstring; raises the matching 4xx error."""
@@ -168,7 +170,7 @@ class ServedModel:
                     f"stream header field '{name}': expected {expected[name]!r}, "
                     f"got {getattr(header, name)!r}"
                 )
-        return decode_stream(data, self.freqs)
+        return decode_stream(data, self.freqs, self.ranking)
 
 
 class Registry:

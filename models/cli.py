@@ -2,6 +2,7 @@
 
 alignedvq train-mini --out runs/mini --device cuda
 alignedvq train --model llava-mini-shapes --site preln --codebook-size 4096 --out q.safetensors
+alignedvq refine --model models/bundled/llava-mini-shapes --base preln-4096 --threshold 12
 alignedvq eval --model llava-mini-shapes --dataset easy-vqa --split test --limit 500 --json
 alignedvq export --model llava-mini-shapes --quantizer preln-1x4096 --out edge.bundle
 """
@@ -108,6 +109,26 @@ def train_bundled_cmd(
         sweep_limit=sweep_limit,
     )
     typer.echo("done" if done else "paused: run again to continue")
+
+
+@app.command("refine")
+def refine_cmd(
+    model: Annotated[str, typer.Option(help="a model folder (or registry name) you may write to")],
+    base: Annotated[str, typer.Option(help="the one-stage quantizer to extend, e.g. preln-4096")],
+    threshold: Annotated[float, typer.Option(help="squared residual norm above which stage 2 is sent")],
+    generated_images: Annotated[int, typer.Option(help="generated images added to easy-VQA train")] = 8000,
+    device: Device = "auto",
+) -> None:
+    """Add a variable-rate, neighbour-ranked two-stage quantizer (recipe step 4) to a model folder."""
+    from .data import VQASplit, generate_shapes, load_easy_vqa
+    from .recipe import refine_quantizers
+    from .registry import load_model, write_manifest
+
+    loaded = load_model(model, device=_device(device))
+    train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(generated_images, seed=11)])
+    names = refine_quantizers(loaded, train.images, ((base, threshold),), device=_device(device))
+    write_manifest(loaded.path)
+    typer.echo(names[0])
 
 
 @app.command("train")

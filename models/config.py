@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 SiteKind = Literal["embed", "preln", "block"]
+_LATER_FIELDS: dict[str, Any] = {"refine_threshold": 0.0, "rank_tokens": 0}  # added after format v1
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ class QuantizerConfig:
     ``stages`` residual codebooks of ``codebook_size`` entries, and projected back (cloud).
     ``stat_bits`` > 0 standardizes each token first and sends its mean and log-std, ``stat_bits``
     bits each (needed at ``block:k`` sites).
+
+    Variable rate: with ``refine_threshold`` > 0, code 0 of every stage after the first is a fixed
+    zero vector, and the edge sends it whenever the residual entering that stage has a squared norm
+    of at most the threshold; only the few tokens the first stage gets badly wrong (the edges of a
+    small shape, say) pay for refinement once entropy-coded. ``rank_tokens`` > 0 entropy-codes each
+    index as its rank around a neighbouring token's codeword (``edge_client.ranking``) for images of
+    that many tokens, instead of by its own frequency.
     """
 
     dim: int
@@ -81,6 +89,8 @@ class QuantizerConfig:
     tokens: int = 0  # > 0: subtract a per-position mean (known to both halves) before projecting
     commitment: float = 0.25
     ema_decay: float = 0.0  # 0 = codebooks learn by gradient; (0, 1) = EMA updates
+    refine_threshold: float = 0.0  # > 0: later stages send zero code 0 below this squared residual
+    rank_tokens: int = 0  # > 0: entropy-code neighbour ranks for images of this many tokens
 
     def __post_init__(self) -> None:
         if self.site.needs_stats != bool(self.stat_bits):
@@ -99,6 +109,13 @@ class QuantizerConfig:
             raise ValueError(f"stat_bits must be in 0..16, got {self.stat_bits}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.refine_threshold < 0 or (self.refine_threshold and self.stages < 2):
+            raise ValueError(
+                f"refine_threshold must be 0, or > 0 with at least 2 stages; got {self.refine_threshold} "
+                f"with {self.stages} stage(s)"
+            )
+        if self.rank_tokens < 0:
+            raise ValueError(f"rank_tokens must be >= 0, got {self.rank_tokens}")
 
     @property
     def site(self) -> SplitSite:
@@ -106,10 +123,18 @@ class QuantizerConfig:
 
     @property
     def name(self) -> str:
-        """File stem: ``preln-4096`` (one codebook), ``preln-2x64`` (grouped), ``preln-r3x16`` (residual)."""
+        """File stem: ``preln-4096`` (one codebook), ``preln-2x64`` (grouped), ``preln-r3x16`` (residual).
+
+        Variable-rate and neighbour-ranked quantizers add ``-t<threshold>`` and ``-ranked``:
+        ``preln-r2x4096-t12-ranked``.
+        """
         body = f"r{self.stages}x{self.codebook_size}" if self.stages > 1 else str(self.codebook_size)
         if self.groups > 1:
             body = f"{self.groups}x{body}"
+        if self.refine_threshold:
+            body += f"-t{self.refine_threshold:g}"
+        if self.rank_tokens:
+            body += "-ranked"
         return f"{self.split_site.replace(':', '')}-{body}"
 
     @property
@@ -122,7 +147,13 @@ class QuantizerConfig:
         return self.groups * self.stages * self.bits_per_index + 2 * self.stat_bits
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """Canonical JSON (part of the content hash). The variable-rate and ranking fields appear only
+        when set, so quantizer files written before they existed keep their hashes."""
+        fields = asdict(self)
+        for key in _LATER_FIELDS:
+            if fields[key] == _LATER_FIELDS[key]:
+                del fields[key]
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizerConfig:

@@ -94,6 +94,7 @@ def encode_images(
         if quantizer is not None and quantizer.freqs.sum()
         else None
     )
+    ranking = quantizer.ranking() if freqs is not None and quantizer.config.rank_tokens else None
     for start in range(0, len(images), batch_size):
         chunk = torch.from_numpy(images[start : start + batch_size]).to(device)
         hidden = edge(pixel_values(chunk, loaded.image_spec)).float()
@@ -106,7 +107,9 @@ def encode_images(
             for i in range(idx_np.shape[0]):
                 stats = None if lv_np is None else lv_np[i]
                 packed.append(len(encode_stream(header, idx_np[i], stats, entropy=False)))
-                stream = encode_stream(header, idx_np[i], stats, freqs=freqs, entropy=freqs is not None)
+                stream = encode_stream(
+                    header, idx_np[i], stats, freqs=freqs, ranking=ranking, entropy=freqs is not None
+                )
                 coded.append(len(stream))
                 streams.append(stream)
         outs.append(hidden)

@@ -69,7 +69,7 @@ def _module_tensors(module: nn.Module, prefix: str, names: tuple[str, ...]) -> d
 
 
 def _edge_tensors(loaded: LoadedModel, quantizer: AlignedVQ) -> dict[str, np.ndarray]:
-    """Every tensor the edge needs, float32 except the uint32 entropy tables."""
+    """Every tensor the edge needs, float32 except the uint32 entropy tables and int16 ranking."""
     site = quantizer.config.site
     vm = vision_model(loaded.model)
     tensors = _module_tensors(
@@ -86,6 +86,9 @@ def _edge_tensors(loaded: LoadedModel, quantizer: AlignedVQ) -> dict[str, np.nda
             quantizer, "quantizer.", ("down.weight", "down.bias", "token_mean", "codebooks", "stats_range")
         )
     )
+    if quantizer.config.rank_tokens:
+        tensors["quantizer.rank_books"] = quantizer.rank_books.cpu().numpy()
+        tensors["quantizer.rank_offsets"] = quantizer.rank_offsets.cpu().numpy()
     counts = quantizer.freqs.detach().cpu().numpy()
     if counts.any():
         tensors["quantizer.freqs"] = normalize_freqs(counts).astype(np.uint32)

@@ -9,6 +9,11 @@ Training follows VQ-VAE (van den Oord et al. 2017): straight-through gradients, 
 commitment loss (or EMA codebook updates), with dead codes restarted from live residuals. k-means on
 PCA-projected features initialises everything (DESIGN.md: the init does almost all the work).
 
+Variable rate (``refine_threshold``): code 0 of every later stage is pinned to zero and sent when the
+residual is already small, so refinement costs bits only where the first stage failed. Ranking
+(``rank_tokens``): an int16 copy of the codebooks and per-position offsets, computed at calibration,
+let the edge and cloud rank each index around its neighbour's codeword (``edge_client.ranking``).
+
 Files are safetensors with the config and a content hash in the metadata; loading checks every
 tensor name, shape and the hash, and never silently re-initialises.
 """
@@ -17,14 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from edge_client.ranking import NeighbourRanks, neighbours
 
 from .config import QuantizerConfig
 
@@ -102,8 +111,19 @@ class AlignedVQ(nn.Module):
         self.register_buffer("stats_range", torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
         # Per-position centre (tokens, dim); all zeros when config.tokens == 0.
         self.register_buffer("token_mean", torch.zeros(max(c.tokens, 1), c.dim))
-        # Entropy-coder tables: code counts on a calibration set (zeros = not calibrated).
+        # Entropy-coder tables: code (or rank) counts on a calibration set (zeros = not calibrated).
         self.register_buffer("freqs", torch.zeros(c.groups, c.stages, c.codebook_size, dtype=torch.int64))
+        if c.rank_tokens:
+            shape = (c.groups, c.stages, c.codebook_size, c.code_dim)
+            self.register_buffer("rank_books", torch.zeros(shape, dtype=torch.int16))
+            self.register_buffer(
+                "rank_offsets", torch.zeros(c.rank_tokens, c.groups, c.stages, c.code_dim, dtype=torch.int16)
+            )
+        # 0 where a codeword is pinned to zero (code 0 of later stages when refinement is gated).
+        keep = torch.ones(c.groups, c.stages, c.codebook_size, 1)
+        if c.refine_threshold:
+            keep[:, 1:, 0] = 0
+        self.register_buffer("keep", keep, persistent=False)
         # Training-only state; not saved (see _SAVED).
         self.register_buffer("usage", torch.zeros(c.groups, c.stages, c.codebook_size), persistent=False)
         if c.ema_decay:
@@ -161,7 +181,7 @@ class AlignedVQ(nn.Module):
         """Residual nearest-code search; returns indices ``(..., G, S)`` and per-stage residuals."""
         c = self.config
         flat = z.reshape(-1, c.groups, c.code_dim)
-        books = self.codebooks.detach().to(z.dtype)
+        books = self.books().detach().to(z.dtype)
         indices = torch.empty(flat.shape[0], c.groups, c.stages, dtype=torch.long, device=z.device)
         residuals = []
         residual = flat.detach()
@@ -170,16 +190,22 @@ class AlignedVQ(nn.Module):
             nxt = torch.empty_like(residual)
             for g in range(c.groups):
                 idx = nearest_code(residual[:, g], books[g, s])
+                if s and c.refine_threshold:
+                    idx = idx.masked_fill((residual[:, g] * residual[:, g]).sum(-1) <= c.refine_threshold, 0)
                 indices[:, g, s] = idx
                 nxt[:, g] = residual[:, g] - books[g, s, idx]
             residual = nxt
         return indices.reshape(*z.shape[:-2], c.groups, c.stages), residuals
 
+    def books(self) -> torch.Tensor:
+        """The codebooks ``(G, S, K, d)`` with pinned codewords zeroed (no gradient reaches them)."""
+        return self.codebooks * self.keep if self.config.refine_threshold else self.codebooks
+
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Cloud side: indices ``(..., G, S)`` -> summed code vectors ``(..., G, code_dim)``."""
         g = torch.arange(self.config.groups, device=indices.device).view(-1, 1)
         s = torch.arange(self.config.stages, device=indices.device).view(1, -1)
-        return self.codebooks[g, s, indices].sum(-2)
+        return self.books()[g, s, indices].sum(-2)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -207,8 +233,9 @@ class AlignedVQ(nn.Module):
             # Codebook loss per stage: each stage's code should match the residual it was chosen for.
             flat_idx = indices.reshape(-1, c.groups, c.stages)
             groups = torch.arange(c.groups, device=z.device)
+            books = self.books()
             for s, residual in enumerate(residuals):
-                picked = self.codebooks[groups, s, flat_idx[..., s]]  # (n, G, code_dim)
+                picked = books[groups, s, flat_idx[..., s]]  # (n, G, code_dim)
                 loss = loss + F.mse_loss(picked, residual.to(picked.dtype))
         if self.training:
             self._track(indices, residuals)
@@ -248,7 +275,7 @@ class AlignedVQ(nn.Module):
         restarted = 0
         for g in range(c.groups):
             for s in range(c.stages):
-                dead = (self.usage[g, s] < threshold).nonzero().flatten()
+                dead = ((self.usage[g, s] < threshold) & (self.keep[g, s, :, 0] > 0)).nonzero().flatten()
                 if dead.numel() == 0:
                     continue
                 pool = residuals[s][:, g]
@@ -286,24 +313,105 @@ class AlignedVQ(nn.Module):
         self.down.bias.copy_(-basis @ mu)
         self.up.weight.copy_(basis.T)
         self.up.bias.copy_(mu)
-        residual = self.down(flat).unflatten(-1, (c.groups, c.code_dim))
-        for s in range(c.stages):
-            for g in range(c.groups):
-                book = kmeans(residual[:, g], c.codebook_size, iters=iters, generator=gen)
-                self.codebooks.data[g, s] = book
-                residual[:, g] -= book[nearest_code(residual[:, g], book)]
+        self._fit_stages(self.down(flat).unflatten(-1, (c.groups, c.code_dim)), 0, iters, gen)
         if c.ema_decay:
             self.ema_sum.copy_(self.codebooks.detach())
             self.ema_count.fill_(1.0)
 
+    def _fit_stages(self, residual: torch.Tensor, first: int, iters: int, gen: torch.Generator) -> None:
+        """k-means the codebooks of stages ``first..`` on projected vectors ``(n, G, d)``, in place."""
+        c = self.config
+        books = self.books().detach()
+        for s in range(c.stages):
+            for g in range(c.groups):
+                part = residual[:, g]
+                gated = s and c.refine_threshold
+                if s >= first and gated:
+                    # Code 0 stays zero; the rest cluster the residuals that will be refined.
+                    needy = part[(part * part).sum(-1) > c.refine_threshold]
+                    pool = needy if needy.shape[0] >= c.codebook_size else part
+                    rest = kmeans(pool, c.codebook_size - 1, iters=iters, generator=gen)
+                    self.codebooks.data[g, s] = torch.cat([torch.zeros_like(rest[:1]), rest])
+                elif s >= first:
+                    self.codebooks.data[g, s] = kmeans(part, c.codebook_size, iters=iters, generator=gen)
+                book = self.codebooks.data[g, s] if s >= first else books[g, s]
+                idx = nearest_code(part, book)
+                if gated:
+                    idx = idx.masked_fill((part * part).sum(-1) <= c.refine_threshold, 0)
+                residual[:, g] -= book[idx]
+        if c.ema_decay:
+            self.ema_sum.copy_(self.codebooks.detach())
+            self.ema_count.fill_(1.0)
+
+    @classmethod
+    @torch.no_grad()
+    def refined(
+        cls,
+        base: AlignedVQ,
+        x: torch.Tensor,
+        *,
+        refine_threshold: float,
+        rank_tokens: int = 0,
+        iters: int = 20,
+        seed: int = 0,
+        max_vectors: int = 200000,
+    ) -> AlignedVQ:
+        """A variable-rate two-stage quantizer whose first stage is ``base``, kept exactly.
+
+        The second stage is k-means on the residuals of features ``x`` ``(images, tokens, dim)``
+        that ``base`` leaves above ``refine_threshold``; everything else (projections, centres,
+        statistics range) is ``base``'s. Uncalibrated: call :meth:`calibrate_freqs` next.
+        """
+        if base.config.stages != 1:
+            raise ValueError(f"refined() extends a one-stage quantizer, got {base.config.stages} stages")
+        config = replace(base.config, stages=2, refine_threshold=refine_threshold, rank_tokens=rank_tokens)
+        module = cls(config).to(base.codebooks.device)
+        state = {k: v for k, v in base.state_dict().items() if k not in ("codebooks", "freqs")}
+        module.load_state_dict(state, strict=False)
+        module.codebooks.data[:, 0] = base.codebooks.data[:, 0]
+        gen = torch.Generator().manual_seed(seed)
+        xs, _ = module.standardize(x.float())
+        z = module.project(xs).flatten(0, 1)
+        z = z[torch.randperm(z.shape[0], generator=gen)[:max_vectors].to(z.device)]
+        module._fit_stages(z.clone(), 1, iters, gen)
+        return module.eval()
+
     @torch.no_grad()
     def calibrate_freqs(self, indices: torch.Tensor) -> None:
-        """Entropy-coder tables from calibration indices ``(..., G, S)``; part of the content hash."""
+        """Entropy-coder tables from calibration indices ``(images, tokens, G, S)``; part of the hash.
+
+        A ranked quantizer first fixes its ranking geometry (int16 codebooks scaled by a power of two,
+        and each position's median step from its neighbour's codeword), then counts ranks.
+        """
         c = self.config
+        if c.rank_tokens:
+            indices = self._calibrate_ranking(indices.reshape(-1, c.rank_tokens, c.groups, c.stages))
         flat = indices.reshape(-1, c.groups, c.stages)
         for g in range(c.groups):
             for s in range(c.stages):
                 self.freqs[g, s] = torch.bincount(flat[:, g, s], minlength=c.codebook_size).cpu()
+
+    def ranking(self) -> NeighbourRanks:
+        """The rank transform of a calibrated ranked quantizer (what the edge bundle carries)."""
+        return NeighbourRanks(self.rank_books.cpu().numpy(), self.rank_offsets.cpu().numpy())
+
+    def _calibrate_ranking(self, indices: torch.Tensor) -> torch.Tensor:
+        """Set ``rank_books``/``rank_offsets`` from calibration indices; return their ranks."""
+        books = self.books().detach().float().cpu()
+        peak = float(books.abs().max().clamp(min=1e-12))
+        scale = 2.0 ** math.floor(math.log2(16383 / peak))  # |book| < 2**14, so book + offset fits int16
+        self.rank_books.copy_(torch.round(books * scale).to(torch.int16))
+        ib = self.rank_books.long()  # (G, S, K, d)
+        idx = indices.long().cpu()
+        prev = torch.from_numpy(neighbours(self.config.rank_tokens))
+        g = torch.arange(self.config.groups).view(-1, 1)
+        s = torch.arange(self.config.stages).view(1, -1)
+        vectors = ib[g, s, idx]  # (images, T, G, S, d)
+        base = torch.where((prev >= 0).view(1, -1, 1, 1, 1), vectors[:, prev.clamp(min=0)], 0)
+        steps = (vectors - base).float().median(0).values.round()
+        self.rank_offsets.copy_(steps.clamp(-32768, 32767).to(torch.int16))
+        ranking = self.ranking()
+        return torch.from_numpy(np.stack([ranking.ranks(image) for image in idx.numpy()]))
 
     # ---- persistence ----------------------------------------------------------------------------
 

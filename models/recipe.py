@@ -14,7 +14,9 @@ Resumable in slices of wall-clock time, so it fits a GPU lease of 10-minute call
    benchmarks/results/rate_accuracy_joint_cloud.json.)
 3. The rest of :data:`SWEEP` on that model, quantizer-only: k-means init, then task-aware
    fine-tuning on train in turns; one fixed model serves every rate. Selection never sees test.
-4. One test-split evaluation per quantizer, recorded in ``rate_accuracy.json``.
+4. Variable-rate refinements (:data:`REFINED`, :func:`refine_quantizers`): a gated second stage
+   and neighbour-rank entropy coding on top of trained one-stage quantizers (k-means, CPU-cheap).
+5. One test-split evaluation per quantizer, recorded in ``rate_accuracy.json``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import QuantizerConfig
@@ -31,8 +35,9 @@ from .data import VQASplit, generate_shapes, load_easy_vqa
 from .evaluate import evaluate
 from .mini import NAME
 from .quantizer import AlignedVQ
-from .registry import load_model_dir, save_model_dir
-from .split import vision_tokens
+from .registry import LoadedModel, load_model_dir, save_model_dir, write_manifest
+from .split import split_llava, vision_tokens
+from .tensors import pixel_values
 from .train import train_mini, train_quantizers
 
 # (split site, groups, stages, codebook size, code dim per group); the default comes first.
@@ -59,6 +64,49 @@ QAT_SWEEP: tuple[tuple[tuple[str, int, int, int, int], int], ...] = (
     (SWEEP[2], 1),  # preln-64: 6 bits/token before entropy coding
 )
 QAT_TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
+# Step 4: variable-rate, neighbour-ranked refinements of trained one-stage quantizers, as
+# (base quantizer, refine_threshold); thresholds chosen on the holdout split.
+REFINED: tuple[tuple[str, float], ...] = (("preln-4096", 12.0), ("preln-256", 16.0))
+
+
+@torch.no_grad()
+def refine_quantizers(
+    loaded: LoadedModel,
+    images: np.ndarray,
+    rows: tuple[tuple[str, float], ...] = REFINED,
+    device: str = "cpu",
+    iters: int = 20,
+) -> list[Path]:
+    """Write a gated, ranked two-stage version of each base quantizer into the model's folder.
+
+    ``images`` ``(n, H, W, 3)`` uint8 come from training data only: the second stage's k-means and
+    the rank tables are fitted on them. Files already there are kept. Returns the quantizer names
+    (the caller rewrites the manifest).
+    """
+    names = []
+    feats: dict[str, torch.Tensor] = {}
+    tokens = vision_tokens(loaded.model.config.vision_config)
+    for base_name, threshold in rows:
+        base = AlignedVQ.load(loaded.quantizer_path(base_name), map_location=device)
+        config = replace(base.config, stages=2, refine_threshold=threshold, rank_tokens=tokens)
+        names.append(config.name)
+        path = loaded.path / "quantizers" / f"{config.name}.safetensors"
+        if path.is_file():
+            continue
+        site = str(base.config.site)
+        if site not in feats:
+            edge, _ = split_llava(loaded.model.to(device).eval(), base.config.site)
+            chunks = [
+                edge(
+                    pixel_values(torch.from_numpy(images[i : i + 512]).to(device), loaded.image_spec)
+                ).float()
+                for i in range(0, len(images), 512)
+            ]
+            feats[site] = torch.cat(chunks)
+        q = AlignedVQ.refined(base, feats[site], refine_threshold=threshold, rank_tokens=tokens, iters=iters)
+        q.calibrate_freqs(q.encode(feats[site])[0])
+        q.save(path)
+    return names
 
 
 def sweep_configs(
@@ -156,13 +204,18 @@ def run_recipe(
         for name, path in learned.items():
             shutil.copyfile(path, final / "quantizers" / name)
         save_model_dir(source.model, source.tokenizer, source.prompt, source.image_spec, final)
+    rows = tuple(row for row in REFINED if (final / "quantizers" / f"{row[0]}.safetensors").is_file())
+    refined = refine_quantizers(
+        load_model_dir(final, name=NAME, device=device), train.images, rows, device=device
+    )
+    write_manifest(final)
     # Evaluate the model as saved (fp16 weights computed in fp32): the numbers CPU evaluation reproduces.
     results_path = run / "rate_accuracy.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     done = {r["name"] for r in results["runs"]}
     loaded = load_model_dir(final, name=NAME, device=device)
     test = load_easy_vqa("test").subset(test_limit)
-    names = [c.name for c in sweep_configs(1, 1)[:sweep_limit]]
+    names = [c.name for c in sweep_configs(1, 1)[:sweep_limit]] + refined
     for name in names:
         if name in done:
             continue

@@ -91,7 +91,9 @@ class Runner:
             bundle_bytes=parsed.nbytes,
             image_size=parsed.image_spec.size,
         )
-        self.served = ServedModel(info=self.info, bundle=self.bundle, freqs=parsed.freqs)
+        self.served = ServedModel(
+            info=self.info, bundle=self.bundle, freqs=parsed.freqs, ranking=parsed.ranking
+        )
         self.eos_token_id = loaded.tokenizer.eos_token_id
 
     @classmethod

@@ -352,7 +352,7 @@ def test_bad_magic_and_version() -> None:
         ({18: 0}, "split_site"),  # block:0
         ({19: 0, 20: 0}, "tokens"),
         ({23: 0, 24: 0}, "codebook_size"),  # K - 1 = 0
-        ({25: 2}, "coder"),
+        ({25: 3}, "coder"),
         ({26: 17}, "stat_bits"),
     ],
 )

@@ -168,3 +168,53 @@ def test_llava15_geometry_stream_size() -> None:
     with torch.no_grad():
         expected, _ = quantizer.encode(edge(torch.from_numpy(pixels)[None]))
     assert (decode_stream(stream).indices == expected[0].numpy()).mean() >= 0.99
+
+
+def test_variable_rate_ranked_bundle_matches_torch_and_decodes(tiny_model_dir: Path) -> None:
+    """Gated refinement + neighbour ranks: same indices as torch, a ranked stream, exact decode."""
+    from models.config import QuantizerConfig
+    from models.registry import load_model
+
+    from edge_client.preprocess import preprocess
+
+    loaded = load_model(str(tiny_model_dir))
+    edge, _ = split_llava(loaded.model, "preln")
+
+    def _pixels(image: np.ndarray) -> np.ndarray:
+        return preprocess(Image.fromarray(image), loaded.image_spec)
+
+    def flat(n: int, seed: int) -> np.ndarray:  # one colour per image: neighbours repeat codes
+        colours = np.random.default_rng(seed).integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
+        return np.broadcast_to(colours, (n, 32, 32, 3)).copy()
+
+    with torch.no_grad():
+        calibration = np.concatenate([_images(64, 32, seed=4), flat(64, seed=6)])
+        hidden = edge(torch.from_numpy(np.stack([_pixels(image) for image in calibration])))
+
+    def fitted(**kw) -> AlignedVQ:
+        q = AlignedVQ(QuantizerConfig(dim=hidden.shape[-1], codebook_size=16, code_dim=8, stages=2, **kw))
+        q.init_from_features(hidden, iters=5)
+        return q.eval()
+
+    plain = fitted()
+    first = plain.codebooks[0, 0][plain.encode(hidden)[0][..., 0, 0]]
+    with torch.no_grad():
+        threshold = float((plain.project(hidden)[..., 0, :] - first).pow(2).sum(-1).median())
+    q = fitted(refine_threshold=threshold, rank_tokens=17)
+    q.calibrate_freqs(q.encode(hidden)[0])
+    case = _case(loaded, q)
+    bundle = case.encoder.bundle
+    assert bundle.refine_threshold == threshold and bundle.ranking is not None
+
+    images = np.concatenate([_images(4, 32, seed=5), flat(4, seed=7)])
+    with torch.no_grad():
+        expected = q.encode(edge(torch.from_numpy(np.stack([_pixels(image) for image in images]))))[0]
+    ours = np.stack([case.encoder.encode_pixels(_pixels(image))[0] for image in images])
+    assert (ours == expected.numpy()).mean() >= 0.99
+    assert 0 < (ours[..., 1] == 0).mean() < 1  # some tokens skip refinement, some do not
+    coders = []
+    for image, indices in zip(images, ours, strict=True):
+        stream = case.encoder.encode_image(image)
+        coders.append(read_header(stream).coder)
+        np.testing.assert_array_equal(decode_stream(stream, bundle.freqs, bundle.ranking).indices, indices)
+    assert coders[4:] == ["ranked"] * 4  # flat images rank-code below packing

@@ -163,3 +163,46 @@ def test_load_refuses_missing_and_foreign_files(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(QuantizerFileError, match="expected format alignedvq-quantizer"):
         AlignedVQ.load(tmp_path / "other.safetensors")
+
+
+def test_gated_refinement_sends_zero_code_for_small_residuals() -> None:
+    with pytest.raises(ValueError, match="refine_threshold"):
+        QuantizerConfig(dim=DIM, refine_threshold=1.0)  # one stage: nothing to gate
+    x = _features(16, seed=7)
+    plain, gated = _fitted(stages=2), _fitted(stages=2, refine_threshold=100.0)
+    assert gated.config.name == "preln-r2x16-t100"
+    assert torch.equal(gated.codebooks[0, 1, 0], torch.zeros(8))  # code 0 of stage 2 is zero
+    idx = gated.encode(x)[0]
+    first = gated.codebooks[0, 0][idx[..., 0, 0]]
+    small = (gated.project(x)[..., 0, :] - first).pow(2).sum(-1) <= 100.0
+    assert small.any() and (~small).any()
+    assert (idx[..., 0, 1][small] == 0).all()  # no refinement where stage 1 was close enough
+    error = lambda q: (q.decode(q.encode(x)[0]) - x).pow(2).mean()  # noqa: E731
+    assert error(gated) < error(_fitted(stages=1))  # refinement still helps where it is sent
+    assert error(plain) <= error(gated) * 1.5
+
+    gated.train()
+    out = gated(x)
+    (out.hidden_states.pow(2).mean() + out.loss).backward()
+    assert gated.codebooks.grad[0, 1, 0].abs().max() == 0  # the pinned code never learns
+
+
+def test_ranked_quantizer_calibrates_its_geometry_and_saves_it(tmp_path: Path) -> None:
+    q = _fitted(stages=2, refine_threshold=100.0, rank_tokens=TOKENS)
+    assert q.config.name == "preln-r2x16-t100-ranked"
+    q.calibrate_freqs(q.encode(_features(64, seed=8))[0])
+    assert q.rank_books.dtype == torch.int16 and q.rank_books.abs().max() < 2**14
+    assert q.rank_offsets.shape == (TOKENS, 1, 2, 8) and q.freqs.sum() == 64 * TOKENS * 2
+    digest = q.save(tmp_path / "q.safetensors")
+    loaded = AlignedVQ.load(tmp_path / "q.safetensors")
+    assert loaded.content_hash() == digest
+    assert torch.equal(loaded.rank_offsets, q.rank_offsets) and torch.equal(loaded.rank_books, q.rank_books)
+    indices = q.encode(_features(2, seed=9))[0][0].numpy()
+    ranking = loaded.ranking()
+    assert (ranking.indices(ranking.ranks(indices)) == indices).all()
+
+
+def test_config_json_omits_later_fields_at_their_defaults() -> None:
+    """Quantizer files written before gating and ranking existed keep their content hashes."""
+    assert "rank_tokens" not in QuantizerConfig(dim=DIM).to_json()
+    assert '"rank_tokens": 9' in QuantizerConfig(dim=DIM, rank_tokens=9).to_json()
