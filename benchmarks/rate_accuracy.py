@@ -85,7 +85,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    runs = [r for r in result["runs"] if r["site"] == "preln"]
+    variable = [r for r in result["runs"] if r.get("ranked") or r.get("refine_threshold")]
+    runs = [r for r in result["runs"] if r["site"] == "preln" and r not in variable]
     single = sorted((r for r in runs if r["groups"] == r["stages"] == 1), key=lambda r: r["bits_per_token"])
     ax.plot(
         [r["bits_per_token"] for r in single],
@@ -115,6 +116,22 @@ def plot(result: dict, path: Path) -> None:
                 xytext=(3, -8),
                 textcoords="offset points",
             )
+    for i, r in enumerate(variable):
+        ax.plot(
+            r["bits_per_token_entropy"],
+            100 * r["accuracy_alignedvq"],
+            "*",
+            color="tab:purple",
+            markersize=11,
+            label="gated 2-stage, neighbour-ranked (measured bits)" if i == 0 else None,
+        )
+        ax.annotate(
+            r["name"].removeprefix("preln-"),
+            (r["bits_per_token_entropy"], 100 * r["accuracy_alignedvq"]),
+            fontsize=7,
+            xytext=(3, 4),
+            textcoords="offset points",
+        )
     for r in result["runs"]:
         if r["site"] == "embed":
             ax.plot(

@@ -355,10 +355,16 @@ def _encode_stats(header: StreamHeader, stats: np.ndarray | None) -> bytes:
 
 
 def decode_stream(
-    data: bytes, freqs: np.ndarray | None = None, ranking: NeighbourRanks | None = None
+    data: bytes,
+    freqs: np.ndarray | None = None,
+    ranking: NeighbourRanks | None = None,
+    *,
+    resolve_ranks: bool = True,
 ) -> DecodedStream:
     """Inverse of `encode_stream`. `freqs` `(groups, stages, K)` is needed for rANS-coded streams,
-    and `ranking` as well for ranked ones.
+    and `ranking` as well for ranked ones. With `resolve_ranks=False` a ranked stream is checked
+    completely (every rank decodes, the coder ends in its initial state) but its `indices` hold the
+    ranks: every rank maps to a valid index, so a gateway that only validates skips the mapping.
 
     Raises a `BitstreamError` subclass for a malformed stream, `EntropyModelError` for a rANS
     stream without a matching table (or ranking) and `IndexRangeError` for indices >= codebook_size.
@@ -388,7 +394,7 @@ def decode_stream(
             indices = rans_decode(index_section, freqs, header.tokens)
         except TruncatedStreamError as error:  # the container length was right, so the content is wrong
             raise CorruptStreamError(f"inconsistent rANS index section: {error}") from error
-        if header.coder == "ranked":
+        if header.coder == "ranked" and resolve_ranks:
             indices = ranking.indices(indices)
     if indices.max() >= header.codebook_size:
         position = tuple(int(i) for i in np.argwhere(indices >= header.codebook_size)[0])

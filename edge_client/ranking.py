@@ -81,13 +81,19 @@ class NeighbourRanks:
         """``(tokens, groups, stages)`` of the index arrays it transforms."""
         return (self.offsets.shape[0], *self.books.shape[:2])
 
-    def _distances(self, tokens: np.ndarray, before: np.ndarray, g: int, s: int) -> np.ndarray:
-        """Exact squared distances minus |prediction|^2, ``(len(tokens), K)``, from neighbour indices."""
+    def _keys(self, tokens: np.ndarray, before: np.ndarray, g: int, s: int) -> np.ndarray:
+        """Sort keys ``(len(tokens), K)`` int64, unique per row: distance * K + index.
+
+        Distance = squared distance to the prediction minus |prediction|^2 (the same for every
+        codeword), an exact integer below 2**40; times K <= 2**16 plus the index stays below 2**63, so
+        comparing keys compares (distance, index) pairs, ties broken by index.
+        """
         book = self.books[g, s]
         has = self.prev[tokens] >= 0
         pred = self.offsets[tokens, g, s].copy()
         pred[has] += book[before[self.prev[tokens][has]]]
-        return self.norms[g, s] - 2.0 * (pred @ book.T)
+        dist = (self.norms[g, s] - 2.0 * (pred @ book.T)).astype(np.int64)
+        return dist * book.shape[0] + np.arange(book.shape[0])
 
     def _check(self, array: np.ndarray, what: str) -> np.ndarray:
         array = np.asarray(array)
@@ -105,24 +111,24 @@ class NeighbourRanks:
         indices = self._check(indices, "indices")
         out = np.empty_like(indices)
         every = np.arange(indices.shape[0])
-        codes = np.arange(self.books.shape[2])
         for g in range(indices.shape[1]):
             for s in range(indices.shape[2]):
-                chosen = indices[:, g, s]
-                dist = self._distances(every, chosen, g, s)
-                mine = dist[every, chosen][:, None]
-                closer = (dist < mine) | ((dist == mine) & (codes[None, :] < chosen[:, None]))
-                out[:, g, s] = closer.sum(1)
+                keys = self._keys(every, indices[:, g, s], g, s)
+                out[:, g, s] = (keys < keys[every, indices[:, g, s]][:, None]).sum(1)
         return out
 
     def indices(self, ranks: np.ndarray) -> np.ndarray:
-        """Ranks ``(T, G, S)`` -> indices ``(T, G, S)`` uint16 (the cloud side; one step per level)."""
+        """Ranks ``(T, G, S)`` -> indices ``(T, G, S)`` uint16 (the cloud side; one step per level).
+
+        Keys are unique, so the codeword of rank r is the one ``argpartition`` puts at position r:
+        linear time per token, no sort.
+        """
         ranks = self._check(ranks, "ranks")
         out = np.zeros_like(ranks)
         for g in range(ranks.shape[1]):
             for s in range(ranks.shape[2]):
                 for tokens in self.levels:
-                    dist = self._distances(tokens, out[:, g, s], g, s)
-                    order = np.argsort(dist, axis=1, kind="stable")  # ties: lower index first
-                    out[tokens, g, s] = order[np.arange(len(tokens)), ranks[tokens, g, s]]
+                    keys = self._keys(tokens, out[:, g, s], g, s)
+                    for row, (token, rank) in enumerate(zip(tokens, ranks[tokens, g, s], strict=True)):
+                        out[token, g, s] = np.argpartition(keys[row], rank)[rank]
         return out.astype(np.uint16)

@@ -146,13 +146,17 @@ class ServedModel:
                 f"got {len(request.question)}"
             )
         if request.features is not None:
-            self.check_features(request.model, request.features)
+            self.check_features(request.model, request.features, resolve_ranks=False)
         else:
             assert request.image is not None  # VQARequest guarantees exactly one payload
             check_image(request.image, max_image_pixels)
 
-    def check_features(self, model: str, data: bytes) -> DecodedStream:
-        """Check a feature stream against the served quantizer and decode it (indices, stats)."""
+    def check_features(self, model: str, data: bytes, *, resolve_ranks: bool = True) -> DecodedStream:
+        """Check a feature stream against the served quantizer and decode it (indices, stats).
+
+        ``resolve_ranks=False`` (the gateway, which only validates) leaves a ranked stream's
+        neighbour ranks unmapped: the same checks, without the per-token codeword search.
+        """
         header = read_header(data)
         if header.model != model:
             raise StreamMismatch(
@@ -170,7 +174,7 @@ class ServedModel:
                     f"stream header field '{name}': expected {expected[name]!r}, "
                     f"got {getattr(header, name)!r}"
                 )
-        return decode_stream(data, self.freqs, self.ranking)
+        return decode_stream(data, self.freqs, self.ranking, resolve_ranks=resolve_ranks)
 
 
 class Registry:

@@ -204,6 +204,8 @@ def evaluate(
             codebook_size=c.codebook_size,
             code_dim=c.code_dim,
             stat_bits=c.stat_bits,
+            refine_threshold=c.refine_threshold,
+            ranked=bool(c.rank_tokens),
             tokens=tokens,
             bits_per_token=c.bits_per_token,
             stream_bytes_packed=float(np.mean(enc.stream_bytes)),

@@ -68,6 +68,8 @@ def test_ranked_streams_need_the_ranking_and_round_trip() -> None:
     stream = encode_stream(header, smooth, freqs=freqs, ranking=ranking)
     assert read_header(stream).coder == "ranked"
     np.testing.assert_array_equal(decode_stream(stream, freqs, ranking).indices, smooth)
+    checked = decode_stream(stream, freqs, ranking, resolve_ranks=False)  # the gateway's validation
+    np.testing.assert_array_equal(checked.indices, ranking.ranks(smooth))
     with pytest.raises(EntropyModelError, match="neighbour ranking"):
         decode_stream(stream, freqs)
     index_freqs = normalize_freqs(np.bincount(smooth.ravel(), minlength=256).reshape(1, 1, -1))
