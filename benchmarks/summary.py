@@ -193,13 +193,19 @@ def build() -> dict[str, Any]:
     figures.update(
         gpu_req_per_s=sources.figure(
             GPU,
-            "/summary/cloud_half/best_req_per_s",
+            "/summary/cloud_half_fused/best_req_per_s",
             "req/s",
-            "LLaVA-1.5-7B cloud half (random bf16 weights, 577-token payloads, 3 new tokens): answers per "
-            "second on one GPU at the best batch size",
+            "LLaVA-1.5-7B cloud half as the worker runs it on a GPU (VQA_FUSED=auto: models/fused.py, bf16; "
+            "random weights, 577-token payloads, 3 new tokens): answers per second at the best batch size",
         ),
         gpu_batch1_ms=sources.figure(
-            GPU, "/summary/cloud_half/batch1_ms", "ms", "the same at batch 1 (median wall time)"
+            GPU, "/summary/cloud_half_fused/batch1_ms", "ms", "the same at batch 1 (median wall time)"
+        ),
+        gpu_hf_modules_req_per_s=sources.figure(
+            GPU,
+            "/summary/cloud_half/best_req_per_s",
+            "req/s",
+            "the same cloud half through the Hugging Face modules (VQA_FUSED=off), same run",
         ),
         gpu_hf_generate_req_per_s=sources.figure(
             GPU,

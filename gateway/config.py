@@ -98,13 +98,14 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VQA_", env_file=".env", extra="ignore", frozen=True)
 
     model: Annotated[str, Field(min_length=1)] = "llava-mini-shapes"
-    quantizer: Annotated[str, Field(min_length=1)] = "preln-4096"
+    quantizer: Annotated[str, Field(min_length=1)] = "preln-r2x4096-t12-ranked"
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
     max_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 10
     poll_ms: Annotated[int, Field(ge=1, le=10_000)] = 500
     torch_threads: Annotated[int, Field(ge=0, le=1024)] = 0
+    fused: Literal["auto", "on", "off"] = "auto"  # models.fused decoding; auto = on for CUDA devices
 
     @field_validator("device")
     @classmethod

@@ -78,11 +78,15 @@ class CloudHalf(nn.Module):
         self.site = site
         self.model = model
         if fused:
-            from .fused import FusedLlama
+            from .fused import CudaGraphed, FusedLlama
 
-            self.engine = FusedLlama(model)
+            # Compiled on GPUs; on CPU the same code runs eagerly (tests). At small batch the eager
+            # vision blocks cost more wall time than the whole prefill, so they replay as graphs.
+            self.engine = FusedLlama(model, compile=next(model.parameters()).is_cuda)
+            self._features = CudaGraphed(self._image_features)
         else:
             self.engine = HFEngine(model)
+            self._features = self._image_features
         self.feature_layers = feature_layer_indices(model)
         first = site.edge_blocks
         if min(self.feature_layers) < first:
@@ -100,6 +104,9 @@ class CloudHalf(nn.Module):
 
     def image_features(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(batch, tokens, dim)`` at the site -> projected ``(batch, image_tokens, text_dim)``."""
+        return self._features(hidden_states)
+
+    def _image_features(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = self.blocks[0].layer_norm1.weight.dtype if len(self.blocks) else hidden_states.dtype
         h = hidden_states.to(dtype)
         if self.pre_layrnorm is not None:
@@ -161,6 +168,7 @@ def split_llava(
     model: nn.Module, site: SplitSite | str = "preln", fused: bool = False
 ) -> tuple[EdgeHalf, CloudHalf]:
     """Cut ``model`` at ``site``; both halves share its weights. ``fused``: the cloud half decodes
-    with :class:`models.fused.FusedLlama` (compiled; for GPUs) instead of the HF modules."""
+    with :class:`models.fused.FusedLlama` (compiled, CUDA graphs; for GPUs) instead of the HF
+    modules, and replays its vision blocks as CUDA graphs at small batch."""
     site = SplitSite.parse(site) if isinstance(site, str) else site
     return EdgeHalf(model, site), CloudHalf(model, site, fused)

@@ -26,7 +26,7 @@ EDGE=(numpy==2.4.6 pillow==13.0.0 httpx==0.28.1 anyio==4.16.0 msgpack==1.2.4 saf
   typer==0.29.2 pydantic==2.14.4)
 # The worker: `.[serve]` without torch (installed first from the CUDA index, see worker.Dockerfile).
 WORKER=("${GATEWAY[@]}" "transformers==5.24.0" "tokenizers==0.23.3" "easy-vqa==1.0" "tqdm==4.70.1"
-  "matplotlib==3.11.2" "huggingface-hub==2.4.0" "constriction>=0.4" "typer==0.29.2")
+  "matplotlib==3.11.2" "huggingface-hub==2.4.0" "constriction>=0.4" "typer==0.29.2" "threadpoolctl==3.8.0")
 
 resolve() {  # name arch requirements...
   local name=$1 arch=$2

@@ -91,14 +91,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         runner = Runner.load(
-            settings.model, settings.quantizer, settings.device, settings.dtype, settings.torch_threads
+            settings.model,
+            settings.quantizer,
+            settings.device,
+            settings.dtype,
+            settings.torch_threads,
+            settings.fused,
         )
     except (LookupError, ValueError, OSError) as exc:
         print(f"vqa-worker: cannot load {settings.model} / {settings.quantizer}: {exc}", file=sys.stderr)
         return 2
-    # One full batch before announcing: first-batch costs (allocator, kernels) are paid here, so a
+    # Warm-up batches before announcing: first-batch costs (allocator, kernels; with fused decoding
+    # the compile and CUDA-graph capture of each batch size, seconds each) are paid here, so a
     # worker that looks live (and a pod that probes ready) answers at full speed.
-    log.info("warm-up batch of %d took %.0f ms", settings.max_batch, runner.warmup(settings.max_batch))
+    powers = (1 << i for i in range(settings.max_batch.bit_length()))
+    for size in [p for p in powers if p < settings.max_batch] + [settings.max_batch]:
+        log.info("warm-up batch of %d took %.0f ms", size, runner.warmup(size))
     # torch + transformers leave ~400k long-lived objects that each full collection would walk
     # (~200 ms on 2 CPU cores, mid-batch). Collected once, then frozen: the collector skips them.
     gc.collect()

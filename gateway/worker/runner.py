@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from edge_client.bundle import EdgeBundle
 from edge_client.preprocess import MAX_IMAGE_PIXELS, preprocess
@@ -67,11 +68,13 @@ class Prepared:
 class Runner:
     """One served model + quantizer; see the module docstring."""
 
-    def __init__(self, loaded: LoadedModel, quantizer: AlignedVQ, quantizer_name: str, device: str) -> None:
+    def __init__(
+        self, loaded: LoadedModel, quantizer: AlignedVQ, quantizer_name: str, device: str, fused: bool = False
+    ) -> None:
         self.loaded = loaded
         self.quantizer = quantizer.to(device).eval()
         self.device = device
-        self.edge, self.cloud = split_llava(loaded.model, quantizer.config.site)
+        self.edge, self.cloud = split_llava(loaded.model, quantizer.config.site, fused=fused)
         self.bundle = export_edge_bundle(loaded, quantizer)
         # What gateways validate against is read back from the bundle edges receive, so the two
         # can never disagree.
@@ -98,15 +101,28 @@ class Runner:
 
     @classmethod
     def load(
-        cls, model: str, quantizer: str, device: str = "auto", dtype: str = "auto", threads: int = 0
+        cls,
+        model: str,
+        quantizer: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        threads: int = 0,
+        fused: str = "auto",
     ) -> Runner:
-        """Load ``model`` (registry name or directory) and its quantizer ``quantizer`` (file stem)."""
+        """Load ``model`` (registry name or directory) and its quantizer ``quantizer`` (file stem).
+
+        ``fused``: ``auto`` decodes with :mod:`models.fused` on CUDA devices, ``on``/``off`` force it.
+        """
         if threads:
             torch.set_num_threads(threads)
+        # numpy's BLAS only serves stream decoding here (small neighbour-rank GEMMs, one request at
+        # a time); its threads would fight torch's for the same cores (3-10x slower decodes).
+        threadpool_limits(limits=1, user_api="blas")
         device = resolve_device(device)
         loaded = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
         vq = AlignedVQ.load(loaded.quantizer_path(quantizer), map_location=device)
-        return cls(loaded, vq, quantizer, device)
+        use_fused = fused == "on" or (fused == "auto" and device.startswith("cuda"))
+        return cls(loaded, vq, quantizer, device, fused=use_fused)
 
     def prepare(self, request: VQARequest) -> Prepared:
         """Decode and check one request (raises the same 4xx errors as the gateway would)."""

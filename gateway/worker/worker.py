@@ -277,7 +277,7 @@ class InProcessWorker:
 
         s = self.settings
         try:
-            runner = Runner.load(s.model, s.quantizer, s.device, s.dtype, s.torch_threads)
+            runner = Runner.load(s.model, s.quantizer, s.device, s.dtype, s.torch_threads, s.fused)
         except Exception as exc:
             log.exception("in-process worker could not load %s", s.model)
             self.failure = f"{type(exc).__name__}: {exc}"

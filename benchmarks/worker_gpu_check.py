@@ -1,0 +1,68 @@
+"""Worker compute on a GPU with VQA_FUSED=auto: the bundled model answers as on the HF-module path.
+
+    python -m benchmarks.worker_gpu_check OUT.json      # CUDA only; about a minute
+
+256 easy-VQA test questions, encoded by the numpy edge encoder with the default quantizer and
+answered in batches of 16 by the worker's ``Runner``, once with fused decoding (what ``auto``
+picks on CUDA) and once with it off. Records which engine each got, answer agreement, both
+accuracies, and the first-call costs (compile and CUDA-graph capture of a new batch size).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_client.bitstream import decode_stream
+from edge_client.bundle import EdgeBundle
+from edge_client.encoder import EdgeEncoder
+from gateway.worker.runner import Prepared, Runner
+from models.data import load_easy_vqa
+from models.registry import DEFAULT_MODEL, DEFAULT_QUANTIZER
+
+QUESTIONS, BATCH, NEW_TOKENS = 256, 16, 3
+
+
+def main(out: Path) -> None:
+    runners = {
+        "fused": Runner.load(DEFAULT_MODEL, DEFAULT_QUANTIZER, device="cuda", dtype="float32"),
+        "plain": Runner.load(DEFAULT_MODEL, DEFAULT_QUANTIZER, device="cuda", dtype="float32", fused="off"),
+    }
+    result: dict = {"engines": [type(r.cloud.engine).__name__ for r in runners.values()]}
+    bundle = EdgeBundle.from_bytes(runners["fused"].bundle)
+    encoder = EdgeEncoder(bundle)
+    test = load_easy_vqa("test").subset(QUESTIONS)
+    items = [
+        Prepared(
+            question,
+            NEW_TOKENS,
+            decode_stream(encoder.encode_image(test.images[i]), bundle.freqs, bundle.ranking).indices,
+        )
+        for question, i in zip(test.questions, test.image_index, strict=True)
+    ]
+    answers = {}
+    for name, runner in runners.items():
+        started = time.perf_counter()
+        runner.warmup(BATCH)
+        result[f"{name}_warmup{BATCH}_ms"] = (time.perf_counter() - started) * 1e3
+        answers[name] = [a for b in range(0, len(items), BATCH) for a in runner.run(items[b : b + BATCH])]
+        started = time.perf_counter()
+        runner.run(items[:1])  # a new batch size: the fused path compiles and captures here
+        torch.cuda.synchronize()
+        result[f"{name}_first_batch1_ms"] = (time.perf_counter() - started) * 1e3
+        result[f"accuracy_{name}"] = float(
+            np.mean([a == refs[0] for a, refs in zip(answers[name], test.answers, strict=True)])
+        )
+    pairs = zip(answers["fused"], answers["plain"], strict=True)
+    result["agree"] = float(np.mean([a == b for a, b in pairs]))
+    print(json.dumps(result))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
