@@ -2,25 +2,28 @@
 
 Neighbouring image patches usually pick nearby codewords, but a static frequency table cannot see
 that. So before rANS each index is replaced by its *rank*: how many codewords lie closer than the
-chosen one to a prediction made from the already-coded neighbour,
+chosen one to a prediction made from already-coded neighbours (left and above),
 
-    prediction(t) = codeword(index of neighbour(t)) + offset(t)      (offset alone if no neighbour)
+    prediction(t) = mean of the neighbours' codewords + offset(t)   (offset alone without neighbours)
     rank(t)       = #{j : d(j) < d(chosen)} + #{j < chosen : d(j) = d(chosen)}
 
-with d the squared distance to the prediction. A background patch next to background gets rank
+with d the squared distance to the prediction. A background patch among background gets rank
 0..3 instead of a near-uniform 12-bit index. Each (group, stage) is predicted from the same
-(group, stage) of the neighbour; ``offset`` is a per-position calibrated shift (position
+(group, stage) of its neighbours; ``offset`` is a per-position calibrated shift (position
 embeddings move every token a little).
 
 Edge and cloud must compute bit-identical ranks, or the cloud silently decodes other indices. So
-the ranking geometry is integer: ``books`` and ``offsets`` are int16 tensors shipped in the edge
-bundle (a scaled, rounded copy of the codebooks; they only order codewords and never reconstruct
-features). Distances are then integers below 2**40, computed in float64, where every partial sum
-is exact whatever order a BLAS sums in.
+the ranking geometry is small integers: ``books`` (|value| <= B) and ``offsets`` (twice the shift,
+|value| <= 2B) are int16 tensors shipped in the edge bundle (a scaled, rounded copy of the
+codebooks; they only order codewords and never reconstruct features). Distances are taken as
+``|c|^2 - c.s`` with ``s`` = twice the prediction (left + above, or twice the one neighbour, plus
+the offset, so |s| <= 4B): with ``B = max_book(d) = isqrt(2**24 // (5 d))`` (323 for code_dim 32)
+every product, partial sum and distance is an integer below 2**24, exact in float32 whatever
+order a BLAS sums in, so the edge ranks 577 tokens with one single-precision GEMM.
 
-Neighbours: with a class token plus a square patch grid (every CLIP geometry), token 0 and the
-first patch have none, a patch's neighbour is the one to its left, and a row's first patch takes
-the one above. Other token counts chain each token to the previous one.
+Neighbours: with a class token plus a square patch grid (every CLIP geometry) a patch's neighbours
+are the patches to its left and above; the class token and the first patch have none. Other token
+counts chain each token to the previous one.
 """
 
 from __future__ import annotations
@@ -29,28 +32,45 @@ import math
 
 import numpy as np
 
-__all__ = ["NeighbourRanks", "neighbours"]
+__all__ = ["NeighbourRanks", "max_book", "neighbours", "twice_base"]
+
+
+def max_book(dim: int) -> int:
+    """Largest |value| of an integer codebook of ``dim`` dims whose distances stay exact in float32."""
+    return math.isqrt((1 << 24) // (5 * dim))
 
 
 def neighbours(tokens: int) -> np.ndarray:
-    """``(tokens,)`` int64: the token each one is predicted from, -1 for none."""
+    """``(tokens, 2)`` int64: the tokens each one is predicted from (left, above), -1 for none."""
     grid = math.isqrt(max(tokens - 1, 0))
-    prev = np.arange(tokens, dtype=np.int64) - 1
+    out = np.full((tokens, 2), -1, dtype=np.int64)
     if tokens > 1 and grid * grid == tokens - 1:
-        patch = np.arange(tokens - 1)
-        prev[1:] = np.where(patch % grid > 0, patch, patch + 1 - grid)  # token ids: patch p is token p + 1
-        prev[0] = prev[1] = -1
+        patch = np.arange(tokens - 1)  # patch p is token p + 1
+        out[1:, 0] = np.where(patch % grid > 0, patch, -1)
+        out[1:, 1] = np.where(patch >= grid, patch + 1 - grid, -1)
     else:
-        prev[0] = -1
-    return prev
+        out[1:, 0] = np.arange(tokens - 1)
+    return out
 
 
-def _levels(prev: np.ndarray) -> list[np.ndarray]:
-    """Tokens grouped so that every token's neighbour lies in an earlier group (decode order)."""
-    depth = np.zeros(len(prev), dtype=np.int64)
-    for t in range(len(prev)):  # neighbours always precede a token, so one pass suffices
-        depth[t] = depth[prev[t]] + 1 if prev[t] >= 0 else 0
-    return [np.flatnonzero(depth == level) for level in range(int(depth.max()) + 1)] if len(prev) else []
+def twice_base(vectors: np.ndarray, nbrs: np.ndarray) -> np.ndarray:
+    """Twice the mean of each token's neighbour vectors: ``vectors`` ``(..., T, d)`` -> same shape.
+
+    Left + above, or twice the only neighbour, or zero: an integer when the vectors are.
+    """
+    has = nbrs >= 0  # (T, 2)
+    weight = np.where(has.sum(1, keepdims=True) == 1, 2, 1) * has  # (T, 2)
+    picked = vectors[..., np.maximum(nbrs, 0), :]  # (..., T, 2, d)
+    return (picked * weight[..., None].astype(vectors.dtype)).sum(-2)
+
+
+def _levels(nbrs: np.ndarray) -> list[np.ndarray]:
+    """Tokens grouped so that every token's neighbours lie in earlier groups (decode order)."""
+    depth = np.zeros(len(nbrs), dtype=np.int64)
+    for t in range(len(nbrs)):  # neighbours always precede a token, so one pass suffices
+        before = [depth[n] for n in nbrs[t] if n >= 0]
+        depth[t] = max(before) + 1 if before else 0
+    return [np.flatnonzero(depth == level) for level in range(int(depth.max()) + 1)] if len(nbrs) else []
 
 
 class NeighbourRanks:
@@ -70,30 +90,65 @@ class NeighbourRanks:
                 f"expected int16 rank offsets (T, {groups}, {stages}, {dim}), "
                 f"got {offsets.dtype} {offsets.shape}"
             )
-        self.books = books.astype(np.float64)
-        self.offsets = offsets.astype(np.float64)
+        bound = max_book(dim)
+        if np.abs(books).max() > bound or np.abs(offsets).max() > 2 * bound:
+            raise ValueError(
+                f"expected |books| <= {bound} and |offsets| <= {2 * bound} for code_dim {dim} (exact float32 "
+                f"distances), got {np.abs(books).max()} and {np.abs(offsets).max()}"
+            )
+        self.books = books.astype(np.float32)
+        self.offsets = offsets.astype(np.float32)
         self.norms = (self.books * self.books).sum(-1)  # (G, S, K), exact integers
-        self.prev = neighbours(offsets.shape[0])
-        self.levels = _levels(self.prev)
+        # -c^T per (group, stage), (G, S, d, K): one GEMM plus an in-place add gives the distances.
+        self.books_mt = np.ascontiguousarray(-self.books.transpose(0, 1, 3, 2))
+        self.nbrs = neighbours(offsets.shape[0])
+        self.levels = _levels(self.nbrs)
+        self._offset_cache: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(tokens, groups, stages)`` of the index arrays it transforms."""
         return (self.offsets.shape[0], *self.books.shape[:2])
 
-    def _keys(self, tokens: np.ndarray, before: np.ndarray, g: int, s: int) -> np.ndarray:
-        """Sort keys ``(len(tokens), K)`` int64, unique per row: distance * K + index.
+    def _distances(
+        self, tokens: np.ndarray, before: np.ndarray, g: int, s: int, cached: bool = False
+    ) -> np.ndarray:
+        """``(len(tokens), K)`` float32 holding exact integers below 2**24: ``|c|^2 - c.s`` for every
+        codeword c, with s twice the prediction (the squared distance, up to a factor and a
+        constant per token). ``before`` holds the indices of the tokens already decoded.
 
-        Distance = squared distance to the prediction minus |prediction|^2 (the same for every
-        codeword), an exact integer below 2**40; times K <= 2**16 plus the index stays below 2**63, so
-        comparing keys compares (distance, index) pairs, ties broken by index.
+        ``cached`` (the decoder): tokens whose neighbours all chose a zero codeword (a gated
+        stage's "no refinement", most tokens) or have none predict their offset alone, and take
+        their rows from a table computed once; only the rest are multiplied.
         """
         book = self.books[g, s]
-        has = self.prev[tokens] >= 0
-        pred = self.offsets[tokens, g, s].copy()
-        pred[has] += book[before[self.prev[tokens][has]]]
-        dist = (self.norms[g, s] - 2.0 * (pred @ book.T)).astype(np.int64)
-        return dist * book.shape[0] + np.arange(book.shape[0])
+        base = twice_base(book[before], self.nbrs)[tokens]
+        alone = ~base.any(1) if cached else np.zeros(len(tokens), dtype=bool)
+        if alone.all():
+            return self._offset_rows(g, s)[tokens]
+        rest = ~alone
+        part = (self.offsets[tokens[rest], g, s] + base[rest]) @ self.books_mt[g, s]
+        part += self.norms[g, s]
+        if not alone.any():
+            return part
+        dist = np.empty((len(tokens), book.shape[0]), dtype=np.float32)
+        dist[alone] = self._offset_rows(g, s)[tokens[alone]]
+        dist[rest] = part
+        return dist
+
+    def _offset_rows(self, g: int, s: int) -> np.ndarray:
+        """``(T, K)``: every position's distances when its prediction is its offset alone (cached)."""
+        if (g, s) not in self._offset_cache:
+            rows = self.offsets[:, g, s] @ self.books_mt[g, s]
+            rows += self.norms[g, s]
+            self._offset_cache[g, s] = rows
+        return self._offset_cache[g, s]
+
+    def _keys(self, tokens: np.ndarray, before: np.ndarray, g: int, s: int) -> np.ndarray:
+        """Sort keys ``(len(tokens), K)`` int64, unique per row: distance * K + index, so comparing
+        keys compares (distance, index) pairs, ties broken by index."""
+        dist = self._distances(tokens, before, g, s, cached=True).astype(np.int64)
+        return dist * dist.shape[1] + np.arange(dist.shape[1])
 
     def _check(self, array: np.ndarray, what: str) -> np.ndarray:
         array = np.asarray(array)
@@ -107,14 +162,24 @@ class NeighbourRanks:
         return array.astype(np.int64)
 
     def ranks(self, indices: np.ndarray) -> np.ndarray:
-        """Indices ``(T, G, S)`` -> ranks ``(T, G, S)`` int64 (the edge side; no loop over tokens)."""
+        """Indices ``(T, G, S)`` -> ranks ``(T, G, S)`` int64 (the edge side; no loop over tokens).
+
+        Counts strictly closer codewords; only the rare rows with a tied distance pay for the
+        index tie-break.
+        """
         indices = self._check(indices, "indices")
         out = np.empty_like(indices)
         every = np.arange(indices.shape[0])
         for g in range(indices.shape[1]):
             for s in range(indices.shape[2]):
-                keys = self._keys(every, indices[:, g, s], g, s)
-                out[:, g, s] = (keys < keys[every, indices[:, g, s]][:, None]).sum(1)
+                chosen = indices[:, g, s]
+                dist = self._distances(every, chosen, g, s)
+                mine = dist[every, chosen][:, None]
+                closer = np.count_nonzero(dist < mine, axis=1)
+                tied = np.flatnonzero(np.count_nonzero(dist <= mine, axis=1) - closer > 1)
+                for t in tied:
+                    closer[t] += np.count_nonzero(dist[t, : chosen[t]] == mine[t])
+                out[:, g, s] = closer
         return out
 
     def indices(self, ranks: np.ndarray) -> np.ndarray:

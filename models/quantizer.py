@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from edge_client.ranking import NeighbourRanks, neighbours
+from edge_client.ranking import NeighbourRanks, max_book, neighbours, twice_base
 
 from .config import QuantizerConfig
 
@@ -380,8 +379,9 @@ class AlignedVQ(nn.Module):
     def calibrate_freqs(self, indices: torch.Tensor) -> None:
         """Entropy-coder tables from calibration indices ``(images, tokens, G, S)``; part of the hash.
 
-        A ranked quantizer first fixes its ranking geometry (int16 codebooks scaled by a power of two,
-        and each position's median step from its neighbour's codeword), then counts ranks.
+        A ranked quantizer first fixes its ranking geometry (each codebook scaled and rounded to the
+        largest integers that keep distances exact, ``edge_client.ranking.max_book``, and each
+        position's median step from its neighbours' codewords), then counts ranks.
         """
         c = self.config
         if c.rank_tokens:
@@ -398,18 +398,19 @@ class AlignedVQ(nn.Module):
     def _calibrate_ranking(self, indices: torch.Tensor) -> torch.Tensor:
         """Set ``rank_books``/``rank_offsets`` from calibration indices; return their ranks."""
         books = self.books().detach().float().cpu()
-        peak = float(books.abs().max().clamp(min=1e-12))
-        scale = 2.0 ** math.floor(math.log2(16383 / peak))  # |book| < 2**14, so book + offset fits int16
-        self.rank_books.copy_(torch.round(books * scale).to(torch.int16))
-        ib = self.rank_books.long()  # (G, S, K, d)
+        # One scale per (group, stage) codebook, to the largest integers that keep float32
+        # distances exact: a refinement stage's small codes would collapse under the first's scale.
+        bound = max_book(self.config.code_dim)
+        peak = books.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
+        self.rank_books.copy_(torch.round(books * (bound / peak)).clamp(-bound, bound).to(torch.int16))
         idx = indices.long().cpu()
-        prev = torch.from_numpy(neighbours(self.config.rank_tokens))
         g = torch.arange(self.config.groups).view(-1, 1)
         s = torch.arange(self.config.stages).view(1, -1)
-        vectors = ib[g, s, idx]  # (images, T, G, S, d)
-        base = torch.where((prev >= 0).view(1, -1, 1, 1, 1), vectors[:, prev.clamp(min=0)], 0)
-        steps = (vectors - base).float().median(0).values.round()
-        self.rank_offsets.copy_(steps.clamp(-32768, 32767).to(torch.int16))
+        # (images, G, S, T, d): tokens next to the vector axis, as twice_base expects
+        vectors = self.rank_books.long()[g, s, idx].permute(0, 2, 3, 1, 4).numpy()
+        steps = np.median(2 * vectors - twice_base(vectors, neighbours(self.config.rank_tokens)), axis=0)
+        offsets = torch.from_numpy(np.rint(steps)).permute(2, 0, 1, 3)  # (T, G, S, d)
+        self.rank_offsets.copy_(offsets.clamp(-2 * bound, 2 * bound).to(torch.int16))
         ranking = self.ranking()
         return torch.from_numpy(np.stack([ranking.ranks(image) for image in idx.numpy()]))
 

@@ -172,10 +172,9 @@ def test_llava15_geometry_stream_size() -> None:
 
 def test_variable_rate_ranked_bundle_matches_torch_and_decodes(tiny_model_dir: Path) -> None:
     """Gated refinement + neighbour ranks: same indices as torch, a ranked stream, exact decode."""
+    from edge_client.preprocess import preprocess
     from models.config import QuantizerConfig
     from models.registry import load_model
-
-    from edge_client.preprocess import preprocess
 
     loaded = load_model(str(tiny_model_dir))
     edge, _ = split_llava(loaded.model, "preln")

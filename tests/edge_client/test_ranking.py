@@ -8,19 +8,21 @@ import pytest
 from edge_client.bitstream import StreamHeader, decode_stream, encode_stream, read_header
 from edge_client.entropy import normalize_freqs
 from edge_client.errors import EntropyModelError
-from edge_client.ranking import NeighbourRanks, neighbours
+from edge_client.ranking import NeighbourRanks, max_book, neighbours
 
 
 def test_neighbours_follow_the_patch_grid() -> None:
-    # class token + 3x3 grid: rows chain left to right, a row's first patch looks up.
-    assert neighbours(10).tolist() == [-1, -1, 1, 2, 1, 4, 5, 4, 7, 8]
-    assert neighbours(6).tolist() == [-1, 0, 1, 2, 3, 4]  # no square grid: previous token
-    assert neighbours(1).tolist() == [-1]
+    # class token + 3x3 grid (tokens 1..9): (left, above) of each patch.
+    left, above = neighbours(10).T.tolist()
+    assert left == [-1, -1, 1, 2, -1, 4, 5, -1, 7, 8]
+    assert above == [-1, -1, -1, -1, 1, 2, 3, 4, 5, 6]
+    assert neighbours(6)[:, 0].tolist() == [-1, 0, 1, 2, 3, 4]  # no square grid: previous token
+    assert (neighbours(6)[:, 1] == -1).all() and neighbours(1).tolist() == [[-1, -1]]
 
 
 def _ranking(rng: np.random.Generator, tokens=10, groups=2, stages=2, size=64, dim=4, spread=3):
     books = rng.integers(-spread, spread + 1, (groups, stages, size, dim)).astype(np.int16)
-    offsets = rng.integers(-2, 3, (tokens, groups, stages, dim)).astype(np.int16)
+    offsets = rng.integers(-4, 5, (tokens, groups, stages, dim)).astype(np.int16)
     return NeighbourRanks(books, offsets)
 
 
@@ -36,7 +38,7 @@ def test_ranks_round_trip_exactly_even_with_tied_codewords(seed: int) -> None:
 
 def test_a_token_equal_to_its_neighbour_gets_rank_zero() -> None:
     rng = np.random.default_rng(0)
-    books = rng.permutation(np.arange(-500, 500))[: 64 * 8].reshape(1, 1, 64, 8).astype(np.int16)
+    books = rng.integers(-max_book(8), max_book(8) + 1, (1, 1, 64, 8)).astype(np.int16)
     ranking = NeighbourRanks(books, np.zeros((17, 1, 1, 8), np.int16))  # class token + 4x4 grid
     indices = np.full((17, 1, 1), 5)
     ranks = ranking.ranks(indices)
@@ -51,6 +53,9 @@ def test_bad_geometry_and_inputs_are_refused() -> None:
         NeighbourRanks(np.zeros((1, 1, 4, 2), np.float32), np.zeros((3, 1, 1, 2), np.int16))
     with pytest.raises(ValueError, match="rank offsets"):
         NeighbourRanks(np.zeros((1, 1, 4, 2), np.int16), np.zeros((3, 1, 2, 2), np.int16))
+    bound = max_book(2)
+    with pytest.raises(ValueError, match=rf"\|books\| <= {bound}"):  # beyond it float32 could round
+        NeighbourRanks(np.full((1, 1, 4, 2), bound + 1, np.int16), np.zeros((3, 1, 1, 2), np.int16))
     with pytest.raises(ValueError, match="shape"):
         ranking.ranks(np.zeros((9, 2, 2), np.int64))
     with pytest.raises(ValueError, match=r"in \[0, 64\)"):
@@ -59,11 +64,17 @@ def test_bad_geometry_and_inputs_are_refused() -> None:
 
 def test_ranked_streams_need_the_ranking_and_round_trip() -> None:
     rng = np.random.default_rng(1)
-    ranking = _ranking(rng, tokens=10, groups=1, stages=1, size=256, spread=40)
+    ranking = _ranking(rng, tokens=10, groups=1, stages=1, size=256, spread=100)
     smooth = np.repeat(rng.integers(0, 256, (1, 1, 1)), 10, axis=0)  # one code everywhere
     freqs = normalize_freqs(np.bincount(ranking.ranks(smooth).ravel(), minlength=256).reshape(1, 1, -1))
     header = StreamHeader(
-        model="m", codebook_hash="ab" * 8, split_site="preln", tokens=10, groups=1, stages=1, codebook_size=256
+        model="m",
+        codebook_hash="ab" * 8,
+        split_site="preln",
+        tokens=10,
+        groups=1,
+        stages=1,
+        codebook_size=256,
     )
     stream = encode_stream(header, smooth, freqs=freqs, ranking=ranking)
     assert read_header(stream).coder == "ranked"
