@@ -222,7 +222,7 @@ def eval_cmd(
     model: str = "llava-mini-shapes",
     dataset: str = "easy-vqa",
     split: str = "test",
-    quantizer: QuantizerName = "preln-4096",
+    quantizer: QuantizerName = "preln-r2x4096-t12-ranked",
     limit: Annotated[int | None, typer.Option(help="first N questions only")] = None,
     batch_size: int = 256,
     device: Device = "auto",
@@ -247,7 +247,7 @@ def eval_cmd(
 def export_cmd(
     out: Annotated[Path, typer.Option(help="edge bundle file to write")],
     model: str = "llava-mini-shapes",
-    quantizer: QuantizerName = "preln-4096",
+    quantizer: QuantizerName = "preln-r2x4096-t12-ranked",
 ) -> None:
     """Write the edge bundle (what the edge client needs, numpy-loadable) for a model + quantizer."""
     from .export import write_edge_bundle

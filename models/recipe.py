@@ -66,7 +66,7 @@ QAT_SWEEP: tuple[tuple[tuple[str, int, int, int, int], int], ...] = (
 QAT_TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
 # Step 4: variable-rate, neighbour-ranked refinements of trained one-stage quantizers, as
 # (base quantizer, refine_threshold); thresholds chosen on the holdout split.
-REFINED: tuple[tuple[str, float], ...] = (("preln-4096", 12.0), ("preln-256", 16.0))
+REFINED: tuple[tuple[str, float], ...] = (("preln-4096", 12.0), ("preln-1024", 24.0))
 
 
 @torch.no_grad()

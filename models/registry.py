@@ -27,7 +27,7 @@ from .prompt import PromptFormat
 
 BUNDLED = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "llava-mini-shapes"
-DEFAULT_QUANTIZER = "preln-4096"
+DEFAULT_QUANTIZER = "preln-r2x4096-t12-ranked"
 LLAVA15_REPO = "llava-hf/llava-1.5-7b-hf"
 LLAVA15_PROMPT = PromptFormat(template="USER: <image>\n{question} ASSISTANT:", image_tokens=576)
 

@@ -19,7 +19,7 @@ from models.registry import BUNDLED
 from tests.gateway.helpers import API_KEY
 
 MODEL = os.environ.get("VQA_TEST_MINI_MODEL", "llava-mini-shapes")
-QUANTIZER = "preln-4096"
+QUANTIZER = "preln-r2x4096-t12-ranked"
 MODEL_DIR = Path(MODEL) if Path(MODEL).is_dir() else BUNDLED / MODEL
 
 pytestmark = pytest.mark.skipif(
