@@ -39,7 +39,6 @@ import random
 import re
 import tempfile
 import time
-import uuid
 from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,7 +64,7 @@ from .errors import (
     ImageError,
 )
 from .preprocess import load_image, resize_and_crop
-from .protocol import CONTENT_TYPE, VQAResponse, encode_request, parse_request
+from .protocol import CONTENT_TYPE, VQAResponse, encode_request, new_request_id, parse_request
 
 __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_MODEL", "RETRY_STATUSES", "Answer", "BundleCache", "EdgeClient"]
 
@@ -503,7 +502,7 @@ class EdgeClient:
     ) -> _Flow[Answer]:
         source = _read_image(image)  # a missing file fails before any network traffic
         fields: dict[str, Any] = {
-            "request_id": request_id or uuid.uuid4().hex,
+            "request_id": request_id or new_request_id(),
             "model": self.model,
             "question": question,
             "max_new_tokens": max_new_tokens,

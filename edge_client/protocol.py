@@ -25,6 +25,8 @@ Response map: ``request_id``, ``model``, ``answer``, ``queue_ms``, ``compute_ms`
 
 from __future__ import annotations
 
+import base64
+import secrets
 from typing import Annotated, Any
 
 import msgpack
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import AlignedVQError
 
 PROTOCOL_VERSION = 1
+DEFAULT_MAX_NEW_TOKENS = 8
 MAX_QUESTION_CHARS = 1024
 MAX_FEATURE_BYTES = 4 * 1024 * 1024
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
@@ -57,7 +60,7 @@ class VQARequest(BaseModel):
     question: Annotated[str, Field(min_length=1, max_length=MAX_QUESTION_CHARS)]
     features: Annotated[bytes, Field(min_length=1, max_length=MAX_FEATURE_BYTES)] | None = None
     image: Annotated[bytes, Field(min_length=1, max_length=MAX_IMAGE_BYTES)] | None = None
-    max_new_tokens: Annotated[int, Field(ge=1, le=64)] = 8
+    max_new_tokens: Annotated[int, Field(ge=1, le=64)] = DEFAULT_MAX_NEW_TOKENS
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] | None = None
 
     @model_validator(mode="after")
@@ -84,9 +87,21 @@ class VQAResponse(BaseModel):
     batch_size: int = 1
 
 
+def new_request_id() -> str:
+    """128 random bits as 22 base64url characters (a uuid4 in hex spends 32 on 122 bits)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+
+
 def encode_request(request: VQARequest) -> bytes:
-    """Serialize to the msgpack body the gateway expects (``None`` fields are left out)."""
-    return msgpack.packb(request.model_dump(exclude_none=True), use_bin_type=True)
+    """Serialize to the msgpack body the gateway expects.
+
+    ``None`` fields and a default ``max_new_tokens`` are left out (the gateway fills in the same
+    default): every byte counts on a thin uplink. ``v`` is always sent.
+    """
+    fields = request.model_dump(exclude_none=True)
+    if fields["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS:
+        del fields["max_new_tokens"]
+    return msgpack.packb(fields, use_bin_type=True)
 
 
 def decode_request(body: bytes) -> VQARequest:
