@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from threadpoolctl import threadpool_limits
 
 from edge_client.bitstream import decode_stream
 from edge_client.bundle import EdgeBundle
@@ -56,12 +57,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_inference.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    threadpool_limits(limits=1, user_api="blas")  # numpy decodes streams single-threaded, as the worker
 
     loaded = load_model("llava-mini-shapes")
     quantizer = AlignedVQ.load(loaded.quantizer_path(DEFAULT_QUANTIZER))
     edge, cloud = split_llava(loaded.model, quantizer.config.site)
     encoder = EdgeEncoder(EdgeBundle.from_bytes(export_edge_bundle(loaded, quantizer)))
-    freqs = encoder.bundle.freqs
+    freqs, ranking = encoder.bundle.freqs, encoder.bundle.ranking
     data = load_easy_vqa("test")
     n = max(args.batches)
     images = data.images[data.image_index[:n]]
@@ -74,7 +76,7 @@ def main() -> None:
         ids, mask = encode_prompts(loaded.tokenizer, loaded.prompt, questions[:batch])
 
         def cloud_half(batch=batch, ids=ids, mask=mask):
-            decoded = [decode_stream(s, freqs) for s in streams[:batch]]
+            decoded = [decode_stream(s, freqs, ranking) for s in streams[:batch]]
             indices = torch.from_numpy(np.stack([d.indices for d in decoded]).astype(np.int64))
             with torch.no_grad():
                 hidden = quantizer.decode(indices)

@@ -29,11 +29,11 @@ easy-VQA-style shapes) and questions in both modes, two ways:
   POST + answer): what a long-running edge application pays.
 
 LLaVA-1.5-7B, composed because the 7B model cannot run on this CPU: for each photo (scikit-image's
-samples, as ``wire_bytes.py``) the real request bodies of both modes (AlignedVQ 577 tokens x 12
-bits, packed; JPEG-90 at 336 px) are POSTed over the shaped link to a small HTTP sink in the server
-namespace that reads the body and answers ~150 bytes; upload = send to complete reply, each on a new
-TCP connection (so from TCP's initial window; the handshake is reported apart, as ``connect_ms``,
-and not counted). Totals add measured parts:
+samples, as ``wire_bytes.py``) the real request bodies of both modes (AlignedVQ 577 tokens,
+entropy-coded as the client sends them; JPEG-90 at 336 px) are POSTed over the shaped link to a
+small HTTP sink in the server namespace that reads the body and answers ~150 bytes; upload = send
+to complete reply, each on a new TCP connection (so from TCP's initial window; the handshake is
+reported apart, as ``connect_ms``, and not counted). Totals add measured parts:
 
     edge-cloud = edge AlignedVQ encode (edge_cost.json) + upload(AlignedVQ body) + GPU cloud half
     cloud-only = edge JPEG-90 encode   (edge_cost.json) + upload(JPEG-90 body)   + GPU full model
@@ -138,7 +138,7 @@ RESULTS = Path(__file__).parent / "results"
 SAMPLES = ROOT / "samples"
 EDGE_COST = RESULTS / "edge_cost.json"
 EDGE_POINTERS = {  # llava-1.5-7b geometry, 336 px input array, this CPU
-    "aligned_encode_ms": "/geometries/0/timing/input_array_to_packed/median_ms",
+    "aligned_encode_ms": "/geometries/0/timing/input_array_to_entropy_coded/median_ms",
     "jpeg90_encode_ms": "/geometries/0/timing/baseline_jpeg90_of_input_array/median_ms",
 }
 GPU_RESULTS = RESULTS / "gpu_worker.json"
@@ -437,7 +437,7 @@ def llava15_bodies() -> tuple[dict[str, list[bytes]], dict[str, Any]]:
             request_body(
                 bundle.model,
                 QUESTION,
-                features=encoder.encode_image(resize_and_crop(photo, size), entropy=False),
+                features=encoder.encode_image(resize_and_crop(photo, size)),
             )
             for photo in photos.values()
         ],

@@ -129,7 +129,7 @@ def plot(result: dict, path: Path) -> None:
             r["name"].removeprefix("preln-"),
             (r["bits_per_token_entropy"], 100 * r["accuracy_alignedvq"]),
             fontsize=7,
-            xytext=(3, 4),
+            xytext=(4, 5 if i % 2 else -11),  # alternate sides: these points sit close together
             textcoords="offset points",
         )
     for r in result["runs"]:
