@@ -102,14 +102,14 @@ def build() -> dict[str, Any]:
             WIRE,
             ratios + "/aligned_body_bytes",
             "bytes",
-            "AlignedVQ POST /v1/vqa body, LLaVA-1.5-7B geometry (577 tokens, 12 bits each, stream "
-            "header, msgpack envelope and question included), mean over photos",
+            "AlignedVQ POST /v1/vqa body, LLaVA-1.5-7B geometry (577 tokens, 12-bit codes sent as "
+            "neighbour-ranked rANS; stream header, msgpack envelope and question included), mean over photos",
         ),
         "wire_stream_bytes_llava15": sources.figure(
             WIRE,
-            means + "/aligned_packed/stream_bytes",
+            means + "/aligned_entropy/stream_bytes",
             "bytes",
-            "the AlignedVQ feature stream alone (header + packed indices) inside that body",
+            "the AlignedVQ feature stream alone (header + coded indices) inside that body",
         ),
         "jpeg90_file_bytes_llava15": sources.figure(
             WIRE,

@@ -33,5 +33,5 @@ def test_tiny_run_measures_every_variant_and_agrees_with_generate(tmp_path: Path
     assert result["token_agreement_fused_vs_cloud_half"] == 1.0
     assert result["settings"]["payload_tokens"] == 577
     inputs = result["e2e_inputs"]
-    assert inputs["split_batch1_ms"] == result["summary"]["cloud_half"]["batch1_ms"] > 0
+    assert inputs["split_batch1_ms"] == result["summary"]["cloud_half_fused"]["batch1_ms"] > 0  # the GPU path
     assert inputs["cloud_only_batch1_ms"] > result["summary"]["cloud_only"]["batch1_ms"]
