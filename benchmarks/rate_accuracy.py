@@ -100,38 +100,23 @@ def plot(result: dict, path: Path) -> None:
         "s--",
         label="preln, 1 codebook, entropy-coded (measured)",
     )
+
+    def labelled(x: float, r: dict, offset: tuple[int, int], **style) -> None:
+        """One quantizer as a marker at (x, accuracy), annotated with its name."""
+        y = 100 * r["accuracy_alignedvq"]
+        ax.plot(x, y, **style)
+        name = r["name"].removeprefix("preln-")
+        ax.annotate(name, (x, y), fontsize=7, xytext=offset, textcoords="offset points")
+
     for r in runs:
         if r["groups"] > 1 or r["stages"] > 1:
-            kind = "grouped" if r["groups"] > 1 else "residual"
-            ax.plot(
-                r["bits_per_token"],
-                100 * r["accuracy_alignedvq"],
-                "^" if kind == "grouped" else "v",
-                color="tab:green" if kind == "grouped" else "tab:red",
-            )
-            ax.annotate(
-                r["name"].removeprefix("preln-"),
-                (r["bits_per_token"], 100 * r["accuracy_alignedvq"]),
-                fontsize=7,
-                xytext=(3, -8),
-                textcoords="offset points",
-            )
-    for i, r in enumerate(variable):
-        ax.plot(
-            r["bits_per_token_entropy"],
-            100 * r["accuracy_alignedvq"],
-            "*",
-            color="tab:purple",
-            markersize=11,
-            label="gated 2-stage, neighbour-ranked (measured bits)" if i == 0 else None,
-        )
-        ax.annotate(
-            r["name"].removeprefix("preln-"),
-            (r["bits_per_token_entropy"], 100 * r["accuracy_alignedvq"]),
-            fontsize=7,
-            xytext=(4, 5 if i % 2 else -11),  # alternate sides: these points sit close together
-            textcoords="offset points",
-        )
+            grouped = r["groups"] > 1
+            style = dict(marker="^" if grouped else "v", color="tab:green" if grouped else "tab:red")
+            labelled(r["bits_per_token"], r, (3, -8), linestyle="", **style)
+    for i, r in enumerate(variable):  # alternate label sides: these points sit close together
+        label = "gated 2-stage, neighbour-ranked (measured bits)" if i == 0 else None
+        style = dict(marker="*", color="tab:purple", markersize=11, linestyle="", label=label)
+        labelled(r["bits_per_token_entropy"], r, (4, 5 if i % 2 else -11), **style)
     for r in result["runs"]:
         if r["site"] == "embed":
             ax.plot(
