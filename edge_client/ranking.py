@@ -54,13 +54,14 @@ def neighbours(tokens: int) -> np.ndarray:
 
 
 def twice_base(vectors: np.ndarray, nbrs: np.ndarray) -> np.ndarray:
-    """Twice the mean of each token's neighbour vectors: ``vectors`` ``(..., T, d)`` -> same shape.
+    """Twice the mean of the neighbour vectors of some tokens: ``vectors`` ``(..., T, d)`` of every
+    token and those tokens' ``nbrs`` ``(n, 2)`` (rows of :func:`neighbours`) -> ``(..., n, d)``.
 
     Left + above, or twice the only neighbour, or zero: an integer when the vectors are.
     """
-    has = nbrs >= 0  # (T, 2)
-    weight = np.where(has.sum(1, keepdims=True) == 1, 2, 1) * has  # (T, 2)
-    picked = vectors[..., np.maximum(nbrs, 0), :]  # (..., T, 2, d)
+    has = nbrs >= 0  # (n, 2)
+    weight = np.where(has.sum(1, keepdims=True) == 1, 2, 1) * has  # (n, 2)
+    picked = vectors[..., np.maximum(nbrs, 0), :]  # (..., n, 2, d)
     return (picked * weight[..., None].astype(vectors.dtype)).sum(-2)
 
 
@@ -122,7 +123,7 @@ class NeighbourRanks:
         their rows from a table computed once; only the rest are multiplied.
         """
         book = self.books[g, s]
-        base = twice_base(book[before], self.nbrs)[tokens]
+        base = twice_base(book[before], self.nbrs[tokens])
         alone = ~base.any(1) if cached else np.zeros(len(tokens), dtype=bool)
         if alone.all():
             return self._offset_rows(g, s)[tokens]

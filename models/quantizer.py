@@ -188,13 +188,18 @@ class AlignedVQ(nn.Module):
             residuals.append(residual)
             nxt = torch.empty_like(residual)
             for g in range(c.groups):
-                idx = nearest_code(residual[:, g], books[g, s])
-                if s and c.refine_threshold:
-                    idx = idx.masked_fill((residual[:, g] * residual[:, g]).sum(-1) <= c.refine_threshold, 0)
+                idx = self._gate(nearest_code(residual[:, g], books[g, s]), residual[:, g], s)
                 indices[:, g, s] = idx
                 nxt[:, g] = residual[:, g] - books[g, s, idx]
             residual = nxt
         return indices.reshape(*z.shape[:-2], c.groups, c.stages), residuals
+
+    def _gate(self, idx: torch.Tensor, residual: torch.Tensor, stage: int) -> torch.Tensor:
+        """The refinement gate: code 0 (zero) where a later stage's incoming residual ``(n, d)`` is
+        already within ``refine_threshold``; ``idx`` unchanged otherwise."""
+        if not (stage and self.config.refine_threshold):
+            return idx
+        return idx.masked_fill((residual * residual).sum(-1) <= self.config.refine_threshold, 0)
 
     def books(self) -> torch.Tensor:
         """The codebooks ``(G, S, K, d)`` with pinned codewords zeroed (no gradient reaches them)."""
@@ -313,34 +318,33 @@ class AlignedVQ(nn.Module):
         self.up.weight.copy_(basis.T)
         self.up.bias.copy_(mu)
         self._fit_stages(self.down(flat).unflatten(-1, (c.groups, c.code_dim)), 0, iters, gen)
+
+    def _fit_stages(self, residual: torch.Tensor, first: int, iters: int, gen: torch.Generator) -> None:
+        """k-means the codebooks of stages ``first..`` on projected vectors ``(n, G, d)``, in place;
+        earlier stages are kept and only subtracted."""
+        c = self.config
+        kept = self.books().detach()
+        for s in range(c.stages):
+            for g in range(c.groups):
+                part = residual[:, g]
+                if s >= first:
+                    self.codebooks.data[g, s] = self._kmeans_stage(part, s, iters, gen)
+                book = self.codebooks.data[g, s] if s >= first else kept[g, s]
+                residual[:, g] -= book[self._gate(nearest_code(part, book), part, s)]
         if c.ema_decay:
             self.ema_sum.copy_(self.codebooks.detach())
             self.ema_count.fill_(1.0)
 
-    def _fit_stages(self, residual: torch.Tensor, first: int, iters: int, gen: torch.Generator) -> None:
-        """k-means the codebooks of stages ``first..`` on projected vectors ``(n, G, d)``, in place."""
+    def _kmeans_stage(self, part: torch.Tensor, stage: int, iters: int, gen: torch.Generator) -> torch.Tensor:
+        """One codebook ``(K, d)`` for the vectors ``part`` ``(n, d)`` entering ``stage``. A gated stage
+        keeps code 0 at zero and clusters only the residuals it will refine (if there are enough)."""
         c = self.config
-        books = self.books().detach()
-        for s in range(c.stages):
-            for g in range(c.groups):
-                part = residual[:, g]
-                gated = s and c.refine_threshold
-                if s >= first and gated:
-                    # Code 0 stays zero; the rest cluster the residuals that will be refined.
-                    needy = part[(part * part).sum(-1) > c.refine_threshold]
-                    pool = needy if needy.shape[0] >= c.codebook_size else part
-                    rest = kmeans(pool, c.codebook_size - 1, iters=iters, generator=gen)
-                    self.codebooks.data[g, s] = torch.cat([torch.zeros_like(rest[:1]), rest])
-                elif s >= first:
-                    self.codebooks.data[g, s] = kmeans(part, c.codebook_size, iters=iters, generator=gen)
-                book = self.codebooks.data[g, s] if s >= first else books[g, s]
-                idx = nearest_code(part, book)
-                if gated:
-                    idx = idx.masked_fill((part * part).sum(-1) <= c.refine_threshold, 0)
-                residual[:, g] -= book[idx]
-        if c.ema_decay:
-            self.ema_sum.copy_(self.codebooks.detach())
-            self.ema_count.fill_(1.0)
+        if not (stage and c.refine_threshold):
+            return kmeans(part, c.codebook_size, iters=iters, generator=gen)
+        needy = part[(part * part).sum(-1) > c.refine_threshold]
+        pool = needy if needy.shape[0] >= c.codebook_size else part
+        rest = kmeans(pool, c.codebook_size - 1, iters=iters, generator=gen)
+        return torch.cat([torch.zeros_like(rest[:1]), rest])
 
     @classmethod
     @torch.no_grad()

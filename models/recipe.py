@@ -37,8 +37,7 @@ from .mini import NAME
 from .quantizer import AlignedVQ
 from .registry import LoadedModel, load_model_dir, save_model_dir, write_manifest
 from .split import split_llava, vision_tokens
-from .tensors import pixel_values
-from .train import train_mini, train_quantizers
+from .train import collect_features, train_mini, train_quantizers
 
 # (split site, groups, stages, codebook size, code dim per group); the default comes first.
 SWEEP: tuple[tuple[str, int, int, int, int], ...] = (
@@ -76,7 +75,7 @@ def refine_quantizers(
     rows: tuple[tuple[str, float], ...] = REFINED,
     device: str = "cpu",
     iters: int = 20,
-) -> list[Path]:
+) -> list[str]:
     """Write a gated, ranked two-stage version of each base quantizer into the model's folder.
 
     ``images`` ``(n, H, W, 3)`` uint8 come from training data only: the second stage's k-means and
@@ -96,13 +95,7 @@ def refine_quantizers(
         site = str(base.config.site)
         if site not in feats:
             edge, _ = split_llava(loaded.model.to(device).eval(), base.config.site)
-            chunks = [
-                edge(
-                    pixel_values(torch.from_numpy(images[i : i + 512]).to(device), loaded.image_spec)
-                ).float()
-                for i in range(0, len(images), 512)
-            ]
-            feats[site] = torch.cat(chunks)
+            feats[site] = collect_features(edge, torch.from_numpy(images).to(device), loaded.image_spec)
         q = AlignedVQ.refined(base, feats[site], refine_threshold=threshold, rank_tokens=tokens, iters=iters)
         q.calibrate_freqs(q.encode(feats[site])[0])
         q.save(path)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
+from edge_client.preprocess import ImageSpec
+
 from .config import QuantizerConfig
 from .data import VQASplit, generate_shapes, load_easy_vqa
 from .mini import IMAGE_SPEC, PROMPT, build_tokenizer, mini_config
@@ -204,14 +206,14 @@ def train_mini(
 
 
 @torch.no_grad()
-def collect_features(edge, data: TensorSplit, max_images: int, batch_size: int = 512) -> torch.Tensor:
-    """Edge-half outputs ``(images, tokens, dim)`` in float32 for the first ``max_images`` images."""
-    feats = []
-    n = min(max_images, data.images.shape[0])
-    for start in range(0, n, batch_size):
-        images = data.images[start : min(start + batch_size, n)]
-        feats.append(edge(pixel_values(images, data.spec)).float())
-    return torch.cat(feats)
+def collect_features(edge, images: torch.Tensor, spec: ImageSpec, batch_size: int = 512) -> torch.Tensor:
+    """Edge-half outputs ``(images, tokens, dim)`` in float32 for ``images`` ``(n, H, W, 3)`` uint8."""
+    return torch.cat(
+        [
+            edge(pixel_values(images[start : start + batch_size], spec)).float()
+            for start in range(0, images.shape[0], batch_size)
+        ]
+    )
 
 
 def train_quantizers(
@@ -273,7 +275,7 @@ def train_quantizers(
     else:
         for q in quantizers:
             q.init_from_features(
-                collect_features(halves[str(q.config.site)][0], train, kmeans_images),
+                collect_features(halves[str(q.config.site)][0], train.images[:kmeans_images], spec),
                 iters=kmeans_iters,
                 seed=seed,
             )
@@ -373,7 +375,7 @@ def train_quantizers(
     for q in quantizers:
         q.eval()
         site = str(q.config.site)
-        q.calibrate_freqs(q.encode(collect_features(halves[site][0], train, kmeans_images))[0])
+        q.calibrate_freqs(q.encode(collect_features(halves[site][0], train.images[:kmeans_images], spec))[0])
         digest = q.save(out_dir / f"{q.config.name}.safetensors")
         log(event="done", name=q.config.name, holdout_accuracy=evaluate(q, site), hash=digest)
     if model_params:
