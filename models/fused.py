@@ -24,7 +24,7 @@ step. Here (benchmarks/results/gpu_worker.json: GEMMs now ~80 % of a batch-64 ca
   position and attends to slots ``<= position`` (slots a shorter row left to padding are masked,
   then overwritten). ``capacity`` is the prompt width plus ``reserve`` rounded up to 64 slots, so
   prompts of similar length share buffers; a longer decode grows it.
-- Attention kernels are chosen by measurement (:func:`_backends`).
+- Attention kernels are chosen by measurement (:func:`_attention`).
 - On CUDA each decode step is a CUDA graph, captured per ``(batch, capacity)`` on first use and
   replayed afterwards, and so is the prefill of small batches (padded to a multiple of 16 tokens),
   where Python, not the GPU, set the pace. All graphs and caches share one set of buffers (one
@@ -346,14 +346,7 @@ class FusedLlama:
         for i, (ln1, qkv, wo, ln2, gate_up, down) in enumerate(self.weights):
             q = self.prefill_inputs(h, cos, sin, ln1, qkv, cache.keys[i], cache.values[i])
             k, v = cache.keys[i][:, :n], cache.values[i][:, :n]
-            with _backends(h, prefill=True):
-                attn = F.scaled_dot_product_attention(
-                    q.transpose(1, 2),
-                    k.transpose(1, 2),
-                    v.transpose(1, 2),
-                    is_causal=True,
-                    enable_gqa=self.gqa,
-                ).transpose(1, 2)
+            attn = _attention(q, k, v, None, self.gqa)
             if i == len(self.weights) - 1:  # only the last real token of each row goes on
                 h, attn = h[rows, last][:, None], attn[rows, last][:, None]
             h = self.after_attention(h, attn, wo, ln2, gate_up, down)
@@ -372,14 +365,7 @@ class FusedLlama:
             keys, values = cache.keys[i], cache.values[i]
             keys.scatter_(1, where, k)
             values.scatter_(1, where, v)
-            with _backends(h, prefill=False):
-                attn = F.scaled_dot_product_attention(
-                    q.transpose(1, 2),
-                    keys.transpose(1, 2),
-                    values.transpose(1, 2),
-                    attn_mask=visible,
-                    enable_gqa=self.gqa,
-                ).transpose(1, 2)
+            attn = _attention(q, keys, values, visible, self.gqa)
             h = self.after_attention(h, attn, wo, ln2, gate_up, down)
         return self.lm_head(self.norm(h))
 
@@ -434,17 +420,30 @@ class CudaGraphed:
         self._pool = None
 
 
-def _backends(h: torch.Tensor, prefill: bool):
-    """Attention kernels by measurement (one H200, Llama-2-7B heads, 600 tokens, 2026-11-27):
-    causal prefill cuDNN 0.60 ms per layer at batch 64 vs flash 1.26, memory-efficient 1.63;
-    a masked one-token decode cuDNN 0.17 ms at batch 64 vs memory-efficient 0.33, but 70 vs 57 us
-    at batch 1. CPU: PyTorch's own choice."""
-    if h.device.type != "cuda":
-        return nullcontext()
-    if prefill:
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    elif h.shape[0] >= 8:
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, gqa: bool
+) -> torch.Tensor:
+    """SDPA over ``(batch, tokens, heads, head_dim)`` tensors: causal without a mask (prefill, padding
+    moved to the end), else over the cache slots ``mask`` allows (decode). Kernels by measurement
+    (one H200, Llama-2-7B heads, 600 tokens, 2026-11-27): causal prefill cuDNN 0.60 ms per layer at
+    batch 64 vs flash 1.26, memory-efficient 1.63; a masked one-token decode cuDNN 0.17 ms at batch
+    64 vs memory-efficient 0.33, but 70 vs 57 us at batch 1. CPU: PyTorch's own choice."""
+    if q.device.type != "cuda":
+        backends = nullcontext()
     else:
-        order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-    return sdpa_kernel([*order, SDPBackend.MATH], set_priority=True)
+        if mask is None:
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        elif q.shape[0] >= 8:
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        else:
+            order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+        backends = sdpa_kernel([*order, SDPBackend.MATH], set_priority=True)
+    with backends:
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=gqa,
+        ).transpose(1, 2)
