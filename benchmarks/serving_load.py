@@ -17,6 +17,9 @@ generator cannot hide queueing). Every run is bounded in requests and seconds. P
 answered / errored, req/s, latency p50/p95/p99, the gateway's queue_ms, compute_ms and batch_size
 from each reply, overhead = latency - queue_ms - compute_ms (HTTP, gateway, Redis round trips,
 result delivery, client), and the share of answers matching the easy-VQA-style ground truth.
+Beside them, ``latency_from_send_ms`` and ``overhead_from_send_ms`` count from the moment each
+request was written to its socket: in open loop that leaves out the generator's own lag behind its
+schedule, which ``latency_ms`` and ``overhead_ms`` keep.
 
 Raw JSON (machine, load averages, settings, every run) goes to results/serving_load_cpu.json; one
 table is printed. The load generator, the gateway, Redis and the workers share the same CPUs, so
@@ -394,7 +397,8 @@ def normalize(text: str) -> str:
 @dataclass
 class Record:
     ok: bool
-    latency_ms: float
+    latency_ms: float  # closed loop: from the send; open loop: from the scheduled arrival
+    latency_from_send_ms: float  # from the socket write (RawClient) or just before the httpx call
     status: int | str = 200
     queue_ms: float = 0.0
     compute_ms: float = 0.0
@@ -404,10 +408,12 @@ class Record:
 
 @dataclass(frozen=True)
 class RawResponse:
-    """The part of ``httpx.Response`` that :class:`Loader` reads."""
+    """The part of ``httpx.Response`` that :class:`Loader` reads, plus ``sent_at``: the
+    ``perf_counter`` time the request was handed to the socket (a write the kernel takes at once)."""
 
     status_code: int
     content: bytes
+    sent_at: float | None = None
 
     def json(self) -> object:
         return json.loads(self.content)
@@ -463,6 +469,7 @@ class RawClient:
     ) -> RawResponse:
         reader, writer = connection
         try:
+            sent_at = time.perf_counter()
             writer.write(request)
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower().split("\r\n")
             status = int(head[0].split()[1])
@@ -475,7 +482,7 @@ class RawClient:
             writer.close()
         else:
             self._idle.append(connection)
-        return RawResponse(status, body)
+        return RawResponse(status, body, sent_at)
 
 
 class Loader:
@@ -487,28 +494,34 @@ class Loader:
         self.count = 0
 
     async def one(self, started: float | None = None) -> Record:
-        """Send one request; latency from ``started`` (a scheduled arrival) or from the send."""
+        """Send one request; latency from ``started`` (a scheduled arrival) or from the send, and
+        always also from the moment the request was written to the socket."""
         item = self.items[self.rng.randrange(len(self.items))]
         self.count += 1
         body = pack(item.fields, f"{self.run_id}-{self.count}")
-        t0 = time.perf_counter() if started is None else started
+        t0 = time.perf_counter()
+        started = t0 if started is None else started
         try:
             response = await self.client.post(
                 "/v1/vqa", content=body, headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
             )
         except httpx.TransportError as exc:
-            return Record(False, (time.perf_counter() - t0) * 1e3, type(exc).__name__)
-        latency = (time.perf_counter() - t0) * 1e3
+            now = time.perf_counter()
+            return Record(False, (now - started) * 1e3, (now - t0) * 1e3, type(exc).__name__)
+        now = time.perf_counter()
+        sent_at = getattr(response, "sent_at", None) or t0  # httpx: just before the call
+        latency, from_send = (now - started) * 1e3, (now - sent_at) * 1e3
         if response.status_code != 200:
             try:
                 code = response.json()["error"]["code"]
             except (ValueError, KeyError, TypeError):
                 code = "?"
-            return Record(False, latency, f"{response.status_code}:{code}")
+            return Record(False, latency, from_send, f"{response.status_code}:{code}")
         reply = msgpack.unpackb(response.content, raw=False)
         return Record(
             True,
             latency,
+            from_send,
             queue_ms=float(reply["queue_ms"]),
             compute_ms=float(reply["compute_ms"]),
             batch_size=int(reply["batch_size"]),
@@ -555,7 +568,7 @@ class Loader:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         records = [t.result() for t in tasks if t in done]
-        records += [Record(False, drain_s * 1e3, "unfinished")] * len(pending)
+        records += [Record(False, drain_s * 1e3, drain_s * 1e3, "unfinished")] * len(pending)
         sent = {
             "send_window_s": round(window, 2),
             "offered_req_per_s": round(len(tasks) / window, 2) if window > 0 else 0.0,
@@ -589,6 +602,7 @@ def summarize(records: list[Record], elapsed_s: float) -> dict:
     ok = [r for r in records if r.ok]
     sizes = Counter(r.batch_size for r in ok)
     overhead = [r.latency_ms - r.queue_ms - r.compute_ms for r in ok]
+    overhead_from_send = [r.latency_from_send_ms - r.queue_ms - r.compute_ms for r in ok]
     return {
         "sent": len(records),
         "answered": len(ok),
@@ -600,6 +614,8 @@ def summarize(records: list[Record], elapsed_s: float) -> dict:
         "queue_ms": dist([r.queue_ms for r in ok]),
         "compute_ms": dist([r.compute_ms for r in ok]),
         "overhead_ms": dist(overhead),
+        "latency_from_send_ms": dist([r.latency_from_send_ms for r in ok]),
+        "overhead_from_send_ms": dist(overhead_from_send),
         "batch_size_hist": {str(k): sizes[k] for k in sorted(sizes)},
         "batch_size_mean": round(statistics.fmean(r.batch_size for r in ok), 2) if ok else None,
         # A request's compute_ms is its whole batch's; per answer it is compute_ms / batch_size.
@@ -703,19 +719,21 @@ def print_row(run: dict) -> None:
 
 
 CPU_COLUMNS = (
-    ("config", 8), ("load", 6), ("ovh50", 6), ("ovh95", 6), ("ovh99", 6), ("lag50", 6), ("lag99", 6),
-    ("gateway", 7), ("worker", 7), ("redis", 6), ("loadgen", 7),
+    ("config", 8), ("load", 6), ("ovh50", 6), ("ovh95", 6), ("ovh99", 6), ("snd50", 6), ("snd99", 6),
+    ("lag50", 6), ("lag99", 6), ("gateway", 7), ("worker", 7), ("redis", 6), ("loadgen", 7),
 )  # fmt: skip
 
 
 def cpu_table(runs: list[dict]) -> str:
-    """Overhead next to the generator's lag behind its schedule and the cores each process used."""
+    """Overhead (from the schedule, and from the send: snd), the generator's lag behind its schedule
+    and the cores each process used."""
     lines = [" ".join(f"{name:>{width}}" for name, width in CPU_COLUMNS)]
     for run in runs:
         load = f"C={run['concurrency']}" if run["mode"] == "closed" else f"{run['rate']:g}/s"
         cores = run.get("cpu_cores", {})
         cells = (
             run["name"], load, *(fmt(run["overhead_ms"][q], 1) for q in ("p50", "p95", "p99")),
+            *(fmt(run["overhead_from_send_ms"][q], 1) for q in ("p50", "p99")),
             fmt(run.get("generator_lag_p50_ms"), 1), fmt(run.get("generator_lag_p99_ms"), 1),
             *(fmt(cores.get(role), 2) for role in ("gateway", "worker", "redis", "load_generator")),
         )  # fmt: skip
@@ -819,6 +837,11 @@ def run(settings: dict, out: Path) -> dict:
             "latency is client-side (closed loop: from send; open loop: from the scheduled Poisson "
             "arrival). queue_ms: gateway enqueue -> worker batch start (includes the batch-fill wait). "
             "compute_ms: the whole batch's generate call. overhead = latency - queue_ms - compute_ms. "
+            "latency_from_send_ms / overhead_from_send_ms: the same counted from the moment the "
+            "request was written to its socket (the raw client stamps the write; with httpx, just "
+            "before the call), in both modes: in open loop they leave out the load generator's own "
+            "lag behind its schedule (timer lateness, task start, request build; generator_lag_* "
+            "covers only the timer part), which latency_ms and overhead_ms keep. "
             "Load generator, gateway, Redis and workers share the machine's CPUs; other jobs may too "
             "(see loadavg_*); cpu_cores: cores each process used during the run (load_generator "
             "is this script)." + (OVERHEAD_NOTE if "tiny_model" in settings else "")
@@ -916,7 +939,10 @@ def main() -> None:
     print(header())
     for run_ in result["runs"]:
         print(row(run_))
-    print("\noverhead (ms), load generator lag behind its Poisson schedule (ms), CPU cores used per process")
+    print(
+        "\noverhead (ms; snd: from the socket write), load generator lag behind its Poisson schedule (ms), "
+        "CPU cores used per process"
+    )
     print(cpu_table(result["runs"]))
     print(f"wrote {out}")
 

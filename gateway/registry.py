@@ -121,6 +121,11 @@ class ServedModel:
     freqs: np.ndarray | None
     ranking: NeighbourRanks | None
     fetched: float = field(default_factory=time.monotonic)
+    # (name, served value) of every header field a stream must match: read once, not per request.
+    stream_fields: tuple[tuple[str, Any], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.stream_fields = tuple((name, getattr(self.info, name)) for name in _STREAM_FIELDS)
 
     @classmethod
     def from_published(cls, info: ModelInfo, bundle: bytes) -> ServedModel:
@@ -167,12 +172,10 @@ class ServedModel:
                 f"the stream was encoded with codebook {header.codebook_hash}, but {model} serves codebook "
                 f"{self.info.codebook_hash[:16]}: download the current edge bundle"
             )
-        expected: dict[str, Any] = self.info.model_dump()
-        for name in _STREAM_FIELDS:
-            if getattr(header, name) != expected[name]:
+        for name, expected in self.stream_fields:
+            if getattr(header, name) != expected:
                 raise StreamMismatch(
-                    f"stream header field '{name}': expected {expected[name]!r}, "
-                    f"got {getattr(header, name)!r}"
+                    f"stream header field '{name}': expected {expected!r}, got {getattr(header, name)!r}"
                 )
         return decode_stream(data, self.freqs, self.ranking, resolve_ranks=resolve_ranks)
 

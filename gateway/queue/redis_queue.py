@@ -186,13 +186,14 @@ class RedisGatewayQueue:
                 raise Overloaded(
                     f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
                 )
+            # A timer that fails the future itself: asyncio.wait_for would add a second future and
+            # a second event-loop pass between the reply and this task.
             budget_s = max(deadline_ms - now_ms(), 0) / 1000
+            timer = asyncio.get_running_loop().call_later(budget_s, _expire, future, deadline_ms - now)
             try:
-                return await asyncio.wait_for(future, budget_s)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no answer before the deadline ({deadline_ms - now} ms after arrival)"
-                ) from None
+                return await future
+            finally:
+                timer.cancel()
         finally:
             futures = self._waiting.get(key, [])
             if future in futures:
@@ -421,6 +422,13 @@ class RedisWorkerQueue:
             args += [job.entry_id, reply.pack(), result_ttl_ms if reply.ok else 0, job.reply_to]
         with redis_errors():
             self._finish(keys=keys, args=args)
+
+
+def _expire(future: asyncio.Future[Reply], budget_ms: int) -> None:
+    if not future.done():
+        future.set_exception(
+            DeadlineExceeded(f"no answer before the deadline ({budget_ms} ms after arrival)")
+        )
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

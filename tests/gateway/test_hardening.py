@@ -91,8 +91,8 @@ class BrokenRegistry:
 def test_internal_errors_answer_an_opaque_500(redis_url, prefix) -> None:
     model_name = "any-model"
     app = create_app(gateway_settings(redis_url, prefix))
-    app.dependency_overrides[deps.get_registry] = BrokenRegistry
     with TestClient(app, raise_server_exceptions=False) as client:
+        app.state.registry = BrokenRegistry()  # what every route reads, hot path and dependencies alike
         replies = [
             client.get("/v1/models", headers=AUTH),
             client.get(f"/v1/models/{model_name}/edge-bundle", headers=AUTH),

@@ -61,6 +61,8 @@ def test_backlog_429_then_deadline_504_then_worker_drops_expired(
 
     late = waiting.result(timeout=10)
     assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    assert "no answer before the deadline" in late.json()["error"]["message"]
+    assert client.app.state.queue._waiting == {}  # the expired future was unregistered
 
     worker = start_worker(worker_settings(redis_url, prefix))
     wait_for(lambda: r.xlen(stream) == 0, what="expired entry dropped")

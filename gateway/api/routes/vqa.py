@@ -1,17 +1,21 @@
-"""``POST /v1/vqa``: decode, check against the served codebook, enqueue, await, respond."""
+"""``POST /v1/vqa``: decode, check against the served codebook, enqueue, await, respond.
+
+The hot path: it reads the app's state directly instead of through dependencies (see
+:mod:`gateway.api.deps`); :func:`~gateway.api.deps.authorize` still runs first, as a router dependency.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from edge_client.protocol import CONTENT_TYPE, VQAResponse, decode_request, encode_response
 
 from ...errors import ERROR_RESPONSES
 from ...queue import now_ms
-from ..deps import Authorized, Body, MetricsDep, QueueDep, RegistryDep, SettingsDep
+from ..deps import Authorized, read_body, state
 
 router = APIRouter(prefix="/v1", tags=["vqa"], dependencies=[Authorized])
 
@@ -30,28 +34,26 @@ router = APIRouter(prefix="/v1", tags=["vqa"], dependencies=[Authorized])
     },
 )
 async def ask(
-    body: Body,
-    settings: SettingsDep,
-    queue: QueueDep,
-    registry: RegistryDep,
-    metrics: MetricsDep,
-    accept: Annotated[str, Header()] = "application/json",
+    request: Request, accept: Annotated[str, Header()] = "application/json"
 ) -> VQAResponse | Response:
+    app = state(request)
+    settings = app.settings
+    body = await read_body(request, settings.max_body_bytes)
     arrived = now_ms()
-    request = decode_request(body)
-    served = await registry.get(request.model)
+    vqa = decode_request(body)
+    served = await app.registry.get(vqa.model)
     limits = dict(max_question_chars=settings.max_question_chars, max_image_pixels=settings.max_image_pixels)
-    if request.image is None:
+    if vqa.image is None:
         # A feature stream decodes in well under a millisecond (even rANS at LLaVA-1.5 geometry) and
         # holds the GIL throughout: a worker thread would add a hand-off and gain no parallelism.
-        served.check(request, **limits)
+        served.check(vqa, **limits)
     else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
-        await run_in_threadpool(served.check, request, **limits)
-    budget = min(request.timeout_ms or settings.request_timeout_ms, settings.max_timeout_ms)
-    with metrics.waiting.track_inprogress():
-        reply = await queue.submit(request, body, arrived + budget, settings.max_backlog)
+        await run_in_threadpool(served.check, vqa, **limits)
+    budget = min(vqa.timeout_ms or settings.request_timeout_ms, settings.max_timeout_ms)
+    with app.metrics.waiting.track_inprogress():
+        reply = await app.queue.submit(vqa, body, arrived + budget, settings.max_backlog)
     response = reply.response()
-    metrics.observe_answer(response)
+    app.metrics.observe_answer(response)
     if CONTENT_TYPE in accept:
         return Response(encode_response(response), media_type=CONTENT_TYPE)
     return response
