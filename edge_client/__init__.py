@@ -3,10 +3,10 @@
     from edge_client import EdgeClient
     answer = EdgeClient("http://127.0.0.1:8000").ask("photo.jpg", "what color is the shape?")
 
-Layers, lowest first: ``errors``; ``bitpack``/``entropy``/``bitstream`` (the feature stream);
-``preprocess``; ``protocol`` (the msgpack request); ``bundle`` (edge weights + codebook);
-``encoder`` (the edge half in numpy); ``client`` (HTTP); ``cli`` (``edge-client``, not imported
-here so that importing the package stays light).
+Layers, lowest first: ``errors``; ``bitpack``/``entropy``/``ranking``/``bitstream`` (the feature
+stream); ``preprocess``; ``protocol`` (the msgpack request); ``bundle`` (edge weights + codebook);
+``rdo`` (rate-distortion optimised index choice); ``encoder`` (the edge half in numpy); ``client``
+(HTTP); ``cli`` (``edge-client``, not imported here so that importing the package stays light).
 """
 
 from .bitpack import bits_for, pack_indices, packed_size, unpack_indices

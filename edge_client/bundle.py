@@ -274,6 +274,12 @@ def _quantizer_meta(meta: Mapping[str, Any], vision: VisionSpec, tokens: int, si
             f"expected quantizer.refine_threshold 0, or finite and > 0 with 2+ stages, got {threshold}"
         )
     q["refine_threshold"] = float(threshold)
+    rate_lambda = _field(raw, "rate_lambda", (int, float), where) if "rate_lambda" in raw else 0.0
+    if not 0 <= rate_lambda < float("inf") or (rate_lambda and not q["rank_tokens"]):
+        raise BundleError(
+            f"expected quantizer.rate_lambda 0, or finite and > 0 with rank_tokens, got {rate_lambda}"
+        )
+    q["rate_lambda"] = float(rate_lambda)
     return q
 
 
@@ -352,6 +358,7 @@ class EdgeBundle:
     stat_bits: int
     quantizer_tokens: int
     refine_threshold: float
+    rate_lambda: float
     codebook_hash: str
     image_spec: ImageSpec
     vision: VisionSpec
@@ -446,6 +453,7 @@ class EdgeBundle:
             stat_bits=q["stat_bits"],
             quantizer_tokens=q["tokens"],
             refine_threshold=q["refine_threshold"],
+            rate_lambda=q["rate_lambda"],
             codebook_hash=codebook_hash,
             image_spec=image_spec,
             vision=vision,

@@ -35,6 +35,7 @@ from .bitstream import encode_stream
 from .bundle import EdgeBundle
 from .errors import ImageError
 from .preprocess import load_image, preprocess
+from .rdo import code_lengths, rdo_search
 
 __all__ = ["EdgeEncoder", "activation"]
 
@@ -173,8 +174,15 @@ class EdgeEncoder:
         self._centre = token_mean if bundle.quantizer_tokens else token_mean[0]
         self._down_weight = np.ascontiguousarray(t["quantizer.down.weight"].T)  # (D, G*d)
         self._down_bias = t["quantizer.down.bias"]
-        books = t["quantizer.codebooks"]  # (G, S, K, d)
+        books = t["quantizer.codebooks"].copy()  # (G, S, K, d)
+        if bundle.refine_threshold:
+            books[:, 1:, 0] = 0  # the pinned "no refinement" codewords, as AlignedVQ.books()
         self._books = books
+        self._lengths = (
+            code_lengths(bundle.freqs)
+            if bundle.rate_lambda and bundle.ranking is not None and bundle.freqs is not None
+            else None
+        )
         # -2 c^T per (group, stage): (G, S, d, K); multiplying by 2 is exact, so z @ this == -2 (z @ c^T).
         self._books_m2t = np.ascontiguousarray(np.float32(-2.0) * books.transpose(0, 1, 3, 2))
         self._norms = (books * books).sum(-1)  # (G, S, K)
@@ -240,21 +248,34 @@ class EdgeEncoder:
                     residual = residual - self._books[g, s][indices[:, g, s]]
         return indices
 
-    def encode_hidden_states(self, hidden_states: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(tokens, D)`` -> (indices ``(tokens, G, S)`` uint16, stat levels ``(tokens, 2)`` or None)."""
+    def encode_hidden_states(
+        self, hidden_states: np.ndarray, *, rate_controlled: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(tokens, D)`` -> (indices ``(tokens, G, S)`` uint16, stat levels ``(tokens, 2)`` or None).
+
+        ``rate_controlled`` (for a ranked stream of a bundle with ``rate_lambda``): indices chosen
+        for error + rate_lambda x bits (``edge_client.rdo``) instead of the nearest codes.
+        """
         expected = (self.bundle.tokens, self.bundle.vision.hidden_size)
         if hidden_states.shape != expected:
             raise ValueError(f"expected hidden_states of shape {expected}, got {hidden_states.shape}")
         x, levels = self._standardize(hidden_states.astype(np.float32, copy=False))
         z = (x - self._centre) @ self._down_weight + self._down_bias
-        return self._search(z.reshape(z.shape[0], self.bundle.groups, self.bundle.code_dim)), levels
+        z = z.reshape(z.shape[0], self.bundle.groups, self.bundle.code_dim)
+        if rate_controlled and self._lengths is not None:
+            b = self.bundle
+            rate = (self._lengths, b.rate_lambda, b.refine_threshold)
+            return rdo_search(z[None], self._books, b.ranking, *rate)[0], levels
+        return self._search(z), levels
 
-    def encode_pixels(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode_pixels(
+        self, pixel_values: np.ndarray, *, rate_controlled: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """``pixel_values`` ``(3, H, W)`` float32 -> (indices ``(T, G, S)``, levels ``(T, 2)`` or None).
 
         Both uint16; levels only at ``block:k`` sites.
         """
-        return self.encode_hidden_states(self.hidden_states(pixel_values))
+        return self.encode_hidden_states(self.hidden_states(pixel_values), rate_controlled=rate_controlled)
 
     # ---- images and streams -----------------------------------------------------------------
 
@@ -275,7 +296,7 @@ class EdgeEncoder:
         rANS-coded when the bundle carries tables and that is smaller (``entropy=False`` forces
         plain packing), else packed at ``bits_for(codebook_size)`` bits per index.
         """
-        indices, levels = self.encode_pixels(self.pixel_values(image))
+        indices, levels = self.encode_pixels(self.pixel_values(image), rate_controlled=entropy)
         return encode_stream(
             self.header,
             indices,

@@ -111,45 +111,47 @@ class NeighbourRanks:
         """``(tokens, groups, stages)`` of the index arrays it transforms."""
         return (self.offsets.shape[0], *self.books.shape[:2])
 
-    def _distances(
-        self, tokens: np.ndarray, before: np.ndarray, g: int, s: int, cached: bool = False
-    ) -> np.ndarray:
-        """``(len(tokens), K)`` float32 holding exact integers below 2**24: ``|c|^2 - c.s`` for every
-        codeword c, with s twice the prediction (the squared distance, up to a factor and a
-        constant per token). ``before`` holds the indices of the tokens already decoded.
+    def twice_predictions(self, tokens: np.ndarray, before: np.ndarray, g: int, s: int) -> np.ndarray:
+        """``(..., len(tokens), d)`` float32 exact integers: twice each token's prediction (its
+        neighbours' codewords summed, or twice the one, plus its offset). ``before`` ``(..., T)``
+        holds the indices of the tokens already chosen (leading axes: several images at once)."""
+        return self.offsets[tokens, g, s] + twice_base(self.books[g, s][before], self.nbrs[tokens])
 
-        ``cached`` (the decoder): tokens whose neighbours all chose a zero codeword (a gated
-        stage's "no refinement", most tokens) or have none predict their offset alone, and take
-        their rows from a table computed once; only the rest are multiplied.
-        """
-        book = self.books[g, s]
-        base = twice_base(book[before], self.nbrs[tokens])
-        alone = ~base.any(1) if cached else np.zeros(len(tokens), dtype=bool)
-        if alone.all():
-            return self._offset_rows(g, s)[tokens]
-        rest = ~alone
-        part = (self.offsets[tokens[rest], g, s] + base[rest]) @ self.books_mt[g, s]
-        part += self.norms[g, s]
-        if not alone.any():
-            return part
-        dist = np.empty((len(tokens), book.shape[0]), dtype=np.float32)
-        dist[alone] = self._offset_rows(g, s)[tokens[alone]]
-        dist[rest] = part
+    def distances(self, twice_predictions: np.ndarray, g: int, s: int) -> np.ndarray:
+        """``(..., K)`` float32 holding exact integers below 2**24: ``|c|^2 - c.p`` for every codeword
+        c and twice-prediction p ``(..., d)`` (the squared distance, up to a factor and a constant
+        per row)."""
+        dist = twice_predictions @ self.books_mt[g, s]
+        dist += self.norms[g, s]
         return dist
+
+    @staticmethod
+    def keys(distances: np.ndarray) -> np.ndarray:
+        """Sort keys ``(..., K)`` int64 of :meth:`distances`, unique per row: distance * K + index,
+        so comparing keys compares (distance, index) pairs, ties broken by index, and a codeword's
+        rank is the number of smaller keys in its row."""
+        keys = distances.astype(np.int64)
+        keys *= distances.shape[-1]
+        keys += np.arange(distances.shape[-1])
+        return keys
+
+    def _decoder_keys(self, tokens: np.ndarray, before: np.ndarray, g: int, s: int) -> np.ndarray:
+        """:meth:`keys` for some tokens of one image. Tokens whose neighbours all chose a zero
+        codeword (a gated stage's "no refinement", most tokens) or have none predict their offset
+        alone, and take their rows from a table computed once; only the rest are multiplied."""
+        pred = self.twice_predictions(tokens, before, g, s)
+        alone = (pred == self.offsets[tokens, g, s]).all(1)
+        dist = np.empty((len(tokens), self.books.shape[2]), dtype=np.float32)
+        dist[alone] = self._offset_rows(g, s)[tokens[alone]]
+        if not alone.all():
+            dist[~alone] = self.distances(pred[~alone], g, s)
+        return self.keys(dist)
 
     def _offset_rows(self, g: int, s: int) -> np.ndarray:
         """``(T, K)``: every position's distances when its prediction is its offset alone (cached)."""
         if (g, s) not in self._offset_cache:
-            rows = self.offsets[:, g, s] @ self.books_mt[g, s]
-            rows += self.norms[g, s]
-            self._offset_cache[g, s] = rows
+            self._offset_cache[g, s] = self.distances(self.offsets[:, g, s], g, s)
         return self._offset_cache[g, s]
-
-    def _keys(self, tokens: np.ndarray, before: np.ndarray, g: int, s: int) -> np.ndarray:
-        """Sort keys ``(len(tokens), K)`` int64, unique per row: distance * K + index, so comparing
-        keys compares (distance, index) pairs, ties broken by index."""
-        dist = self._distances(tokens, before, g, s, cached=True).astype(np.int64)
-        return dist * dist.shape[1] + np.arange(dist.shape[1])
 
     def _check(self, array: np.ndarray, what: str) -> np.ndarray:
         array = np.asarray(array)
@@ -174,7 +176,7 @@ class NeighbourRanks:
         for g in range(indices.shape[1]):
             for s in range(indices.shape[2]):
                 chosen = indices[:, g, s]
-                dist = self._distances(every, chosen, g, s)
+                dist = self.distances(self.twice_predictions(every, chosen, g, s), g, s)
                 mine = dist[every, chosen][:, None]
                 closer = np.count_nonzero(dist < mine, axis=1)
                 tied = np.flatnonzero(np.count_nonzero(dist <= mine, axis=1) - closer > 1)
@@ -194,7 +196,7 @@ class NeighbourRanks:
         for g in range(ranks.shape[1]):
             for s in range(ranks.shape[2]):
                 for tokens in self.levels:
-                    keys = self._keys(tokens, out[:, g, s], g, s)
+                    keys = self._decoder_keys(tokens, out[:, g, s], g, s)
                     for row, (token, rank) in enumerate(zip(tokens, ranks[tokens, g, s], strict=True)):
                         out[token, g, s] = np.argpartition(keys[row], rank)[rank]
         return out.astype(np.uint16)

@@ -2,7 +2,7 @@
 
 alignedvq train-mini --out runs/mini --device cuda
 alignedvq train --model llava-mini-shapes --site preln --codebook-size 4096 --out q.safetensors
-alignedvq refine --model models/bundled/llava-mini-shapes --base preln-4096 --threshold 12
+alignedvq refine --model models/bundled/llava-mini-shapes --base preln-4096 --threshold 12 --rate-lambda 0.5
 alignedvq eval --model llava-mini-shapes --dataset easy-vqa --split test --limit 500 --json
 alignedvq export --model llava-mini-shapes --quantizer preln-1x4096 --out edge.bundle
 """
@@ -116,6 +116,9 @@ def refine_cmd(
     model: Annotated[str, typer.Option(help="a model folder (or registry name) you may write to")],
     base: Annotated[str, typer.Option(help="the one-stage quantizer to extend, e.g. preln-4096")],
     threshold: Annotated[float, typer.Option(help="squared residual norm above which stage 2 is sent")],
+    rate_lambda: Annotated[
+        float, typer.Option(help="0, or squared error traded per coded bit when choosing indices")
+    ] = 0.0,
     generated_images: Annotated[int, typer.Option(help="generated images added to easy-VQA train")] = 8000,
     device: Device = "auto",
 ) -> None:
@@ -126,7 +129,8 @@ def refine_cmd(
 
     loaded = load_model(model, device=_device(device))
     train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(generated_images, seed=11)])
-    names = refine_quantizers(loaded, train.images, ((base, threshold),), device=_device(device))
+    rows = ((base, threshold, rate_lambda),)
+    names = refine_quantizers(loaded, train.images, rows, device=_device(device))
     write_manifest(loaded.path)
     typer.echo(names[0])
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 SiteKind = Literal["embed", "preln", "block"]
-_LATER_FIELDS: dict[str, Any] = {"refine_threshold": 0.0, "rank_tokens": 0}  # added after format v1
+_LATER_FIELDS: dict[str, Any] = {"refine_threshold": 0.0, "rank_tokens": 0, "rate_lambda": 0.0}  # after v1
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class QuantizerConfig:
     of at most the threshold; only the few tokens the first stage gets badly wrong (the edges of a
     small shape, say) pay for refinement once entropy-coded. ``rank_tokens`` > 0 entropy-codes each
     index as its rank around a neighbouring token's codeword (``edge_client.ranking``) for images of
-    that many tokens, instead of by its own frequency.
+    that many tokens, instead of by its own frequency. ``rate_lambda`` > 0 (ranked only) makes the
+    edge choose each index for squared error + ``rate_lambda`` x its coded bits (``edge_client.rdo``).
     """
 
     dim: int
@@ -91,6 +92,7 @@ class QuantizerConfig:
     ema_decay: float = 0.0  # 0 = codebooks learn by gradient; (0, 1) = EMA updates
     refine_threshold: float = 0.0  # > 0: later stages send zero code 0 below this squared residual
     rank_tokens: int = 0  # > 0: entropy-code neighbour ranks for images of this many tokens
+    rate_lambda: float = 0.0  # > 0: rate-distortion optimised indices (squared error per bit)
 
     def __post_init__(self) -> None:
         if self.site.needs_stats != bool(self.stat_bits):
@@ -116,6 +118,11 @@ class QuantizerConfig:
             )
         if self.rank_tokens < 0:
             raise ValueError(f"rank_tokens must be >= 0, got {self.rank_tokens}")
+        if not 0.0 <= self.rate_lambda < math.inf or (self.rate_lambda and not self.rank_tokens):
+            raise ValueError(
+                f"rate_lambda must be 0, or finite and > 0 with rank_tokens; got {self.rate_lambda} "
+                f"with rank_tokens {self.rank_tokens}"
+            )
 
     @property
     def site(self) -> SplitSite:
@@ -125,14 +132,16 @@ class QuantizerConfig:
     def name(self) -> str:
         """File stem: ``preln-4096`` (one codebook), ``preln-2x64`` (grouped), ``preln-r3x16`` (residual).
 
-        Variable-rate and neighbour-ranked quantizers add ``-t<threshold>`` and ``-ranked``:
-        ``preln-r2x4096-t12-ranked``.
+        Variable-rate, rate-controlled and neighbour-ranked quantizers add ``-t<threshold>``,
+        ``-l<rate_lambda>`` and ``-ranked``: ``preln-r2x4096-t12-l1-ranked``.
         """
         body = f"r{self.stages}x{self.codebook_size}" if self.stages > 1 else str(self.codebook_size)
         if self.groups > 1:
             body = f"{self.groups}x{body}"
         if self.refine_threshold:
             body += f"-t{self.refine_threshold:g}"
+        if self.rate_lambda:
+            body += f"-l{self.rate_lambda:g}"
         if self.rank_tokens:
             body += "-ranked"
         return f"{self.split_site.replace(':', '')}-{body}"

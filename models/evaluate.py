@@ -205,6 +205,7 @@ def evaluate(
             code_dim=c.code_dim,
             stat_bits=c.stat_bits,
             refine_threshold=c.refine_threshold,
+            rate_lambda=c.rate_lambda,
             ranked=bool(c.rank_tokens),
             tokens=tokens,
             bits_per_token=c.bits_per_token,

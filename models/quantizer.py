@@ -13,6 +13,8 @@ Variable rate (``refine_threshold``): code 0 of every later stage is pinned to z
 residual is already small, so refinement costs bits only where the first stage failed. Ranking
 (``rank_tokens``): an int16 copy of the codebooks and per-position offsets, computed at calibration,
 let the edge and cloud rank each index around its neighbour's codeword (``edge_client.ranking``).
+Rate control (``rate_lambda``): the edge trades squared error for ranked-stream bits per index
+(``edge_client.rdo``); the tables are recounted on the indices it then sends.
 
 Files are safetensors with the config and a content hash in the metadata; loading checks every
 tensor name, shape and the hash, and never silently re-initialises.
@@ -32,7 +34,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from edge_client.entropy import normalize_freqs
 from edge_client.ranking import NeighbourRanks, max_book, neighbours, twice_base
+from edge_client.rdo import code_lengths, rdo_search
 
 from .config import QuantizerConfig
 
@@ -213,10 +217,24 @@ class AlignedVQ(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Deterministic edge encode: ``(batch, tokens, dim)`` -> (indices, stat levels or None)."""
+        """Deterministic edge encode: ``(batch, tokens, dim)`` -> (indices, stat levels or None).
+
+        A calibrated quantizer with a ``rate_lambda`` chooses indices for its ranked stream
+        (``edge_client.rdo``, the edge's own numpy code); otherwise the nearest codes.
+        """
         z, levels = self.standardize(x)
-        indices, _ = self._search(self.project(z))
-        return indices, levels
+        z = self.project(z)
+        if not (self.config.rate_lambda and self.freqs.any()):
+            return self._search(z)[0], levels
+        indices = rdo_search(
+            z.detach().float().cpu().numpy(),
+            self.books().detach().float().cpu().numpy(),
+            self.ranking(),
+            code_lengths(normalize_freqs(self.freqs.cpu().numpy())),
+            self.config.rate_lambda,
+            self.config.refine_threshold,
+        )
+        return torch.from_numpy(indices.astype(np.int64)).to(z.device), levels
 
     def decode(self, indices: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         """Cloud decode: indices ``(batch, tokens, G, S)`` (+ stat levels) -> ``(batch, tokens, dim)``."""
@@ -363,7 +381,7 @@ class AlignedVQ(nn.Module):
 
         The second stage is k-means on the residuals of features ``x`` ``(images, tokens, dim)``
         that ``base`` leaves above ``refine_threshold``; everything else (projections, centres,
-        statistics range) is ``base``'s. Uncalibrated: call :meth:`calibrate_freqs` next.
+        statistics range) is ``base``'s. Uncalibrated: call :meth:`calibrate` next.
         """
         if base.config.stages != 1:
             raise ValueError(f"refined() extends a one-stage quantizer, got {base.config.stages} stages")
@@ -380,6 +398,17 @@ class AlignedVQ(nn.Module):
         return module.eval()
 
     @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, passes: int = 2) -> None:
+        """Entropy-coder tables (and ranking geometry) from calibration features ``(images, tokens,
+        dim)``: :meth:`calibrate_freqs` on the nearest codes. A ``rate_lambda`` quantizer's choices
+        follow its own table, so it then re-encodes ``passes`` times and recounts the ranks it
+        would send (geometry kept)."""
+        self.freqs.zero_()
+        self.calibrate_freqs(self.encode(x)[0])
+        for _ in range(passes if self.config.rate_lambda else 0):
+            self._count(self._rank_symbols(self.encode(x)[0]))
+
+    @torch.no_grad()
     def calibrate_freqs(self, indices: torch.Tensor) -> None:
         """Entropy-coder tables from calibration indices ``(images, tokens, G, S)``; part of the hash.
 
@@ -387,36 +416,46 @@ class AlignedVQ(nn.Module):
         largest integers that keep distances exact, ``edge_client.ranking.max_book``, and each
         position's median step from its neighbours' codewords), then counts ranks.
         """
+        if self.config.rank_tokens:
+            self._calibrate_ranking(indices)
+            indices = self._rank_symbols(indices)
+        self._count(indices)
+
+    def _count(self, symbols: torch.Tensor) -> None:
         c = self.config
-        if c.rank_tokens:
-            indices = self._calibrate_ranking(indices.reshape(-1, c.rank_tokens, c.groups, c.stages))
-        flat = indices.reshape(-1, c.groups, c.stages)
+        flat = symbols.reshape(-1, c.groups, c.stages).cpu()
         for g in range(c.groups):
             for s in range(c.stages):
-                self.freqs[g, s] = torch.bincount(flat[:, g, s], minlength=c.codebook_size).cpu()
+                self.freqs[g, s] = torch.bincount(flat[:, g, s], minlength=c.codebook_size).to(self.freqs)
+
+    def _rank_symbols(self, indices: torch.Tensor) -> torch.Tensor:
+        """Neighbour ranks ``(images, T, G, S)`` of calibration indices, under the current geometry."""
+        c = self.config
+        ranking = self.ranking()
+        images = indices.reshape(-1, c.rank_tokens, c.groups, c.stages).long().cpu().numpy()
+        return torch.from_numpy(np.stack([ranking.ranks(image) for image in images]))
 
     def ranking(self) -> NeighbourRanks:
         """The rank transform of a calibrated ranked quantizer (what the edge bundle carries)."""
         return NeighbourRanks(self.rank_books.cpu().numpy(), self.rank_offsets.cpu().numpy())
 
-    def _calibrate_ranking(self, indices: torch.Tensor) -> torch.Tensor:
-        """Set ``rank_books``/``rank_offsets`` from calibration indices; return their ranks."""
+    def _calibrate_ranking(self, indices: torch.Tensor) -> None:
+        """Set ``rank_books``/``rank_offsets`` from calibration indices ``(images, T, G, S)``."""
+        c = self.config
         books = self.books().detach().float().cpu()
         # One scale per (group, stage) codebook, to the largest integers that keep float32
         # distances exact: a refinement stage's small codes would collapse under the first's scale.
-        bound = max_book(self.config.code_dim)
+        bound = max_book(c.code_dim)
         peak = books.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
         self.rank_books.copy_(torch.round(books * (bound / peak)).clamp(-bound, bound).to(torch.int16))
-        idx = indices.long().cpu()
-        g = torch.arange(self.config.groups).view(-1, 1)
-        s = torch.arange(self.config.stages).view(1, -1)
+        idx = indices.reshape(-1, c.rank_tokens, c.groups, c.stages).long().cpu()
+        g = torch.arange(c.groups).view(-1, 1)
+        s = torch.arange(c.stages).view(1, -1)
         # (images, G, S, T, d): tokens next to the vector axis, as twice_base expects
         vectors = self.rank_books.long()[g, s, idx].permute(0, 2, 3, 1, 4).numpy()
-        steps = np.median(2 * vectors - twice_base(vectors, neighbours(self.config.rank_tokens)), axis=0)
+        steps = np.median(2 * vectors - twice_base(vectors, neighbours(c.rank_tokens)), axis=0)
         offsets = torch.from_numpy(np.rint(steps)).permute(2, 0, 1, 3)  # (T, G, S, d)
         self.rank_offsets.copy_(offsets.clamp(-2 * bound, 2 * bound).to(torch.int16))
-        ranking = self.ranking()
-        return torch.from_numpy(np.stack([ranking.ranks(image) for image in idx.numpy()]))
 
     # ---- persistence ----------------------------------------------------------------------------
 

@@ -375,7 +375,7 @@ def train_quantizers(
     for q in quantizers:
         q.eval()
         site = str(q.config.site)
-        q.calibrate_freqs(q.encode(collect_features(halves[site][0], train.images[:kmeans_images], spec))[0])
+        q.calibrate(collect_features(halves[site][0], train.images[:kmeans_images], spec))
         digest = q.save(out_dir / f"{q.config.name}.safetensors")
         log(event="done", name=q.config.name, holdout_accuracy=evaluate(q, site), hash=digest)
     if model_params:

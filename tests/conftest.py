@@ -61,7 +61,7 @@ def build_tiny_model_dir(
         )
     )
     vq.init_from_features(feats, iters=5, seed=seed)
-    vq.calibrate_freqs(vq.encode(feats)[0])
+    vq.calibrate(feats)
     (directory / "quantizers").mkdir(exist_ok=True)
     vq.save(directory / "quantizers" / f"{vq.config.name}.safetensors")
     write_manifest(directory)

@@ -132,6 +132,8 @@ def _extra_layer(t: dict) -> None:
         (None, _set("quantizer.dim", 64), "expected quantizer.dim 32 \\(vision hidden size\\), got 64"),
         (None, _set("quantizer.stat_bits", 8), "expected quantizer.stat_bits 0 at site preln, got 8"),
         (None, _set("quantizer.groups", "1"), "field 'quantizer.groups': expected int, got str"),
+        (None, _set("quantizer.rate_lambda", 0.5), "expected quantizer.rate_lambda 0, or finite and > 0 w"),
+        (None, _set("quantizer.rate_lambda", -1.0), "expected quantizer.rate_lambda 0, or finite"),
         (None, _set("image_spec.size", 64), "expected image_spec.size 32 \\(vision.image_size\\), got 64"),
         (None, _set("codebook_hash", "abc"), "expected codebook_hash as 64 lower-case hex chars"),
         (None, _set("model", "x" * 49), "does not fit the stream format: model name must be at most 48"),

@@ -170,8 +170,10 @@ def test_llava15_geometry_stream_size() -> None:
     assert (decode_stream(stream).indices == expected[0].numpy()).mean() >= 0.99
 
 
-def test_variable_rate_ranked_bundle_matches_torch_and_decodes(tiny_model_dir: Path) -> None:
-    """Gated refinement + neighbour ranks: same indices as torch, a ranked stream, exact decode."""
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_variable_rate_ranked_bundle_matches_torch_and_decodes(tiny_model_dir: Path, rate: float) -> None:
+    """Gated refinement + neighbour ranks (+ rate control, lambda = rate x threshold): same indices
+    as torch, a ranked stream, exact decode."""
     from edge_client.preprocess import preprocess
     from models.config import QuantizerConfig
     from models.registry import load_model
@@ -199,17 +201,20 @@ def test_variable_rate_ranked_bundle_matches_torch_and_decodes(tiny_model_dir: P
     first = plain.codebooks[0, 0][plain.encode(hidden)[0][..., 0, 0]]
     with torch.no_grad():
         threshold = float((plain.project(hidden)[..., 0, :] - first).pow(2).sum(-1).median())
-    q = fitted(refine_threshold=threshold, rank_tokens=17)
-    q.calibrate_freqs(q.encode(hidden)[0])
+    q = fitted(refine_threshold=threshold, rank_tokens=17, rate_lambda=rate * threshold)
+    q.calibrate(hidden)
     case = _case(loaded, q)
     bundle = case.encoder.bundle
     assert bundle.refine_threshold == threshold and bundle.ranking is not None
+    assert bundle.rate_lambda == rate * threshold
 
     images = np.concatenate([_images(4, 32, seed=5), flat(4, seed=7)])
     with torch.no_grad():
         expected = q.encode(edge(torch.from_numpy(np.stack([_pixels(image) for image in images]))))[0]
-    ours = np.stack([case.encoder.encode_pixels(_pixels(image))[0] for image in images])
+    ours = np.stack([case.encoder.encode_pixels(_pixels(image), rate_controlled=True)[0] for image in images])
     assert (ours == expected.numpy()).mean() >= 0.99
+    nearest = np.stack([case.encoder.encode_pixels(_pixels(image))[0] for image in images])
+    assert (ours != nearest).any() if rate else (ours == nearest).all()  # rate control is on or off
     assert 0 < (ours[..., 1] == 0).mean() < 1  # some tokens skip refinement, some do not
     coders = []
     for image, indices in zip(images, ours, strict=True):

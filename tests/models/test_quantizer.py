@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,7 @@ def test_config_rejects_impossible_geometry() -> None:
 
 def test_save_load_round_trip_keeps_hash_and_codes(tmp_path: Path) -> None:
     q = _fitted(groups=2, stages=2)
-    q.calibrate_freqs(q.encode(_features(8))[0])
+    q.calibrate(_features(8))
     digest = q.save(tmp_path / "q.safetensors")
     loaded = AlignedVQ.load(tmp_path / "q.safetensors")
     assert loaded.content_hash() == digest == q.content_hash()
@@ -191,7 +192,7 @@ def test_gated_refinement_sends_zero_code_for_small_residuals() -> None:
 def test_ranked_quantizer_calibrates_its_geometry_and_saves_it(tmp_path: Path) -> None:
     q = _fitted(stages=2, refine_threshold=100.0, rank_tokens=TOKENS)
     assert q.config.name == "preln-r2x16-t100-ranked"
-    q.calibrate_freqs(q.encode(_features(64, seed=8))[0])
+    q.calibrate(_features(64, seed=8))
     assert q.rank_books.dtype == torch.int16 and q.rank_books.abs().max() == max_book(8)  # full range
     assert q.rank_offsets.shape == (TOKENS, 1, 2, 8) and q.freqs.sum() == 64 * TOKENS * 2
     digest = q.save(tmp_path / "q.safetensors")
@@ -207,3 +208,33 @@ def test_config_json_omits_later_fields_at_their_defaults() -> None:
     """Quantizer files written before gating and ranking existed keep their content hashes."""
     assert "rank_tokens" not in QuantizerConfig(dim=DIM).to_json()
     assert '"rank_tokens": 9' in QuantizerConfig(dim=DIM, rank_tokens=9).to_json()
+
+
+def test_rate_controlled_quantizer_recounts_its_tables_on_what_it_sends(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rate_lambda"):
+        QuantizerConfig(dim=DIM, rate_lambda=1.0)  # rate control prices ranks: ranked only
+    assert "rate_lambda" not in QuantizerConfig(dim=DIM, rank_tokens=9).to_json()
+    x = _features(64, seed=8)
+    plain = _fitted(stages=2, refine_threshold=100.0, rank_tokens=TOKENS)
+    plain.calibrate(x)
+    q = AlignedVQ(replace(plain.config, rate_lambda=20.0))
+    assert q.config.name == "preln-r2x16-t100-l20-ranked"
+    q.load_state_dict(plain.state_dict())
+    q.calibrate(x)
+    assert torch.equal(q.rank_books, plain.rank_books) and torch.equal(q.rank_offsets, plain.rank_offsets)
+    assert not torch.equal(q.freqs, plain.freqs) and q.freqs.sum() == plain.freqs.sum()
+    sent = q.encode(x)[0]
+    assert (sent != plain.encode(x)[0]).any()
+    # The table counts the ranks of the indices the quantizer now chooses with it (two passes: the
+    # second encode may still move a few choices, so counts agree up to those).
+    symbols = q._rank_symbols(sent)[..., 0, :].reshape(-1, 2)
+    counts = torch.stack([torch.bincount(symbols[:, s], minlength=16) for s in range(2)])
+    assert (counts - q.freqs[0]).abs().sum() <= 0.05 * counts.sum()
+
+    def bits(quantizer: AlignedVQ, idx: torch.Tensor) -> torch.Tensor:
+        ranks = quantizer._rank_symbols(idx)[..., 0, :].reshape(-1, 2).T
+        return -torch.log2(quantizer.freqs[0] / quantizer.freqs[0].sum()).gather(1, ranks).sum()
+
+    assert bits(q, sent) < bits(plain, plain.encode(x)[0])
+    q.save(tmp_path / "q.safetensors")
+    assert AlignedVQ.load(tmp_path / "q.safetensors").config.rate_lambda == 20.0

@@ -1,4 +1,4 @@
-"""Recipe step 4: variable-rate, neighbour-ranked refinements of a trained quantizer."""
+"""Recipe step 4: variable-rate, neighbour-ranked (and rate-controlled) refinements of a trained quantizer."""
 
 from __future__ import annotations
 
@@ -20,9 +20,12 @@ def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
     directory = shutil.copytree(tiny_model_dir, tmp_path / "llava-tiny")
     loaded = load_model(str(directory))
     images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    names = refine_quantizers(loaded, images, ((TINY_QUANTIZER, 2.0),), iters=3)
-    assert names == ["preln-r2x16-t2-ranked"]
-    refined = AlignedVQ.load(loaded.quantizer_path(names[0]))
+    rows = ((TINY_QUANTIZER, 2.0, 0.0), (TINY_QUANTIZER, 2.0, 0.5))
+    names = refine_quantizers(loaded, images, rows, iters=3)
+    assert names == ["preln-r2x16-t2-ranked", "preln-r2x16-t2-l0.5-ranked"]
+    refined, rated = (AlignedVQ.load(loaded.quantizer_path(name)) for name in names)
+    for name, tensor in refined.state_dict().items():  # one second stage and geometry, two tables
+        assert torch.equal(tensor, rated.state_dict()[name]) != (name == "freqs"), name
     base = AlignedVQ.load(loaded.quantizer_path(TINY_QUANTIZER))
     assert refined.config.rank_tokens == 17 and refined.freqs.sum() == 64 * 17 * 2
     hidden = torch.randn(4, 17, base.config.dim)
@@ -31,5 +34,5 @@ def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
     error = lambda q, i: (q.decode(i) - hidden).pow(2).mean()  # noqa: E731
     assert error(refined, both) < error(base, first)
     mtime = loaded.quantizer_path(names[0]).stat().st_mtime_ns
-    assert refine_quantizers(loaded, images, ((TINY_QUANTIZER, 2.0),)) == names  # kept, not rebuilt
+    assert refine_quantizers(loaded, images, rows) == names  # kept, not rebuilt
     assert loaded.quantizer_path(names[0]).stat().st_mtime_ns == mtime
