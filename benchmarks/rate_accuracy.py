@@ -114,8 +114,15 @@ def plot(result: dict, path: Path) -> None:
             style = dict(marker="^" if grouped else "v", color="tab:green" if grouped else "tab:red")
             labelled(r["bits_per_token"], r, (3, -8), linestyle="", **style)
     for i, r in enumerate(variable):  # alternate label sides: these points sit close together
-        label = "gated 2-stage, neighbour-ranked (measured bits)" if i == 0 else None
-        style = dict(marker="*", color="tab:purple", markersize=11, linestyle="", label=label)
+        rated = bool(r.get("rate_lambda"))
+        label = (
+            "gated 2-stage, ranked, rate-distortion optimised (measured bits)"
+            if rated
+            else "gated 2-stage, neighbour-ranked (measured bits)"
+        )
+        style = dict(marker="P" if rated else "*", color="tab:brown" if rated else "tab:purple")
+        first = next(v for v in variable if bool(v.get("rate_lambda")) == rated) is r
+        style.update(markersize=10, linestyle="", label=label if first else None)
         labelled(r["bits_per_token_entropy"], r, (4, 5 if i % 2 else -11), **style)
     for r in result["runs"]:
         if r["site"] == "embed":
