@@ -223,18 +223,19 @@ def llava15_bundle(seed: int = SEED) -> bytes:
     crops = calibration_crops(vision.image_size, seed)
     features = np.stack([encoder.hidden_states(encoder.pixel_values(crop)) for crop in crops])
     quantizer.init_from_features(torch.from_numpy(features), iters=10, seed=seed)
-    quantizer.calibrate_freqs(quantizer.encode(torch.from_numpy(features))[0])
+    quantizer.calibrate(torch.from_numpy(features))
     return export_edge_bundle(loaded, quantizer)
 
 
-def mini_bundle() -> bytes:
-    """The bundled model's edge bundle with its calibrated quantizer (as the gateway serves it)."""
+def mini_bundle(quantizer: str = MINI_QUANTIZER) -> bytes:
+    """The bundled model's edge bundle with one of its calibrated quantizers (by default the one the
+    gateway serves)."""
     from models.export import export_edge_bundle
     from models.quantizer import AlignedVQ
     from models.registry import load_model
 
     loaded = load_model(MINI_NAME)
-    return export_edge_bundle(loaded, AlignedVQ.load(loaded.quantizer_path(MINI_QUANTIZER)))
+    return export_edge_bundle(loaded, AlignedVQ.load(loaded.quantizer_path(quantizer)))
 
 
 def request_body(model: str, question: str, **payload: bytes) -> bytes:
