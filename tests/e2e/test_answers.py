@@ -20,20 +20,25 @@ from tests.gateway.helpers import API_KEY
 
 MODEL = os.environ.get("VQA_TEST_MINI_MODEL", "llava-mini-shapes")
 QUANTIZER = "preln-r2x4096-t12-ranked"
+RATE_CONTROLLED = "preln-r2x4096-t12-l0.5-ranked"  # the edge runs edge_client.rdo for its streams
 MODEL_DIR = Path(MODEL) if Path(MODEL).is_dir() else BUNDLED / MODEL
 
 pytestmark = pytest.mark.skipif(
-    not (MODEL_DIR / "quantizers" / f"{QUANTIZER}.safetensors").is_file(),
-    reason=f"{MODEL_DIR.name} has no {QUANTIZER} quantizer yet",
+    not all((MODEL_DIR / "quantizers" / f"{q}.safetensors").is_file() for q in (QUANTIZER, RATE_CONTROLLED)),
+    reason=f"{MODEL_DIR.name} has no {QUANTIZER} or {RATE_CONTROLLED} quantizer yet",
 )
 
 
-@pytest.mark.parametrize("cloud_only", [False, True], ids=["features", "cloud-only"])
-def test_mini_model_answers_shape_questions(stack, tmp_path, cloud_only: bool) -> None:
+@pytest.mark.parametrize(
+    ("quantizer", "cloud_only"),
+    [(QUANTIZER, False), (QUANTIZER, True), (RATE_CONTROLLED, False)],
+    ids=["features", "cloud-only", "features-rate-controlled"],
+)
+def test_mini_model_answers_shape_questions(stack, tmp_path, quantizer: str, cloud_only: bool) -> None:
     from models.data import generate_shapes
     from models.evaluate import normalize_answer
 
-    stack.worker("--max-batch", "8", "--max-wait-ms", "20", model=str(MODEL_DIR), quantizer=QUANTIZER)
+    stack.worker("--max-batch", "8", "--max-wait-ms", "20", model=str(MODEL_DIR), quantizer=quantizer)
     stack.wait_live(1, model=MODEL_DIR.name)
     split = generate_shapes(8, seed=1234, questions_per_image=4)
     with EdgeClient(stack.url, api_key=API_KEY, model=MODEL_DIR.name, cache_dir=tmp_path) as client:
