@@ -264,8 +264,10 @@ class EdgeEncoder:
         z = z.reshape(z.shape[0], self.bundle.groups, self.bundle.code_dim)
         if rate_controlled and self._lengths is not None:
             b = self.bundle
-            rate = (self._lengths, b.rate_lambda, b.refine_threshold)
-            return rdo_search(z[None], self._books, b.ranking, *rate)[0], levels
+            chosen = rdo_search(
+                z[None], self._books, b.ranking, self._lengths, b.rate_lambda, b.refine_threshold
+            )
+            return chosen[0], levels
         return self._search(z), levels
 
     def encode_pixels(
@@ -294,7 +296,9 @@ class EdgeEncoder:
         """One image -> the complete feature stream (header + indices [+ stats]).
 
         rANS-coded when the bundle carries tables and that is smaller (``entropy=False`` forces
-        plain packing), else packed at ``bits_for(codebook_size)`` bits per index.
+        plain packing), else packed at ``bits_for(codebook_size)`` bits per index. With a
+        ``rate_lambda`` the indices are chosen for the ranked stream (in the rare case that it comes
+        out larger than packing, the packed stream carries those same indices).
         """
         indices, levels = self.encode_pixels(self.pixel_values(image), rate_controlled=entropy)
         return encode_stream(

@@ -93,7 +93,7 @@ def refine_quantizers(
     """
     names = []
     feats: dict[str, torch.Tensor] = {}
-    stages: dict[tuple[str, float], AlignedVQ] = {}
+    second_stages: dict[tuple[str, float], AlignedVQ] = {}
     tokens = vision_tokens(loaded.model.config.vision_config)
     folder = loaded.path / "quantizers"
     for base_name, threshold, rate_lambda in rows:
@@ -107,17 +107,17 @@ def refine_quantizers(
         if site not in feats:
             edge, _ = split_llava(loaded.model.to(device).eval(), base.config.site)
             feats[site] = collect_features(edge, torch.from_numpy(images).to(device), loaded.image_spec)
-        if (base_name, threshold) not in stages:
+        if (base_name, threshold) not in second_stages:
             stored = folder / f"{plain.name}.safetensors"
-            stages[base_name, threshold] = (
+            second_stages[base_name, threshold] = (
                 AlignedVQ.load(stored, map_location=device)
                 if stored.is_file()
                 else AlignedVQ.refined(
                     base, feats[site], refine_threshold=threshold, rank_tokens=tokens, iters=iters
                 )
             )
-        q = AlignedVQ(config).to(device)
-        q.load_state_dict(stages[base_name, threshold].state_dict())
+        q = AlignedVQ(config).to(device).eval()
+        q.load_state_dict(second_stages[base_name, threshold].state_dict())
         q.calibrate(feats[site])
         q.save(folder / f"{config.name}.safetensors")
     return names

@@ -158,6 +158,16 @@ def test_inconsistent_bundles_are_refused(
     assert info.value.code == "bad_bundle" and isinstance(info.value, AlignedVQError)
 
 
+def test_bundles_from_before_later_quantizer_fields_load_with_them_off(bundle_bytes: bytes) -> None:
+    def strip(meta: dict) -> None:
+        for key in ("rank_tokens", "refine_threshold", "rate_lambda"):
+            meta["quantizer"].pop(key)
+
+    bundle = EdgeBundle.from_bytes(_rebuild(bundle_bytes, meta_fn=strip))
+    assert (bundle.ranking, bundle.refine_threshold, bundle.rate_lambda) == (None, 0.0, 0.0)
+    assert bundle.codebook_hash == EdgeBundle.from_bytes(bundle_bytes).codebook_hash
+
+
 def test_altered_tensor_fails_the_hash(bundle_bytes: bytes) -> None:
     def flip(t: dict) -> None:
         t["quantizer.codebooks"] = t["quantizer.codebooks"] + np.float32(1e-3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_client.bitstream import StreamHeader, decode_stream, encode_stream
+from edge_client.bitstream import StreamHeader, decode_stream, encode_stream, read_header
 from edge_client.entropy import normalize_freqs
 from edge_client.ranking import NeighbourRanks, max_book
 from edge_client.rdo import LOW_RANKS, code_lengths, rdo_search
@@ -99,6 +99,65 @@ def test_bits_fall_and_error_rises_as_lambda_grows() -> None:
     assert errors[0] < errors[1] < errors[2]
 
 
+def _brute_force(z, books, ranking, lengths, lam, threshold) -> np.ndarray:
+    """The definition, one index at a time: every codeword's exact rank from ``ranking.ranks`` with
+    it in place, the same candidates (nearest, ranks below LOW_RANKS, code 0 if gated), least cost."""
+    tokens, groups, _ = z.shape
+    stages, size = books.shape[1:3]
+    chosen = np.zeros((tokens, groups, stages), dtype=np.int64)
+    for g in range(groups):
+        for level in ranking.levels:
+            for t in level:
+                residual = z[t, g].astype(np.float64)
+                for s in range(stages):
+                    gated = bool(s and threshold)
+                    code = 0
+                    if not (gated and residual @ residual <= threshold):
+                        ranks = np.empty(size, dtype=np.int64)
+                        for k in range(size):
+                            trial = chosen.copy()
+                            trial[t, g, s] = k
+                            ranks[k] = ranking.ranks(trial)[t, g, s]
+                        error = ((residual - books[g, s]) ** 2).sum(-1)
+                        options = (
+                            set(np.flatnonzero(ranks < LOW_RANKS))
+                            | {int(error.argmin())}
+                            | ({0} if gated else set())
+                        )
+                        options = sorted(options)
+                        code = options[
+                            int(np.argmin([error[c] + lam * lengths[g, s, ranks[c]] for c in options]))
+                        ]
+                    chosen[t, g, s] = code
+                    residual = residual - books[g, s, code]
+    return chosen
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_groups_stages_and_tied_ranks_match_the_definition(threshold: float) -> None:
+    """Two groups, three stages, a chain of 10 tokens, rank books in {-2..2} (many tied distances)
+    and non-zero offsets: the batched search equals the one-index-at-a-time definition."""
+    rng = np.random.default_rng(int(threshold * 100))
+    tokens, groups, stages, size, dim = 10, 2, 3, 80, 3
+    ints = rng.integers(-2, 3, (groups, stages, size, dim)).astype(np.int16)
+    ranking = NeighbourRanks(ints, rng.integers(-2, 3, (tokens, groups, stages, dim)).astype(np.int16))
+    books = ints / np.float32(2) + rng.normal(scale=0.01, size=ints.shape).astype(np.float32)
+    books[:, 1:] *= 0.4
+    if threshold:
+        books[:, 1:, 0] = 0
+    counts = rng.integers(0, 50, (groups, stages, size))
+    counts[..., :8] += 500
+    lengths = code_lengths(normalize_freqs(counts))
+    z = np.cumsum(rng.normal(scale=0.3, size=(3, tokens, groups, dim)), axis=1).astype(np.float32)
+    chosen = rdo_search(z, books, ranking, lengths, 0.7, threshold)
+    for image in range(3):
+        expected = _brute_force(z[image], books, ranking, lengths, 0.7, threshold)
+        np.testing.assert_array_equal(chosen[image], expected)
+        np.testing.assert_array_equal(
+            rdo_search(z[image : image + 1], books, ranking, lengths, 0.7, threshold)[0], expected
+        )
+
+
 def test_rate_controlled_indices_decode_exactly_from_a_ranked_stream() -> None:
     books, ranking, freqs = _geometry(6)
     chosen = rdo_search(_smooth_features(7, images=3), books, ranking, code_lengths(freqs), 1.0, 0.05)
@@ -113,6 +172,7 @@ def test_rate_controlled_indices_decode_exactly_from_a_ranked_stream() -> None:
     )
     for indices in chosen:
         stream = encode_stream(header, indices, None, freqs=freqs, ranking=ranking, entropy=True)
+        assert read_header(stream).coder == "ranked"
         np.testing.assert_array_equal(decode_stream(stream, freqs, ranking).indices, indices)
 
 
@@ -127,3 +187,7 @@ def test_small_codebooks_rank_every_codeword_and_bad_shapes_are_refused() -> Non
     assert rdo_search(z, books, ranking, lengths, 0.3).max() < 8
     with pytest.raises(ValueError, match="expected features"):
         rdo_search(z[:, :5], books, ranking, lengths, 0.3)
+    infinite = lengths.copy()
+    infinite[0, 0, 3] = np.inf  # what a raw table with a zero count would give
+    with pytest.raises(ValueError, match="finite code lengths"):
+        rdo_search(z, books, ranking, infinite, 0.3)
