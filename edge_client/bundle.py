@@ -268,19 +268,18 @@ def _quantizer_meta(meta: Mapping[str, Any], vision: VisionSpec, tokens: int, si
     q["rank_tokens"] = _field(raw, "rank_tokens", int, where) if "rank_tokens" in raw else 0
     if q["rank_tokens"] not in (0, tokens):
         raise BundleError(f"expected quantizer.rank_tokens 0 or {tokens}, got {q['rank_tokens']}")
-    threshold = _field(raw, "refine_threshold", (int, float), where) if "refine_threshold" in raw else 0.0
-    if not 0 <= threshold < float("inf") or (threshold and q["stages"] < 2):
-        raise BundleError(
-            f"expected quantizer.refine_threshold 0, or finite and > 0 with 2+ stages, got {threshold}"
-        )
-    q["refine_threshold"] = float(threshold)
-    rate_lambda = _field(raw, "rate_lambda", (int, float), where) if "rate_lambda" in raw else 0.0
-    if not 0 <= rate_lambda < float("inf") or (rate_lambda and not q["rank_tokens"]):
-        raise BundleError(
-            f"expected quantizer.rate_lambda 0, or finite and > 0 with rank_tokens, got {rate_lambda}"
-        )
-    q["rate_lambda"] = float(rate_lambda)
+    q["refine_threshold"] = _later_setting(raw, "refine_threshold", where, q["stages"] >= 2, "2+ stages")
+    q["rate_lambda"] = _later_setting(raw, "rate_lambda", where, bool(q["rank_tokens"]), "rank_tokens")
     return q
+
+
+def _later_setting(raw: Mapping[str, Any], key: str, where: str, allowed: bool, needs: str) -> float:
+    """An optional quantizer setting added after version 1 bundles: absent means 0 (off); otherwise
+    finite and >= 0, and > 0 only where ``allowed`` (what it ``needs``)."""
+    value = _field(raw, key, (int, float), where) if key in raw else 0.0
+    if not 0 <= value < float("inf") or (value and not allowed):
+        raise BundleError(f"expected {where}{key} 0, or finite and > 0 with {needs}, got {value}")
+    return float(value)
 
 
 def _load_tensors(data: bytes) -> dict[str, np.ndarray]:
