@@ -53,14 +53,15 @@ def train_mini_cmd(
     seed: int = 0,
 ) -> None:
     """Train the bundled llava-mini-shapes model from scratch (resumes from OUT/checkpoint.pt)."""
+    from .data import shapes_training_splits
     from .train import train_mini
 
     model_dir = train_mini(
         out,
+        *shapes_training_splits(generated_images, seed),
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        generated_images=generated_images,
         device=_device(device),
         seed=seed,
         time_budget_s=time_budget_s,
@@ -111,6 +112,47 @@ def train_bundled_cmd(
     typer.echo("done" if done else "paused: run again to continue")
 
 
+@app.command("train-scenes")
+def train_scenes_cmd(
+    run: Annotated[Path, typer.Option(help="run folder; rerun with the same folder to continue")] = Path(
+        "runs/scenes"
+    ),
+    budget_s: Annotated[float, typer.Option(help="stop (resumably) after about this many seconds")] = 540.0,
+    base_steps: int = 9000,
+    qat_steps: int = 4000,
+    qat_lr: float = 2e-4,
+    train_images: Annotated[
+        int | None, typer.Option(help="fewer generated train scenes (smoke runs)")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="processes drawing the train scenes")] = 1,
+    fit_budget: Annotated[bool, typer.Option(help="cut steps so both stages finish in the budget")] = False,
+    base_model: Annotated[
+        Path | None, typer.Option(help="continue from this model folder (skips base training)")
+    ] = None,
+    qat_stage: Annotated[
+        str, typer.Option(help="QAT rotation: plain (after base training) or gated")
+    ] = "plain",
+    device: Device = "auto",
+) -> None:
+    """The llava-mini-scenes recipe: base training with the per-patch loss, then whole-model QAT."""
+    from .recipe import run_scenes_recipe
+
+    done = run_scenes_recipe(
+        run,
+        budget_s=budget_s,
+        device=_device(device),
+        base_steps=base_steps,
+        qat_steps=qat_steps,
+        qat_lr=qat_lr,
+        train_images=train_images,
+        workers=workers,
+        fit_budget=fit_budget,
+        base_model=base_model,
+        qat_stage=qat_stage,
+    )
+    typer.echo("done" if done else "paused: run again to continue")
+
+
 @app.command("refine")
 def refine_cmd(
     model: Annotated[str, typer.Option(help="a model folder (or registry name) you may write to")],
@@ -133,6 +175,35 @@ def refine_cmd(
     names = refine_quantizers(loaded, train.images, rows, device=_device(device))
     write_manifest(loaded.path)
     typer.echo(names[0])
+
+
+@app.command("rank")
+def rank_cmd(
+    model: Annotated[str, typer.Option(help="a model folder (or registry name) you may write to")],
+    quantizer: Annotated[str, typer.Option(help="a trained quantizer of that model")],
+    rate_lambda: Annotated[
+        float, typer.Option(help="0, or squared error traded per coded bit when choosing indices")
+    ] = 0.0,
+    dataset: Annotated[
+        str, typer.Option(help="training images for the tables: easy-vqa or scenes")
+    ] = "scenes",
+    images: Annotated[int, typer.Option(help="how many training images calibrate the tables")] = 4000,
+    device: Device = "auto",
+) -> None:
+    """Add a neighbour-ranked (optionally rate-distortion optimised) copy of a trained quantizer."""
+    from .evaluate import load_dataset
+    from .recipe import ranked_quantizer
+    from .registry import load_model, write_manifest
+    from .scenes import load_scenes
+
+    loaded = load_model(model, device=_device(device))
+    if dataset == "scenes":
+        train = load_scenes("train", images)
+    else:
+        train = load_dataset(dataset, "train", loaded.image_spec.size)
+    name = ranked_quantizer(loaded, quantizer, train.images[:images], rate_lambda, device=_device(device))
+    write_manifest(loaded.path)
+    typer.echo(name)
 
 
 @app.command("train")

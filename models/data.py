@@ -64,13 +64,17 @@ class VQASplit:
     """Questions over a shared image array.
 
     ``images`` is ``(num_images, H, W, 3)`` uint8; question ``i`` is about ``images[image_index[i]]``
-    and ``answers[i]`` lists its reference answers (one for easy-VQA).
+    and ``answers[i]`` lists its reference answers (one for easy-VQA). Generated sets may add each
+    question's ``families`` (for per-family accuracy) and per-image ``objects`` records (ground truth
+    for auxiliary training losses, ``models.scenes``).
     """
 
     images: np.ndarray
     questions: list[str]
     answers: list[list[str]]
     image_index: np.ndarray
+    families: list[str] | None = None
+    objects: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -79,16 +83,30 @@ class VQASplit:
         """The first ``limit`` questions (all when ``None``), keeping the image array shared."""
         if limit is None or limit >= len(self):
             return self
-        return VQASplit(self.images, self.questions[:limit], self.answers[:limit], self.image_index[:limit])
+        return VQASplit(
+            self.images,
+            self.questions[:limit],
+            self.answers[:limit],
+            self.image_index[:limit],
+            None if self.families is None else self.families[:limit],
+            self.objects,
+        )
 
     @staticmethod
     def concat(parts: list[VQASplit]) -> VQASplit:
+        """One split from several; families and objects are kept only when every part has them."""
         offsets = np.cumsum([0] + [len(p.images) for p in parts[:-1]])
+        families = None if any(p.families is None for p in parts) else [f for p in parts for f in p.families]
+        objects = (
+            None if any(p.objects is None for p in parts) else np.concatenate([p.objects for p in parts])
+        )
         return VQASplit(
             images=np.concatenate([p.images for p in parts]),
             questions=[q for p in parts for q in p.questions],
             answers=[a for p in parts for a in p.answers],
             image_index=np.concatenate([p.image_index + o for p, o in zip(parts, offsets, strict=True)]),
+            families=families,
+            objects=objects,
         )
 
 
@@ -207,6 +225,16 @@ def generate_shapes(num_images: int, seed: int = 0, questions_per_image: int = 8
             answers.append([answer(template, shape, color, asked_shape, asked_color)])
             index.append(i)
     return VQASplit(np.stack(images), questions, answers, np.array(index, dtype=np.int64))
+
+
+def shapes_training_splits(
+    generated_images: int = 40000, seed: int = 0, easy_vqa_limit: int | None = None
+) -> tuple[VQASplit, VQASplit]:
+    """Base training data of ``llava-mini-shapes``: easy-VQA train (+ generated images) and holdout."""
+    train = load_easy_vqa("train").subset(easy_vqa_limit)
+    if generated_images:
+        train = VQASplit.concat([train, generate_shapes(generated_images, seed=seed + 1)])
+    return train, load_easy_vqa("holdout").subset(easy_vqa_limit)
 
 
 def vocabulary() -> list[str]:

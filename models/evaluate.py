@@ -32,23 +32,34 @@ from .tensors import pixel_values
 
 
 def normalize_answer(text: str) -> str:
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return words[0] if words else ""
+    """Lower-case words; punctuation dropped. One-word answers are compared by their first word
+    (a short answer may run on), sentences (``describe``) word for word."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _matches(prediction: str, reference: str) -> bool:
+    ref = normalize_answer(reference)
+    return prediction == ref if " " in ref else prediction.split(" ", 1)[0] == ref
 
 
 def vqa_score(prediction: str, references: list[str]) -> float:
     """Exact match for one reference; VQA soft accuracy for several."""
-    hits = sum(normalize_answer(r) == prediction for r in references)
+    hits = sum(_matches(prediction, r) for r in references)
     return float(hits > 0) if len(references) == 1 else min(hits / 3.0, 1.0)
 
 
 def load_dataset(name: str, split: str, image_size: int) -> VQASplit:
-    """``easy-vqa`` (split train/holdout/test) or a JSON file of records (see ``load_json_vqa``)."""
+    """``easy-vqa`` or ``scenes`` (split train/holdout/test), or a JSON file of records
+    (see ``load_json_vqa``)."""
     if name == "easy-vqa":
         return load_easy_vqa(split)
+    if name == "scenes":
+        from .scenes import load_scenes
+
+        return load_scenes(split)
     if name.endswith(".json"):
         return load_json_vqa(name, image_size)
-    raise ValueError(f"unknown dataset {name!r}; expected easy-vqa or a .json file")
+    raise ValueError(f"unknown dataset {name!r}; expected easy-vqa, scenes or a .json file")
 
 
 def stream_header(
@@ -124,11 +135,14 @@ def answer(
     split: VQASplit,
     device: str,
     batch_size: int = 256,
-    max_new_tokens: int = 3,
 ) -> list[str]:
-    """Greedy answers for every question, its image's hidden states gathered from ``hidden_states``."""
+    """Greedy answers for every question, its image's hidden states gathered from ``hidden_states``.
+
+    Each batch decodes as many tokens as its longest reference answer needs (3 for one word)."""
     preds: list[str] = []
     for start in range(0, len(split), batch_size):
+        longest = max(len(a.split()) for refs in split.answers[start : start + batch_size] for a in refs)
+        max_new_tokens = max(3, longest + 2)
         questions = split.questions[start : start + batch_size]
         rows = torch.from_numpy(split.image_index[start : start + batch_size]).to(device)
         ids, mask = encode_prompts(loaded.tokenizer, loaded.prompt, questions)
@@ -141,6 +155,20 @@ def answer(
 
 def accuracy(preds: list[str], split: VQASplit) -> float:
     return float(np.mean([vqa_score(p, refs) for p, refs in zip(preds, split.answers, strict=True)]))
+
+
+def accuracy_by_family(preds: list[str], split: VQASplit) -> dict[str, float]:
+    """Accuracy per question family (generated sets only)."""
+    scores: dict[str, list[float]] = {}
+    for p, refs, family in zip(preds, split.answers, split.families or [], strict=True):
+        scores.setdefault(family, []).append(vqa_score(p, refs))
+    return {family: float(np.mean(s)) for family, s in sorted(scores.items())}
+
+
+def _score(record: dict, key: str, preds: list[str], split: VQASplit) -> None:
+    record[f"accuracy_{key}"] = accuracy(preds, split)
+    if split.families is not None:
+        record[f"accuracy_by_family_{key}"] = accuracy_by_family(preds, split)
 
 
 def evaluate(
@@ -163,7 +191,7 @@ def evaluate(
     images = split.images[used]
     if images.shape[1:3] != (loaded.image_spec.size,) * 2:  # e.g. 64 px easy-VQA for a 336 px model
         images = np.stack([resize_and_crop(Image.fromarray(im), loaded.image_spec.size) for im in images])
-    compact = VQASplit(images, split.questions, split.answers, remap[split.image_index])
+    compact = VQASplit(images, split.questions, split.answers, remap[split.image_index], split.families)
     record: dict = {
         "model": loaded.name,
         "dataset": dataset,
@@ -173,14 +201,12 @@ def evaluate(
     }
     if with_original:
         plain = encode_images(loaded, edge, compact.images, site, None, device)
-        record["accuracy_original"] = accuracy(
-            answer(loaded, cloud, plain.hidden_states, compact, device, batch_size), compact
-        )
+        preds = answer(loaded, cloud, plain.hidden_states, compact, device, batch_size)
+        _score(record, "original", preds, compact)
     if quantizer is not None:
         enc = encode_images(loaded, edge, compact.images, site, quantizer.to(device).eval(), device)
-        record["accuracy_alignedvq"] = accuracy(
-            answer(loaded, cloud, enc.hidden_states, compact, device, batch_size), compact
-        )
+        preds = answer(loaded, cloud, enc.hidden_states, compact, device, batch_size)
+        _score(record, "alignedvq", preds, compact)
         tokens = enc.hidden_states.shape[1]
         body = [
             len(

@@ -32,17 +32,17 @@ class PromptFormat:
         return body.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * self.image_tokens)
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + ids
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """BOS + tokens of each text; one batched call (the fast tokenizers encode lists in Rust)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, questions: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask`` ``(batch, seq)`` for generation."""
-    rows = [_ids(tokenizer, fmt.render(q)) for q in questions]
+    rows = _ids(tokenizer, [fmt.render(q) for q in questions])
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
@@ -55,9 +55,10 @@ def encode_training(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (answer + EOS only; -100 elsewhere)."""
     rows, labels = [], []
-    for q, a in zip(questions, answers, strict=True):
-        prompt = _ids(tokenizer, fmt.render(q))
-        target = tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompts = _ids(tokenizer, [fmt.render(q) for q in questions])
+    targets = tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+    for prompt, target in zip(prompts, targets, strict=True):
+        target = target + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
     width = max(len(r) for r in rows)

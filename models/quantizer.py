@@ -373,19 +373,24 @@ class AlignedVQ(nn.Module):
         *,
         refine_threshold: float,
         rank_tokens: int = 0,
+        stages: int = 2,
         iters: int = 20,
         seed: int = 0,
         max_vectors: int = 200000,
     ) -> AlignedVQ:
-        """A variable-rate two-stage quantizer whose first stage is ``base``, kept exactly.
+        """A variable-rate quantizer of ``stages`` whose first stage is ``base``, kept exactly.
 
-        The second stage is k-means on the residuals of features ``x`` ``(images, tokens, dim)``
-        that ``base`` leaves above ``refine_threshold``; everything else (projections, centres,
-        statistics range) is ``base``'s. Uncalibrated: call :meth:`calibrate` next.
+        Each later stage is k-means on the residuals of features ``x`` ``(images, tokens, dim)``
+        that the stages before it leave above ``refine_threshold``; everything else (projections,
+        centres, statistics range) is ``base``'s. Uncalibrated: call :meth:`calibrate` next.
         """
-        if base.config.stages != 1:
-            raise ValueError(f"refined() extends a one-stage quantizer, got {base.config.stages} stages")
-        config = replace(base.config, stages=2, refine_threshold=refine_threshold, rank_tokens=rank_tokens)
+        if base.config.stages != 1 or stages < 2:
+            raise ValueError(
+                f"refined() extends a one-stage quantizer to 2 or more, got {base.config.stages} -> {stages}"
+            )
+        config = replace(
+            base.config, stages=stages, refine_threshold=refine_threshold, rank_tokens=rank_tokens
+        )
         module = cls(config).to(base.codebooks.device)
         state = {k: v for k, v in base.state_dict().items() if k not in ("codebooks", "freqs")}
         module.load_state_dict(state, strict=False)

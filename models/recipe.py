@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from .config import QuantizerConfig
-from .data import VQASplit, generate_shapes, load_easy_vqa
+from .data import VQASplit, generate_shapes, load_easy_vqa, shapes_training_splits
 from .evaluate import evaluate
-from .mini import NAME
+from .mini import SHAPES
 from .quantizer import AlignedVQ
 from .registry import LoadedModel, load_model_dir, save_model_dir, write_manifest
 from .split import split_llava, vision_tokens
@@ -123,14 +123,39 @@ def refine_quantizers(
     return names
 
 
-def sweep_configs(
-    dim: int, tokens: int = 0, rows: tuple[tuple[str, int, int, int, int], ...] = SWEEP
-) -> list[QuantizerConfig]:
+@torch.no_grad()
+def ranked_quantizer(
+    loaded: LoadedModel, name: str, images: np.ndarray, rate_lambda: float = 0.0, device: str = "cpu"
+) -> str:
+    """Write a neighbour-ranked (and, with ``rate_lambda`` > 0, rate-distortion optimised) copy of
+    the trained quantizer ``name`` into the model's folder; codebooks unchanged, tables calibrated on
+    ``images`` (training data only). Returns its name."""
+    base = AlignedVQ.load(loaded.quantizer_path(name), map_location=device)
+    tokens = vision_tokens(loaded.model.config.vision_config)
+    q = AlignedVQ(replace(base.config, rank_tokens=tokens, rate_lambda=rate_lambda)).to(device).eval()
+    result = q.load_state_dict(base.state_dict(), strict=False)  # the rank tables come from calibrate
+    if result.unexpected_keys or set(result.missing_keys) - {"rank_books", "rank_offsets"}:
+        raise ValueError(f"{name} does not fit a ranked copy of itself: {result}")
+    edge, _ = split_llava(loaded.model.to(device).eval(), base.config.site)
+    q.calibrate(collect_features(edge, torch.from_numpy(images).to(device), loaded.image_spec))
+    q.save(loaded.path / "quantizers" / f"{q.config.name}.safetensors")
+    return q.config.name
+
+
+def sweep_configs(dim: int, tokens: int = 0, rows: tuple[tuple, ...] = SWEEP) -> list[QuantizerConfig]:
+    """Configs from rows ``(site, groups, stages, codebook size, code dim[, refine threshold])``."""
     return [
         QuantizerConfig(
-            dim=dim, split_site=site, tokens=tokens, groups=g, stages=s, codebook_size=k, code_dim=d
+            dim=dim,
+            split_site=site,
+            tokens=tokens,
+            groups=g,
+            stages=s,
+            codebook_size=k,
+            code_dim=d,
+            refine_threshold=float(rest[0]) if rest else 0.0,
         )
-        for site, g, s, k, d in rows
+        for site, g, s, k, d, *rest in rows
     ]
 
 
@@ -156,8 +181,8 @@ def run_recipe(
     left = lambda: budget_s - (time.time() - started)  # noqa: E731
     model_dir = train_mini(
         run / "base",
+        *shapes_training_splits(generated_images),
         steps=base_steps,
-        generated_images=generated_images,
         device=device,
         time_budget_s=budget_s,
     )
@@ -169,7 +194,7 @@ def run_recipe(
     qat = run / "qat"
     if qat_steps:
         if not (qat / "manifest.json").is_file():
-            base = load_model_dir(model_dir, name=NAME, device=device)
+            base = load_model_dir(model_dir, name=SHAPES.name, device=device)
             dim = base.model.config.vision_config.hidden_size
             trained = train_quantizers(
                 base,
@@ -190,7 +215,7 @@ def run_recipe(
         model_dir = qat
     final = run / "final"
     if not (final / "manifest.json").is_file():
-        source = load_model_dir(model_dir, name=NAME, device=device)
+        source = load_model_dir(model_dir, name=SHAPES.name, device=device)
         vision = source.model.config.vision_config
         tokens = vision_tokens(vision) if position_centre else 0
         learned = {p.name: p for p in (qat / "quantizers").glob("*.safetensors")} if qat_steps else {}
@@ -220,14 +245,14 @@ def run_recipe(
         save_model_dir(source.model, source.tokenizer, source.prompt, source.image_spec, final)
     rows = tuple(row for row in REFINED if (final / "quantizers" / f"{row[0]}.safetensors").is_file())
     refined = refine_quantizers(
-        load_model_dir(final, name=NAME, device=device), train.images, rows, device=device
+        load_model_dir(final, name=SHAPES.name, device=device), train.images, rows, device=device
     )
     write_manifest(final)
     # Evaluate the model as saved (fp16 weights computed in fp32): the numbers CPU evaluation reproduces.
     results_path = run / "rate_accuracy.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     done = {r["name"] for r in results["runs"]}
-    loaded = load_model_dir(final, name=NAME, device=device)
+    loaded = load_model_dir(final, name=SHAPES.name, device=device)
     test = load_easy_vqa("test").subset(test_limit)
     names = [c.name for c in sweep_configs(1, 1)[:sweep_limit]] + refined
     for name in names:
@@ -252,4 +277,133 @@ def run_recipe(
         results["runs"].append(record)
         results["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
         results_path.write_text(json.dumps(results, indent=1) + "\n")
+    return True
+
+
+# ---- llava-mini-scenes -------------------------------------------------------------------------
+
+# Whole-model QAT stages (edge included), each a rotation of (quantizer row, turns) plus unquantized
+# turns, position centred (each token's per-position mean is known to both halves and never sent).
+# ``plain`` follows base training (a lease or two); ``gated`` then teaches the model the gated
+# two-stage quantizer (objects get a second 12-bit code), started from its k-means refinement.
+SCENES_QAT: dict[str, tuple[tuple[tuple[tuple, int], ...], int]] = {
+    "plain": (((("preln", 1, 1, 4096, 32), 2), (("preln", 1, 1, 1024, 32), 1)), 3),
+    "gated": (((("preln", 1, 2, 4096, 32, 20.0), 2), (("preln", 1, 1, 4096, 32), 1)), 2),
+}
+# Seconds per QAT step on one H200 at batch 256 (measured 0.052 s, plus a margin); used only to fit
+# the step count into a lease.
+_QAT_STEP_SECONDS = 0.065
+
+
+def _gated_starts(
+    loaded: LoadedModel, configs: list[QuantizerConfig], images: np.ndarray, device: str
+) -> None:
+    """Write the k-means refinement of each gated config's one-stage base into the model's folder
+    (where :func:`models.train.train_quantizers` finds its start), unless it is there already."""
+    folder = loaded.path / "quantizers"
+    for config in configs:
+        if not config.refine_threshold or (folder / f"{config.name}.safetensors").is_file():
+            continue
+        base = AlignedVQ.load(
+            folder / f"{replace(config, stages=1, refine_threshold=0.0).name}.safetensors",
+            map_location=device,
+        )
+        edge, _ = split_llava(loaded.model.to(device).eval(), config.site)
+        feats = collect_features(edge, torch.from_numpy(images).to(device), loaded.image_spec)
+        refined = AlignedVQ.refined(
+            base, feats, refine_threshold=config.refine_threshold, stages=config.stages
+        )
+        refined.save(folder / f"{config.name}.safetensors")
+
+
+def run_scenes_recipe(
+    run: Path,
+    *,
+    budget_s: float,
+    device: str,
+    base_steps: int = 9000,
+    qat_steps: int = 4000,
+    qat_lr: float = 2e-4,
+    patch_loss_weight: float = 1.0,
+    train_images: int | None = None,
+    holdout_images: int | None = None,
+    workers: int = 1,
+    fit_budget: bool = False,
+    base_model: Path | None = None,
+    qat_stage: str = "plain",
+    batch_size: int = 256,
+) -> bool:
+    """Advance the ``llava-mini-scenes`` recipe by at most ``budget_s``; True once the model and its
+    quantization-aware quantizers are in ``run/qat`` (refinement and evaluation are CPU-cheap steps
+    of their own, ``alignedvq refine`` and ``benchmarks.rate_accuracy``).
+
+    1. Base training from scratch on generated scenes with the auxiliary per-patch loss.
+    2. Quantization-aware fine-tuning of the whole model with the ``qat_stage`` rotation of
+       :data:`SCENES_QAT`, keeping the per-patch loss.
+
+    ``base_model``: skip step 1 and fine-tune this model folder instead (its quantizers of the same
+    names start step 2, gated ones from a refinement of its one-stage quantizer; the per-patch head
+    starts fresh), to continue an earlier run with the next stage.
+
+    ``fit_budget``: cut both stages' steps so that they finish inside ``budget_s`` (timed on the
+    machine at hand), for a lease whose calls cannot carry optimizer states from one to the next.
+    """
+    from .mini import SCENES
+    from .patch_loss import PatchHead
+    from .scenes import load_scenes
+
+    started = time.time()
+    left = lambda: budget_s - (time.time() - started)  # noqa: E731
+    if (run / "qat" / "manifest.json").is_file():
+        return True
+    train = load_scenes("train", train_images, workers=workers)
+    holdout = load_scenes("holdout", holdout_images)
+    # What is left after drawing the data goes ~60:40 to the two stages (QAT steps cost ~1.3 base steps).
+    base_share = left() * 0.6
+    base = base_model or train_mini(
+        run / "base",
+        train,
+        holdout,
+        SCENES,
+        steps=base_steps,
+        batch_size=batch_size,
+        device=device,
+        time_budget_s=left(),
+        patch_loss_weight=patch_loss_weight,
+        fit_budget_s=base_share if fit_budget else None,
+    )
+    if not (base / "manifest.json").is_file():
+        return False
+    if fit_budget:
+        qat_steps = max(1, min(qat_steps, int((left() - 60) / _QAT_STEP_SECONDS)))
+    loaded = load_model_dir(base, name=SCENES.name, device=device)
+    vision = loaded.model.config.vision_config
+    rows, unquantized_turns = SCENES_QAT[qat_stage]
+    configs = sweep_configs(vision.hidden_size, vision_tokens(vision), rows=tuple(row for row, _ in rows))
+    if base_model is not None:
+        _gated_starts(loaded, configs, train.images[:20000], device)
+    head = PatchHead(vision.hidden_size).to(device)
+    if base_model is None:
+        head.load_state_dict(torch.load(run / "base" / "patch_head.pt", map_location=device))
+    trained = train_quantizers(
+        loaded,
+        configs,
+        train,
+        holdout,
+        run / "qat" / "quantizers",
+        steps=qat_steps,
+        batch_size=batch_size,
+        model_lr=qat_lr,
+        turns=[turns for _, turns in rows],
+        unquantized_turns=unquantized_turns,
+        trainable=QAT_TRAINABLE,
+        time_budget_s=left(),
+        device=device,
+        patch_head=head,
+        patch_loss_weight=patch_loss_weight,
+        init_dir=None if base_model is None else base_model / "quantizers",
+    )
+    if trained is None:
+        return False
+    save_model_dir(loaded.model, loaded.tokenizer, loaded.prompt, loaded.image_spec, run / "qat")
     return True

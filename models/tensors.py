@@ -35,6 +35,7 @@ class TensorSplit:
     attention_mask: torch.Tensor
     labels: torch.Tensor | None  # training only
     spec: ImageSpec
+    patch_targets: torch.Tensor | None = None  # (num_images, patches, FIELDS): models.patch_loss
 
     @classmethod
     def for_training(
@@ -44,9 +45,16 @@ class TensorSplit:
         fmt: PromptFormat,
         spec: ImageSpec,
         device: str,
+        patch: int | None = None,
     ) -> TensorSplit:
+        """``patch``: with a split that has object records, also per-patch targets for that patch size."""
         ids, mask, labels = encode_training(tokenizer, fmt, split.questions, [a[0] for a in split.answers])
-        return cls._make(split, ids, mask, labels, spec, device)
+        made = cls._make(split, ids, mask, labels, spec, device)
+        if patch is not None and split.objects is not None:
+            from .patch_loss import patch_targets
+
+            made.patch_targets = torch.from_numpy(patch_targets(split.objects, spec.size, patch)).to(device)
+        return made
 
     @classmethod
     def for_generation(
@@ -85,4 +93,6 @@ class TensorSplit:
         }
         if self.labels is not None:
             out["labels"] = self.labels[rows][:, keep]
+        if self.patch_targets is not None:
+            out["patch_targets"] = self.patch_targets[self.image_index[rows]]
         return out

@@ -10,6 +10,7 @@ autocast on CUDA, log JSON lines, checkpoint, and resume from their last checkpo
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -24,8 +25,9 @@ from transformers import LlavaForConditionalGeneration
 from edge_client.preprocess import ImageSpec
 
 from .config import QuantizerConfig
-from .data import VQASplit, generate_shapes, load_easy_vqa
-from .mini import IMAGE_SPEC, PROMPT, build_tokenizer, mini_config
+from .data import VQASplit
+from .mini import SHAPES, MiniSpec
+from .patch_loss import PatchHead, last_block_output
 from .quantizer import AlignedVQ
 from .registry import LoadedModel, save_model_dir
 from .split import split_llava, vision_model
@@ -94,38 +96,67 @@ def _checkpoint(path: Path, **state) -> None:
 
 def train_mini(
     out: Path,
+    train_split: VQASplit,
+    holdout_split: VQASplit,
+    spec: MiniSpec = SHAPES,
     *,
     steps: int = 11000,
     batch_size: int = 256,
     lr: float = 5e-4,
-    generated_images: int = 40000,
     device: str = "cpu",
     seed: int = 0,
     eval_every: int = 1000,
     time_budget_s: float | None = None,
-    easy_vqa_limit: int | None = None,
+    patch_loss_weight: float = 0.0,
+    fit_budget_s: float | None = None,
 ) -> Path:
-    """Train ``llava-mini-shapes`` from scratch; resumes from ``out/checkpoint.pt`` when present.
+    """Train the bundled model ``spec`` from scratch; resumes from ``out/checkpoint.pt`` when present.
 
     Returns ``out/model`` once all ``steps`` are done (weights in fp16, tokenizer, manifest).
     Stops early, after a checkpoint, when ``time_budget_s`` runs out (call again to continue).
+    ``patch_loss_weight`` > 0 with a split that has object records adds the auxiliary per-patch
+    loss (:mod:`models.patch_loss`); its head is kept in ``out/patch_head.pt`` for later stages.
+    ``fit_budget_s``: on a fresh run, time a few throwaway steps first and cut ``steps`` so the whole
+    schedule fits that many seconds (a GPU lease cannot carry an optimizer state to the next call).
     """
     model_dir = out / "model"
     if (model_dir / "manifest.json").is_file():
         return model_dir
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    model = LlavaForConditionalGeneration(mini_config(tokenizer)).to(device)
-    train_split = load_easy_vqa("train").subset(easy_vqa_limit)
-    if generated_images:
-        train_split = VQASplit.concat([train_split, generate_shapes(generated_images, seed=seed + 1)])
-    train = TensorSplit.for_training(train_split, tokenizer, PROMPT, IMAGE_SPEC, device)
-    holdout = TensorSplit.for_training(
-        load_easy_vqa("holdout").subset(easy_vqa_limit), tokenizer, PROMPT, IMAGE_SPEC, device
-    )
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    tokenizer = spec.build_tokenizer()
+    model = LlavaForConditionalGeneration(spec.config(tokenizer)).to(device)
+    head = PatchHead(model.config.vision_config.hidden_size).to(device) if patch_loss_weight else None
+    patch = spec.patch_size if head is not None else None
+    train = TensorSplit.for_training(train_split, tokenizer, spec.prompt, spec.image_spec, device, patch)
+    holdout = TensorSplit.for_training(holdout_split, tokenizer, spec.prompt, spec.image_spec, device)
+    trained = [model] + ([head] if head is not None else [])
+    encoder = vision_model(model).encoder
+    step, ckpt = 0, out / "checkpoint.pt"
+    log = Logger(out / "train_log.jsonl")
+
+    def train_step(batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer):
+        targets = batch.pop("patch_targets", None)
+        with autocast(device), last_block_output(encoder) as box:
+            loss = model(**batch).loss
+            extra = head.loss(box["tokens"], targets) if head is not None else None
+        total = loss if extra is None else loss + patch_loss_weight * extra
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], 1.0)
+        optimizer.step()
+        return loss, extra, norm
+
+    state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None  # ours
+    if state is not None:
+        steps = state.get("steps", steps)  # the schedule the run started with
+    elif fit_budget_s is not None:
+        seconds = _probe_step_seconds(trained, train, batch_size, train_step, device)
+        steps = max(1, min(steps, int(fit_budget_s / seconds)))
+        log(event="fit", step_seconds=round(seconds, 5), budget_s=fit_budget_s, steps=steps)
+    named = [(n, p) for m in trained for n, p in m.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
         lr=lr,
@@ -133,21 +164,22 @@ def train_mini(
     )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
-    step, ckpt = 0, out / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own local file
+    if state is not None:
         model.load_state_dict(state["model"])
+        if head is not None:
+            head.load_state_dict(state["patch_head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"].cpu())
         step = state["step"]
-    log = Logger(out / "train_log.jsonl")
     log(
         event="start",
+        model=spec.name,
         step=step,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        patch_loss_weight=patch_loss_weight,
         params=sum(p.numel() for p in model.parameters()),
         train_questions=len(train),
         holdout_questions=len(holdout),
@@ -156,16 +188,10 @@ def train_mini(
     )
     batches = _batches(len(train), batch_size, generator, device)
     started = time.time()
-    bar = tqdm(total=steps, initial=step, desc="train-mini", mininterval=5)
+    bar = tqdm(total=steps, initial=step, desc=f"train {spec.name}", mininterval=5)
     model.train()
     while step < steps:
-        batch = train.batch(next(batches))
-        with autocast(device):
-            loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss, extra, norm = train_step(train.batch(next(batches)), optimizer)
         schedule.step()
         step += 1
         bar.update(1)
@@ -174,6 +200,7 @@ def train_mini(
                 event="step",
                 step=step,
                 loss=round(loss.item(), 5),
+                patch_loss=None if extra is None else round(extra.item(), 5),
                 grad_norm=round(float(norm), 4),
                 lr=schedule.get_last_lr()[0],
             )
@@ -191,18 +218,41 @@ def train_mini(
             _checkpoint(
                 ckpt,
                 model=model.state_dict(),
+                patch_head=None if head is None else head.state_dict(),
                 optimizer=optimizer.state_dict(),
                 schedule=schedule.state_dict(),
                 generator=generator.get_state(),
                 step=step,
+                steps=steps,
             )
         if out_of_time and step < steps:
             log(event="paused", step=step)
             return out
     bar.close()
-    save_model_dir(model, tokenizer, PROMPT, IMAGE_SPEC, model_dir)
+    if head is not None:
+        torch.save(head.state_dict(), out / "patch_head.pt")
+    save_model_dir(model, tokenizer, spec.prompt, spec.image_spec, model_dir)
     log(event="done", step=step, model_dir=str(model_dir))
     return model_dir
+
+
+def _probe_step_seconds(modules, train: TensorSplit, batch_size: int, train_step, device: str) -> float:
+    """Seconds per training step, from 20 timed steps (after 5 warm-up steps) that change nothing."""
+    saved = [copy.deepcopy(m.state_dict()) for m in modules]
+    optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=0.0)
+    rows = torch.arange(batch_size, device=device) % len(train)
+    for i in range(25):
+        if i == 5:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        train_step(train.batch(rows), optimizer)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / 20
+    for m, state in zip(modules, saved, strict=True):
+        m.load_state_dict(state)
+    return seconds
 
 
 @torch.no_grad()
@@ -236,6 +286,9 @@ def train_quantizers(
     checkpoint_every: int = 500,
     device: str = "cpu",
     seed: int = 0,
+    patch_head: PatchHead | None = None,
+    patch_loss_weight: float = 0.0,
+    init_dir: Path | None = None,
 ) -> list[AlignedVQ] | None:
     """k-means init, then task-aware fine-tuning (VQA loss through the cloud half + VQ losses).
 
@@ -250,7 +303,10 @@ def train_quantizers(
 
     ``out_dir/checkpoint.pt`` is written every ``checkpoint_every`` steps and when ``time_budget_s``
     runs out; a later call with the same configs resumes from it (no k-means, same schedule).
-    Returns None when the time budget ran out before ``steps``.
+    Returns None when the time budget ran out before ``steps``. A ``patch_head`` (trained on,
+    with weight ``patch_loss_weight``) keeps the auxiliary per-patch loss of the base training on
+    every step, quantized or not, when the train split has object records. Quantizers found in
+    ``init_dir`` (same name and config) start from that file instead of k-means.
     """
     unknown = set(trainable) - set(TRAINABLE)
     if unknown:
@@ -259,8 +315,10 @@ def train_quantizers(
     model = loaded.model.to(device).eval()
     model.requires_grad_(False)
     spec, tok, fmt = loaded.image_spec, loaded.tokenizer, loaded.prompt
-    train = TensorSplit.for_training(train_split, tok, fmt, spec, device)
+    patch = model.config.vision_config.patch_size if patch_head is not None else None
+    train = TensorSplit.for_training(train_split, tok, fmt, spec, device, patch)
     holdout = TensorSplit.for_training(holdout_split, tok, fmt, spec, device)
+    encoder = vision_model(model).encoder
     halves = {str(c.site): split_llava(model, c.site) for c in configs}
     quantizers = [AlignedVQ(c).to(device) for c in configs]
     ckpt = out_dir / "checkpoint.pt"
@@ -272,8 +330,16 @@ def train_quantizers(
             q.load_state_dict(q_state)
         if state.get("model") is not None:
             model.load_state_dict(state["model"])
+        if patch_head is not None and state.get("patch_head") is not None:
+            patch_head.load_state_dict(state["patch_head"])
     else:
-        for q in quantizers:
+        for i, q in enumerate(quantizers):
+            start = init_dir / f"{q.config.name}.safetensors" if init_dir is not None else None
+            if start is not None and start.is_file():
+                quantizers[i] = q = AlignedVQ.load(start, map_location=device)
+                if q.config != configs[i]:
+                    raise ValueError(f"{start} has config {q.config}, expected {configs[i]}")
+                continue
             q.init_from_features(
                 collect_features(halves[str(q.config.site)][0], train.images[:kmeans_images], spec),
                 iters=kmeans_iters,
@@ -307,6 +373,8 @@ def train_quantizers(
         )
     if steps:
         groups = [{"params": [p for q in quantizers for p in q.parameters() if p.requires_grad], "lr": lr}]
+        if patch_head is not None and model_params:
+            model_params = model_params + list(patch_head.parameters())
         if model_params:
             groups.append({"params": model_params, "lr": model_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -333,6 +401,7 @@ def train_quantizers(
                 names=[c.name for c in configs],
                 quantizers=[q.state_dict() for q in quantizers],
                 model=model.state_dict() if model_params else None,
+                patch_head=None if patch_head is None else patch_head.state_dict(),
                 optimizer=optimizer.state_dict(),
                 schedule=schedule.state_dict(),
                 step=step,
@@ -349,9 +418,12 @@ def train_quantizers(
             q = rotation[step % len(rotation)]
             site = str(q.config.site) if q is not None else str(configs[0].site)
             batch = train.batch(next(batches))
-            with autocast(device):
+            targets = batch.pop("patch_targets", None)
+            with autocast(device), last_block_output(encoder) as box:
                 logits, out = forward(batch, q, site, True)
                 loss = lm_loss(logits, batch["labels"]) + (out.loss if out is not None else 0.0)
+                if patch_head is not None and targets is not None:
+                    loss = loss + patch_loss_weight * patch_head.loss(box["tokens"], targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)

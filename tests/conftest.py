@@ -27,14 +27,14 @@ def build_tiny_model_dir(
     from edge_client.preprocess import ImageSpec
     from models.architectures import tiny_llava_config
     from models.config import QuantizerConfig, SplitSite
-    from models.mini import IMAGE_PLACEHOLDER, build_tokenizer
-    from models.prompt import PromptFormat
+    from models.mini import SHAPES
+    from models.prompt import IMAGE_PLACEHOLDER, PromptFormat
     from models.quantizer import AlignedVQ
     from models.registry import save_model_dir, write_manifest
     from models.split import split_llava
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = SHAPES.build_tokenizer()
     config = tiny_llava_config(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models.data import ANSWERS, TEMPLATES, generate_shapes, load_easy_vqa
-from models.mini import build_tokenizer
+from models.mini import SHAPES
 from models.registry import ModelNotAvailable, load_model_dir, write_manifest
 
 
@@ -33,7 +33,7 @@ def test_generated_answers_are_consistent() -> None:
 
 
 def test_tokenizer_covers_every_easy_vqa_question_and_answer() -> None:
-    tok = build_tokenizer()
+    tok = SHAPES.build_tokenizer()
     for split in ("train", "test"):
         data = load_easy_vqa(split)
         for text in set(data.questions) | set(ANSWERS):

@@ -36,3 +36,29 @@ def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
     mtimes = [loaded.quantizer_path(name).stat().st_mtime_ns for name in names]
     assert refine_quantizers(loaded, images, rows) == names  # kept, not rebuilt
     assert [loaded.quantizer_path(name).stat().st_mtime_ns for name in names] == mtimes
+
+
+def test_scenes_recipe_runs_both_qat_stages_on_cpu(tmp_path: Path) -> None:
+    """CPU smoke of ``alignedvq train-scenes``: base training with the per-patch loss and plain QAT,
+    then the gated stage started from a k-means refinement of the first one's 4096-codebook."""
+    from models.recipe import ranked_quantizer, run_scenes_recipe
+    from models.registry import load_model_dir
+
+    small = dict(budget_s=600, device="cpu", qat_steps=2, train_images=64, holdout_images=4, batch_size=4)
+    assert run_scenes_recipe(tmp_path / "a", base_steps=2, **small)
+    first = tmp_path / "a" / "qat"
+    assert {p.name for p in (first / "quantizers").glob("*.safetensors")} == {
+        "preln-4096.safetensors",
+        "preln-1024.safetensors",
+    }
+    assert (tmp_path / "a" / "base" / "patch_head.pt").is_file()
+    assert run_scenes_recipe(tmp_path / "b", base_model=first, qat_stage="gated", **small)
+    assert (first / "quantizers" / "preln-r2x4096-t20.safetensors").is_file()  # the gated start
+    gated = AlignedVQ.load(tmp_path / "b" / "qat" / "quantizers" / "preln-r2x4096-t20.safetensors")
+    assert gated.config.stages == 2 and gated.config.refine_threshold == 20.0
+    loaded = load_model_dir(tmp_path / "b" / "qat")
+    images = np.random.default_rng(0).integers(0, 256, (6, 128, 128, 3), dtype=np.uint8)
+    name = ranked_quantizer(loaded, "preln-r2x4096-t20", images, rate_lambda=0.5)
+    ranked = AlignedVQ.load(loaded.quantizer_path(name))
+    assert name == "preln-r2x4096-t20-l0.5-ranked" and ranked.config.rank_tokens == 65
+    assert torch.equal(ranked.codebooks, gated.codebooks)  # same codes, new tables

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.config import QuantizerConfig
-from models.data import generate_shapes
+from models.data import generate_shapes, shapes_training_splits
 from models.quantizer import AlignedVQ
 from models.registry import load_model, load_model_dir
 from models.split import vision_model
@@ -21,10 +21,11 @@ def _events(path: Path) -> list[str]:
 
 
 def test_train_mini_pauses_resumes_and_saves_a_verified_model(tmp_path: Path) -> None:
-    kw = dict(steps=3, batch_size=4, generated_images=8, easy_vqa_limit=40, eval_every=2)
-    assert train_mini(tmp_path, time_budget_s=0.0, **kw) == tmp_path  # paused after one step
+    splits = shapes_training_splits(generated_images=8, easy_vqa_limit=40)
+    kw = dict(steps=3, batch_size=4, eval_every=2)
+    assert train_mini(tmp_path, *splits, time_budget_s=0.0, **kw) == tmp_path  # paused after one step
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "model").exists()
-    model_dir = train_mini(tmp_path, **kw)
+    model_dir = train_mini(tmp_path, *splits, **kw)
     assert _events(tmp_path / "train_log.jsonl") == ["start", "paused", "start", "eval", "eval", "done"]
     loaded = load_model_dir(model_dir)
     assert loaded.model.config.vision_config.image_size == 64
