@@ -73,6 +73,7 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "QuestionTooLong",
+    "RequestIdReused",
     "QueueUnavailable",
     "RateLimited",
     "ServerError",
@@ -130,6 +131,12 @@ class CodebookMismatch(ServerError):
     """The feature stream was encoded with another codebook than the one served."""
 
     code = "codebook_mismatch"
+
+
+class RequestIdReused(ServerError):
+    """The caller already used this request id for a different request (idempotency is per id)."""
+
+    code = "request_id_reused"
 
 
 class BodyTooLarge(ServerError):
@@ -218,6 +225,7 @@ HTTP_STATUS: dict[str, int] = {
     BundleUnavailable.code: 404,
     MethodNotAllowed.code: 405,
     CodebookMismatch.code: 409,
+    RequestIdReused.code: 409,
     BodyTooLarge.code: 413,
     UnsupportedMediaType.code: 415,
     StreamMismatch.code: 422,
@@ -263,7 +271,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     for status, codes in {
         401: "unauthorized",
         404: "unknown_model, bundle_unavailable",
-        409: "codebook_mismatch",
+        409: "codebook_mismatch, request_id_reused",
         413: "body_too_large",
         415: "unsupported_media_type",
         422: "bad_request, stream_mismatch, question_too_long, bad_image, corrupt_stream, ...",

@@ -140,6 +140,7 @@ class ApiKeyAuth(SecurityBase):
 
     async def __call__(self, request: Request) -> None:
         client_id = await require_api_key(request, await self._bearer(request))
+        request.state.client_id = client_id  # the tenant that idempotency keys are scoped to
         limiter = state(request).limiter
         if limiter is not None:
             await limiter.acquire(client_id)

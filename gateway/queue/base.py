@@ -142,6 +142,10 @@ class GatewayQueue(Protocol):
     async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
         """Enqueue (once per request id) and wait for the reply until ``deadline_ms``."""
 
+    async def reserve_id(self, model: str, request_id: str, digest: bytes, ttl_ms: int) -> bool:
+        """Bind ``request_id`` to the request ``digest`` for ``ttl_ms``; False when it is already
+        bound to a different digest (the id was reused for another request)."""
+
     async def backlog(self, model: str) -> int: ...
 
     async def model_names(self) -> list[str]: ...

@@ -9,6 +9,7 @@ key                                type    what it holds
 ``{p}:stream:{model}``             stream  queued + in-progress requests of one model (group ``workers``)
 ``{p}:dead:{model}``               stream  requests delivered more than ``VQA_MAX_DELIVERIES`` times
 ``{p}:result:{model}:{rid}``       string  the msgpack reply of a finished request (idempotent retries)
+``{p}:request:{model}:{rid}``      string  digest of the request first sent under that id (409 on reuse)
 ``{p}:inflight:{model}:{rid}``     string  stream entry id of a queued request (``SET NX``: no double enqueue)
 ``{p}:waiters:{model}:{rid}``      set     reply lists of every gateway waiting on that request
 ``{p}:replies:{gateway}``          list    replies for one gateway process, popped by its reader task
@@ -90,6 +91,9 @@ class Keys:
 
     def result(self, model: str, request_id: str) -> str:
         return f"{self.prefix}:result:{model}:{request_id}"
+
+    def request(self, model: str, request_id: str) -> str:
+        return f"{self.prefix}:request:{model}:{request_id}"
 
     def inflight(self, model: str, request_id: str) -> str:
         return f"{self.prefix}:inflight:{model}:{request_id}"

@@ -37,6 +37,7 @@ class MemoryQueue:
         self._taken: dict[str, int] = defaultdict(int)  # read by the worker, not finished yet
         self._results: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._inflight: dict[tuple[str, str], str] = {}
+        self._reserved: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._waiting: dict[tuple[str, str], list[asyncio.Future[Reply]]] = defaultdict(list)
         self._info: dict[str, bytes] = {}
         self._bundles: dict[str, bytes] = {}
@@ -66,6 +67,14 @@ class MemoryQueue:
             del self._results[key]
             return None
         return entry[1]
+
+    async def reserve_id(self, model: str, request_id: str, digest: bytes, ttl_ms: int) -> bool:
+        with self._cond:
+            expires, bound = self._reserved.get((model, request_id), (0.0, digest))
+            if expires < time.monotonic():
+                bound = digest
+                self._reserved[model, request_id] = (time.monotonic() + ttl_ms / 1000, digest)
+            return bound == digest
 
     async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
         assert self._loop is not None, "MemoryQueue.start() was not called"

@@ -201,6 +201,13 @@ class RedisGatewayQueue:
             if not futures:
                 self._waiting.pop(key, None)
 
+    async def reserve_id(self, model: str, request_id: str, digest: bytes, ttl_ms: int) -> bool:
+        key = self.keys.request(model, request_id)
+        with redis_errors():
+            if await self.client.set(key, digest, nx=True, px=ttl_ms):
+                return True
+            return await self.client.get(key) in (digest, None)  # None: expired in between
+
     async def backlog(self, model: str) -> int:
         with redis_errors():
             return int(await self.client.xlen(self.keys.stream(model)))

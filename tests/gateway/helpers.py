@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import socket
@@ -20,6 +21,13 @@ API_KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MSGPACK = {"Content-Type": "application/msgpack"}
 HEADERS = {**AUTH, **MSGPACK}
+
+
+def queue_id(request_id: str, api_key: str = API_KEY) -> str:
+    """The id the queue keys a request by: scoped to the caller's key (gateway.api.idempotency)."""
+    from gateway.api.idempotency import scoped_id
+
+    return scoped_id(request_id, f"key:{hashlib.sha256(api_key.encode()).hexdigest()[:16]}")
 
 
 def png(size: int = 32, seed: int = 0) -> bytes:

@@ -144,6 +144,10 @@ def valid(model_name, encoder) -> dict:
 
 
 def pack(data) -> bytes:
+    """msgpack of ``data``; the placeholder id ``fuzz`` becomes a fresh one, since a request id
+    names one request (reusing it for different content is a 409 of its own)."""
+    if isinstance(data, dict) and data.get("request_id") == "fuzz":
+        data = {**data, "request_id": rid()}
     return msgpack.packb(data, use_bin_type=True)
 
 

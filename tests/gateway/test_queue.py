@@ -14,7 +14,7 @@ from gateway.queue import GROUP, Keys, RedisWorkerQueue
 from gateway.worker import worker_id
 
 from .conftest import gateway_settings, worker_settings
-from .helpers import HEADERS, body, png, wait_for
+from .helpers import API_KEY, HEADERS, body, png, queue_id, wait_for
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_retry_of_finished_request_returns_stored_answer(served, model_name, fea
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
     assert worker.worker.stats.answered == 1
-    result = Keys(prefix).result(model_name, "retry-me")
+    result = Keys(prefix).result(model_name, queue_id("retry-me"))
     assert 0 < r.pttl(result) <= settings.result_ttl_s * 1000
     assert r.xinfo_stream(Keys(prefix).stream(model_name))["entries-added"] == 1
 
@@ -102,7 +102,9 @@ def test_retry_of_in_flight_request_waits_for_the_same_answer(
     gateways = [open_client(gateway_settings(redis_url, prefix)) for _ in range(2)]
     content = body(model_name, features=features, request_id="in-flight", timeout_ms=20_000)
     replies = [post_in_background(client, content) for client in gateways]
-    wait_for(lambda: r.scard(keys.waiters(model_name, "in-flight")) == 2, what="both gateways waiting")
+    wait_for(
+        lambda: r.scard(keys.waiters(model_name, queue_id("in-flight"))) == 2, what="both gateways waiting"
+    )
     assert r.xlen(keys.stream(model_name)) == 1
     worker = start_worker(worker_settings(redis_url, prefix))
     answers = [future.result(timeout=10) for future in replies]
@@ -110,7 +112,42 @@ def test_retry_of_in_flight_request_waits_for_the_same_answer(
     assert answers[0].json() == answers[1].json()
     assert worker.worker.stats.answered == 1
     assert r.xinfo_stream(keys.stream(model_name))["entries-added"] == 1
-    assert not r.exists(keys.inflight(model_name, "in-flight"), keys.waiters(model_name, "in-flight"))
+    in_flight = queue_id("in-flight")
+    assert not r.exists(keys.inflight(model_name, in_flight), keys.waiters(model_name, in_flight))
+
+
+def test_request_ids_are_scoped_to_the_caller_and_bound_to_the_request(
+    redis_url, prefix, served, model_name, features, open_client
+) -> None:
+    """Two keys, one request id: each gets its own answer; a reused id with a new question is 409."""
+    client, worker, _ = served
+    other_key = "second-tenant-key-0123456789"
+    other = open_client(gateway_settings(redis_url, prefix, api_keys=f"{API_KEY},{other_key}"))
+    first = client.post(
+        "/v1/vqa", content=body(model_name, features=features, request_id="shared"), headers=HEADERS
+    )
+    assert first.status_code == 200 and first.json()["request_id"] == "shared"
+    question = "how many shapes are there?"
+    theirs = other.post(
+        "/v1/vqa",
+        content=body(model_name, features=features, request_id="shared", question=question),
+        headers={**HEADERS, "Authorization": f"Bearer {other_key}"},
+    )
+    assert theirs.status_code == 200 and theirs.json()["request_id"] == "shared"
+    assert worker.worker.stats.answered == 2  # the second tenant's request ran; nothing was shared
+    reused = client.post(
+        "/v1/vqa",
+        content=body(model_name, features=features, request_id="shared", question=question),
+        headers=HEADERS,
+    )
+    assert reused.status_code == 409 and reused.json()["error"]["code"] == "request_id_reused"
+    retry = client.post(
+        "/v1/vqa",
+        content=body(model_name, features=features, request_id="shared", timeout_ms=9000),
+        headers=HEADERS,
+    )
+    assert retry.status_code == 200 and retry.json() == first.json()  # same request, new timeout: idempotent
+    assert worker.worker.stats.answered == 2
 
 
 def test_error_replies_are_not_stored(served, model_name, prefix, r) -> None:
@@ -118,7 +155,7 @@ def test_error_replies_are_not_stored(served, model_name, prefix, r) -> None:
     client, _, _ = served
     content = body(model_name, features=b"AVQ garbage", request_id="failed-once")
     assert client.post("/v1/vqa", content=content, headers=HEADERS).status_code == 422
-    assert not r.exists(Keys(prefix).result(model_name, "failed-once"))
+    assert not r.exists(Keys(prefix).result(model_name, queue_id("failed-once")))
 
 
 def test_entry_of_a_dead_worker_is_claimed_and_answered(
@@ -152,7 +189,7 @@ def test_dead_letter_after_max_deliveries(
         assert [job.deliveries for job in second.jobs] == [2] and not second.dead
         time.sleep(0.01)
         third = queues[2].claim(4)  # delivery 3 > max_deliveries: dead letter
-        assert not third.jobs and [job.request_id for job in third.dead] == ["poison"]
+        assert not third.jobs and [job.request_id for job in third.dead] == [queue_id("poison")]
     finally:
         for queue in queues:
             queue.close()
@@ -160,7 +197,7 @@ def test_dead_letter_after_max_deliveries(
     assert reply.status_code == 502 and reply.json()["error"]["code"] == "dead_letter"
     assert "VQA_MAX_DELIVERIES=2" in reply.json()["error"]["message"]
     ((entry_id, fields),) = r.xrange(keys.dead(model_name))
-    assert fields[b"request_id"] == b"poison" and b"died" in fields[b"reason"]
+    assert fields[b"request_id"] == queue_id("poison").encode() and b"died" in fields[b"reason"]
     assert r.xlen(keys.stream(model_name)) == 0
 
 

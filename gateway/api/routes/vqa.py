@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from edge_client.protocol import CONTENT_TYPE, VQAResponse, decode_request, encode_response
 
-from ...errors import ERROR_RESPONSES
+from ...errors import ERROR_RESPONSES, RequestIdReused
 from ...queue import now_ms
 from ..deps import Authorized, read_body, state
+from ..idempotency import request_digest, scoped_request
 
 router = APIRouter(prefix="/v1", tags=["vqa"], dependencies=[Authorized])
 
@@ -50,9 +51,16 @@ async def ask(
     else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
         await run_in_threadpool(served.check, vqa, **limits)
     budget = min(vqa.timeout_ms or settings.request_timeout_ms, settings.max_timeout_ms)
+    scoped, scoped_body = scoped_request(vqa, request.state.client_id)
+    binding_ms = settings.result_ttl_s * 1000 + settings.max_timeout_ms  # outlives the stored result
+    if not await app.queue.reserve_id(vqa.model, scoped.request_id, request_digest(vqa), binding_ms):
+        raise RequestIdReused(
+            f"request_id {vqa.request_id!r} was already used for a different request; "
+            "use a new id for a new question (retries must repeat the same request)"
+        )
     with app.metrics.waiting.track_inprogress():
-        reply = await app.queue.submit(vqa, body, arrived + budget, settings.max_backlog)
-    response = reply.response()
+        reply = await app.queue.submit(scoped, scoped_body, arrived + budget, settings.max_backlog)
+    response = reply.response().model_copy(update={"request_id": vqa.request_id})
     app.metrics.observe_answer(response)
     if CONTENT_TYPE in accept:
         return Response(encode_response(response), media_type=CONTENT_TYPE)
