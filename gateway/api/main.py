@@ -100,10 +100,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _respond(
-    request: Request, status: int, code: str, message: str, retry_after: int | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """The JSON error reply, with the headers its status promises (RFC 9110: ``Allow`` on 405,
+    ``WWW-Authenticate`` on 401; ours: ``Retry-After`` on 429 and 503)."""
     request.state.error_code = code
-    headers = {}
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     if status in (429, 503):
         headers["Retry-After"] = str(retry_after or request.app.state.settings.retry_after_s)
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
@@ -130,7 +139,7 @@ async def _handle_validation(request: Request, exc: Exception) -> JSONResponse:
 async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else ServerError.code)
-    return _respond(request, exc.status_code, code, str(exc.detail))
+    return _respond(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -94,3 +94,4 @@ def test_keys_configured_as_sha256_digests_authenticate(served, redis_url, prefi
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     refused = client.get("/v1/models", headers=AUTH)  # a valid key elsewhere, not configured here
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    assert refused.headers["www-authenticate"] == "Bearer"

@@ -250,7 +250,9 @@ def test_auth(env, model_name, stream) -> None:
 def test_unknown_route_and_method(env) -> None:
     client = env[0]
     check_error(client.get("/v2/nothing"), 404, "not_found")
-    check_error(client.get("/v1/vqa", headers=AUTH), 405, "method_not_allowed")
+    wrong_method = client.get("/v1/vqa", headers=AUTH)
+    check_error(wrong_method, 405, "method_not_allowed")
+    assert wrong_method.headers["allow"] == "POST"
 
 
 def test_worker_never_saw_a_refused_payload(env, model_name, stream, encoder) -> None:
