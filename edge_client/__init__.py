@@ -1,4 +1,4 @@
-"""Edge client: numpy-only runtime that encodes images to AlignedVQ payloads (no torch import).
+"""Edge client: the runtime that encodes images to AlignedVQ payloads and asks the gateway (no torch).
 
     from edge_client import EdgeClient
     answer = EdgeClient("http://127.0.0.1:8000").ask("photo.jpg", "what color is the shape?")
@@ -6,71 +6,60 @@
 Layers, lowest first: ``errors``; ``bitpack``/``entropy``/``ranking``/``bitstream`` (the feature
 stream); ``preprocess``; ``protocol`` (the msgpack request); ``bundle`` (edge weights + codebook);
 ``rdo`` (rate-distortion optimised index choice); ``encoder`` (the edge half in numpy); ``client``
-(HTTP); ``cli`` (``edge-client``, not imported here so that importing the package stays light).
+(HTTP); ``cli`` (``edge-client``). Names resolve lazily (PEP 562): ``import edge_client.bitpack``
+loads the codec alone, without the HTTP stack, Pillow or pydantic.
 """
 
-from .bitpack import bits_for, pack_indices, packed_size, unpack_indices
-from .bitstream import DecodedStream, StreamHeader, decode_stream, encode_stream, read_header
-from .bundle import EdgeBundle, VisionSpec
-from .client import Answer, BundleCache, EdgeClient
-from .encoder import EdgeEncoder
-from .entropy import normalize_freqs, rans_decode, rans_encode
-from .errors import (
-    AlignedVQError,
-    BitstreamError,
-    BundleError,
-    CorruptStreamError,
-    EntropyModelError,
-    GatewayError,
-    GatewayTimeoutError,
-    GatewayUnreachableError,
-    ImageError,
-    IndexRangeError,
-    TruncatedStreamError,
-    UnsupportedVersionError,
-    all_error_codes,
-)
-from .preprocess import ImageSpec, load_image, preprocess
-from .protocol import RequestError, VQARequest, VQAResponse, decode_request, encode_request
+from __future__ import annotations
 
-__all__ = [
-    "AlignedVQError",
-    "Answer",
-    "BitstreamError",
-    "BundleCache",
-    "BundleError",
-    "CorruptStreamError",
-    "DecodedStream",
-    "EdgeBundle",
-    "EdgeClient",
-    "EdgeEncoder",
-    "EntropyModelError",
-    "GatewayError",
-    "GatewayTimeoutError",
-    "GatewayUnreachableError",
-    "ImageError",
-    "ImageSpec",
-    "IndexRangeError",
-    "RequestError",
-    "StreamHeader",
-    "TruncatedStreamError",
-    "UnsupportedVersionError",
-    "VQARequest",
-    "VQAResponse",
-    "VisionSpec",
-    "all_error_codes",
-    "bits_for",
-    "decode_request",
-    "decode_stream",
-    "encode_request",
-    "encode_stream",
-    "load_image",
-    "normalize_freqs",
-    "pack_indices",
-    "packed_size",
-    "preprocess",
-    "rans_decode",
-    "rans_encode",
-    "read_header",
-    "unpack_indices",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "bits_for": "bitpack",
+    "pack_indices": "bitpack",
+    "packed_size": "bitpack",
+    "unpack_indices": "bitpack",
+    "DecodedStream": "bitstream",
+    "StreamHeader": "bitstream",
+    "decode_stream": "bitstream",
+    "encode_stream": "bitstream",
+    "read_header": "bitstream",
+    "EdgeBundle": "bundle",
+    "VisionSpec": "bundle",
+    "Answer": "client",
+    "BundleCache": "client",
+    "EdgeClient": "client",
+    "EdgeEncoder": "encoder",
+    "normalize_freqs": "entropy",
+    "rans_decode": "entropy",
+    "rans_encode": "entropy",
+    "AlignedVQError": "errors",
+    "BitstreamError": "errors",
+    "BundleError": "errors",
+    "CorruptStreamError": "errors",
+    "EntropyModelError": "errors",
+    "GatewayError": "errors",
+    "GatewayTimeoutError": "errors",
+    "GatewayUnreachableError": "errors",
+    "ImageError": "errors",
+    "IndexRangeError": "errors",
+    "TruncatedStreamError": "errors",
+    "UnsupportedVersionError": "errors",
+    "all_error_codes": "errors",
+    "ImageSpec": "preprocess",
+    "load_image": "preprocess",
+    "preprocess": "preprocess",
+    "RequestError": "protocol",
+    "VQARequest": "protocol",
+    "VQAResponse": "protocol",
+    "decode_request": "protocol",
+    "encode_request": "protocol",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
