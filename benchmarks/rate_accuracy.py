@@ -1,6 +1,8 @@
-"""Rate-accuracy curve of the bundled model: every quantizer in its folder on the easy-VQA test split.
+"""Rate-accuracy curve of a bundled model: every quantizer in its folder on a test split.
 
-    .venv/bin/python benchmarks/rate_accuracy.py            # all 9,673 test questions, CPU
+    .venv/bin/python benchmarks/rate_accuracy.py            # all 9,673 easy-VQA test questions, CPU
+    .venv/bin/python benchmarks/rate_accuracy.py --model llava-mini-scenes --dataset scenes \
+        --device cuda --out benchmarks/results/rate_accuracy_scenes.json
     .venv/bin/python benchmarks/rate_accuracy.py --limit 500 --out /tmp/ra.json
 
 Writes raw JSON (machine, versions, date, one record per quantizer: accuracy, nominal bits,
@@ -38,14 +40,14 @@ def machine() -> dict:
     }
 
 
-def run(model: str, limit: int | None, device: str) -> dict:
+def run(model: str, limit: int | None, device: str, dataset: str = "easy-vqa") -> dict:
     loaded = load_model(model, device=device)
-    data = load_dataset("easy-vqa", "test", loaded.image_spec.size).subset(limit)
+    data = load_dataset(dataset, "test", loaded.image_spec.size).subset(limit)
     names = sorted(p.stem for p in (loaded.path / "quantizers").glob("*.safetensors"))
     result = {
         "benchmark": "rate_accuracy",
         "model": model,
-        "dataset": "easy-vqa",
+        "dataset": dataset,
         "split": "test",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -58,7 +60,7 @@ def run(model: str, limit: int | None, device: str) -> dict:
         record = evaluate(
             loaded,
             data,
-            "easy-vqa",
+            dataset,
             "test",
             quantizer,
             quantizer.config.site,
@@ -136,7 +138,7 @@ def plot(result: dict, path: Path) -> None:
             )
     ax.axhline(100 * result["accuracy_original"], color="gray", linestyle=":", label="unquantized")
     ax.set_xlabel("bits per token (index section; entropy-coded points measured per image)")
-    ax.set_ylabel("easy-VQA test accuracy (%)")
+    ax.set_ylabel(f"{result['dataset']} test accuracy (%)")
     ax.set_title(
         f"{result['model']}: rate vs accuracy ({len(result['runs'])} quantizers, n={result['runs'][0]['n']})"
     )
@@ -149,11 +151,12 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llava-mini-shapes")
+    parser.add_argument("--dataset", default="easy-vqa", help="easy-vqa or scenes")
     parser.add_argument("--limit", type=int, default=None, help="first N test questions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "rate_accuracy.json")
     args = parser.parse_args()
-    result = run(args.model, args.limit, args.device)
+    result = run(args.model, args.limit, args.device, args.dataset)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))

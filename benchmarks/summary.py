@@ -37,6 +37,9 @@ EDGE = "benchmarks/results/edge_cost.json"
 OVERHEAD = "benchmarks/results/serving_overhead_cpu.json"
 GPU = "benchmarks/results/gpu_worker.json"
 E2E = "benchmarks/results/e2e_network.json"
+SCENES_TEST = "benchmarks/results/raw/scenes_test_h200_preln-r2x4096-t20.json"
+SCENES_CODECS = "benchmarks/results/codec_accuracy_scenes_cpu.json"
+SHAPES_CODECS = "benchmarks/results/codec_accuracy_shapes_cpu.json"
 LLAVA15 = "/geometries/0"  # wire_bytes.py: llava-1.5-7b on photos; edge_cost.py: llava-1.5-7b
 # --------------------------------------------------------------------------------------------------
 
@@ -217,6 +220,41 @@ def build() -> dict[str, Any]:
             GPU, "/summary/hf_generate_unsplit/batch1_ms", "ms", "that baseline at batch 1"
         ),
         gpu_card=sources.figure(GPU, "/machine/card", "name", "the GPU the gpu_* figures were measured on"),
+    )
+    figures.update(
+        scenes_accuracy_original=sources.figure(
+            SCENES_TEST,
+            "/accuracy_original",
+            "fraction",
+            "llava-mini-scenes unquantized, scenes test (21,000 q)",
+        ),
+        scenes_accuracy_alignedvq=sources.figure(
+            SCENES_TEST,
+            "/accuracy_alignedvq",
+            "fraction",
+            "llava-mini-scenes with its default gated quantizer preln-r2x4096-t20, same questions",
+        ),
+        scenes_bits_per_token=sources.figure(
+            SCENES_TEST, "/bits_per_token_entropy", "bits", "that quantizer's measured index bits per token"
+        ),
+        scenes_payload_bytes=sources.figure(
+            SCENES_CODECS,
+            "/alignedvq/0/payload_bytes",
+            "bytes",
+            "its mean POST /v1/vqa body (header and envelope included), first 1,050 test questions",
+        ),
+        scenes_best_codec_bytes_at_equal_accuracy=sources.figure(
+            SCENES_CODECS,
+            "/smallest_codec_at_default_accuracy/codec_body_bytes",
+            "bytes",
+            "smallest cloud-only image-codec body (PNG, JPEG, WebP, AVIF, downscaled) reaching that accuracy",
+        ),
+        shapes_best_codec_bytes_at_equal_accuracy=sources.figure(
+            SHAPES_CODECS,
+            "/smallest_codec_at_default_accuracy/codec_body_bytes",
+            "bytes",
+            "the same for llava-mini-shapes on easy-VQA test (first 2,000 questions)",
+        ),
     )
     for name, link in (("0_1mbps", "0.1_mbit"), ("1mbps", "1_mbit"), ("100mbps", "100_mbit")):
         figures[f"e2e_speedup_{name}"] = sources.figure(

@@ -1,0 +1,149 @@
+"""Image codecs at equal bytes: cloud-only accuracy of a bundled model when the picture travels as
+PNG, JPEG (quality 90 down to 1), WebP, AVIF (where Pillow has it) or a downscaled JPEG, beside its
+AlignedVQ quantizers, all on the same test questions in the same run.
+
+    .venv/bin/python -m benchmarks.codec_accuracy --model llava-mini-scenes --dataset scenes \\
+        --device cuda --out benchmarks/results/codec_accuracy_scenes.json
+
+Each codec row is what the gateway's cloud-only path would see: the test image (at the model's
+input size) encoded by Pillow, decoded, and resized back to the model's size by the same
+``resize_and_crop`` the gateway runs (so a downscaled JPEG is upscaled bicubically in the cloud).
+Its size is the mean measured ``POST /v1/vqa`` body (msgpack with request id, model, question and
+the ``image`` bytes) over every question. AlignedVQ rows are ``models.evaluate.evaluate`` records
+(mean body with the ``features`` stream, header included). ``smallest_codec_at_default_accuracy``
+is the smallest codec body whose accuracy reaches the default quantizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, features
+
+from benchmarks.rate_accuracy import RESULTS, machine
+from benchmarks.wire_bytes import request_body
+from edge_client.preprocess import resize_and_crop
+from models.evaluate import accuracy, accuracy_by_family, answer, encode_images, evaluate, load_dataset
+from models.quantizer import AlignedVQ
+from models.registry import load_model
+from models.split import split_llava
+
+
+def codecs(size: int) -> dict[str, tuple[str, int, dict[str, Any]]]:
+    """name -> (Pillow format, encoded side in pixels, save options)."""
+    rows: dict[str, tuple[str, int, dict[str, Any]]] = {"png": ("PNG", size, {"optimize": True})}
+    rows |= {f"jpeg{q}": ("JPEG", size, {"quality": q}) for q in (90, 75, 50, 30, 20, 10, 5, 1)}
+    rows |= {f"webp{q}": ("WEBP", size, {"quality": q, "method": 6}) for q in (90, 50, 20, 10, 5, 1)}
+    if features.check("avif"):
+        rows |= {f"avif{q}": ("AVIF", size, {"quality": q}) for q in (50, 20, 5)}
+    for scale in (2, 4):
+        rows |= {f"jpeg{q}_1/{scale}": ("JPEG", size // scale, {"quality": q}) for q in (90, 50, 20)}
+        rows |= {f"webp{q}_1/{scale}": ("WEBP", size // scale, {"quality": q, "method": 6}) for q in (50, 20)}
+    return rows
+
+
+def transmit(
+    image: np.ndarray, fmt: str, side: int, options: dict[str, Any], size: int
+) -> tuple[bytes, np.ndarray]:
+    """The file the client would send, and the model-sized pixels the gateway decodes from it."""
+    picture = Image.fromarray(image)
+    if side != picture.width:
+        picture = picture.resize((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    picture.save(out, format=fmt, **options)
+    file = out.getvalue()
+    return file, resize_and_crop(Image.open(io.BytesIO(file)), size)
+
+
+def run(model: str, dataset: str, quantizers: list[str], limit: int | None, device: str) -> dict:
+    loaded = load_model(model, device=device)
+    size = loaded.image_spec.size
+    data = load_dataset(dataset, "test", size).subset(limit)
+    used = np.unique(data.image_index)
+    edge, cloud = split_llava(loaded.model.to(device).eval(), "preln")
+    result: dict[str, Any] = {
+        "benchmark": "codec_accuracy",
+        "model": model,
+        "dataset": dataset,
+        "split": "test",
+        "n": len(data),
+        "images": len(used),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "device": device,
+        "codecs": [],
+        "alignedvq": [],
+    }
+    for name, (fmt, side, options) in codecs(size).items():
+        started = time.perf_counter()
+        files, pixels = {}, np.array(data.images)
+        for i in used:
+            files[int(i)], pixels[i] = transmit(data.images[i], fmt, side, options, size)
+        hidden = encode_images(loaded, edge, pixels, edge.site, None, device)
+        preds = answer(loaded, cloud, hidden.hidden_states, data, device)
+        bodies = [
+            len(request_body(model, q, image=files[int(i)]))
+            for q, i in zip(data.questions, data.image_index, strict=True)
+        ]
+        row = {
+            "name": name,
+            "format": fmt,
+            "side": side,
+            "options": options,
+            "file_bytes": float(np.mean([len(f) for f in files.values()])),
+            "body_bytes": float(np.mean(bodies)),
+            "accuracy": accuracy(preds, data),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if data.families is not None:
+            row["accuracy_by_family"] = accuracy_by_family(preds, data)
+        result["codecs"].append(row)
+        print(f"{name:>12} body {row['body_bytes']:8.1f} B  acc {row['accuracy']:.4f}", flush=True)
+    for name in quantizers:
+        q = AlignedVQ.load(loaded.quantizer_path(name), map_location=device)
+        record = evaluate(loaded, data, dataset, "test", q, q.config.site, device=device, with_original=False)
+        record["name"] = name
+        result["alignedvq"].append(record)
+        print(
+            f"{name:>12} body {record['payload_bytes']:8.1f} B  acc {record['accuracy_alignedvq']:.4f}",
+            flush=True,
+        )
+    default = result["alignedvq"][0] if result["alignedvq"] else None
+    if default is not None:
+        reaching = [c for c in result["codecs"] if c["accuracy"] >= default["accuracy_alignedvq"]]
+        best = min(reaching, key=lambda c: c["body_bytes"]) if reaching else None
+        result["smallest_codec_at_default_accuracy"] = {
+            "quantizer": default["name"],
+            "quantizer_accuracy": default["accuracy_alignedvq"],
+            "quantizer_body_bytes": default["payload_bytes"],
+            "codec": None if best is None else best["name"],
+            "codec_body_bytes": None if best is None else best["body_bytes"],
+            "ratio": None if best is None else best["body_bytes"] / default["payload_bytes"],
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llava-mini-shapes")
+    parser.add_argument("--dataset", default="easy-vqa", help="easy-vqa or scenes")
+    parser.add_argument("--quantizer", action="append", default=None, help="first = the default")
+    parser.add_argument("--limit", type=int, default=None, help="first N test questions")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS / "codec_accuracy.json")
+    args = parser.parse_args()
+    result = run(args.model, args.dataset, args.quantizer or [], args.limit, args.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result.get("smallest_codec_at_default_accuracy")))
+
+
+if __name__ == "__main__":
+    main()
