@@ -2,8 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# The CPU build of torch: an unpinned torch would pull a multi-GB CUDA build on these machines.
+# torch is installed first, on its own: an unpinned torch from PyPI is the multi-GB CUDA build on
+# Linux. TORCH_INDEX picks the wheel index for it: empty (default) = your pip configuration (here a
+# local cache that serves the CPU build); `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+# = the CPU build anywhere.
 TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -12,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_CPU)"
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"
 	$(PIP) install -q -e ".[test]"
 	touch $@
 

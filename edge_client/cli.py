@@ -30,11 +30,15 @@ EXIT_GATEWAY = 3
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask an AlignedVQ gateway about an image.")
 
 
-def _fail(error: Exception) -> NoReturn:
-    """Print ``error`` on stderr and exit 3 for gateway-side failures, 2 for everything else."""
+def _fail(error: Exception, as_json: bool = False) -> NoReturn:
+    """Report ``error`` (stderr, or with ``--json`` one JSON object on stdout, shaped like the
+    gateway's error bodies) and exit 3 for gateway-side failures, 2 for everything else."""
     gateway_side = isinstance(error, GatewayError) and (error.status is None or error.status >= 500)
-    code = getattr(error, "code", type(error).__name__)
-    typer.echo(f"edge-client: error [{code}]: {error}", err=True)
+    code = getattr(error, "code", "bad_argument")
+    if as_json:
+        typer.echo(json.dumps({"error": {"code": code, "message": str(error)}}))
+    else:
+        typer.echo(f"edge-client: error [{code}]: {error}", err=True)
     raise typer.Exit(EXIT_GATEWAY if gateway_side else EXIT_CLIENT)
 
 
@@ -70,7 +74,7 @@ def ask(
         ) as client:
             result = client.ask(image, question, cloud_only=cloud_only, max_new_tokens=max_new_tokens)
     except (AlignedVQError, ValueError) as error:
-        _fail(error)
+        _fail(error, as_json)
     if as_json:
         typer.echo(json.dumps(asdict(result)))
         return

@@ -248,6 +248,15 @@ class EdgeClient:
         backoff_s: float = 0.25,
         max_backoff_s: float = 8.0,
     ) -> None:
+        if "://" not in gateway_url:
+            raise ValueError(
+                f"gateway URL {gateway_url!r} has no scheme; did you mean 'http://{gateway_url}'?"
+            )
+        if gateway_url.rstrip("/").endswith("/v1"):
+            raise ValueError(
+                f"gateway URL {gateway_url!r} ends in /v1; give the base URL "
+                f"({gateway_url.rstrip('/').removesuffix('/v1')!r}), the client adds /v1/... itself"
+            )
         try:
             url = httpx.URL(gateway_url)
         except httpx.InvalidURL as exc:

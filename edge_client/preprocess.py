@@ -46,16 +46,25 @@ def load_image(data: bytes) -> Image.Image:
                     f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted"
                 )
             probe.load()
-            return probe.convert("RGB")
+            return on_white(probe)
     except ImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ImageError(f"image could not be decoded: {type(exc).__name__}") from exc
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB ``image``, with any alpha channel (RGBA, LA, palette transparency) composited on white."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Shortest edge to ``size`` (bicubic), centre crop; ``(size, size, 3)`` uint8."""
-    image = image.convert("RGB")
+    """Shortest edge to ``size`` (bicubic), centre crop; ``(size, size, 3)`` uint8. Transparent
+    pixels are composited on white, as the training images' backgrounds were."""
+    image = on_white(image)
     width, height = image.size
     if (width, height) != (size, size):
         scale = size / min(width, height)

@@ -159,3 +159,35 @@ def test_module_help_runs_in_a_subprocess() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "ask" in out.stdout and "bundle-info" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("127.0.0.1:8000", "has no scheme; did you mean 'http://127.0.0.1:8000'?"),
+        ("http://127.0.0.1:8000/v1/", "ends in /v1; give the base URL ('http://127.0.0.1:8000')"),
+    ],
+)
+def test_gateway_url_mistakes_are_named(url: str, message: str, photo: Path, tmp_path: Path) -> None:
+    result = _ask(url, photo, tmp_path, VQA_API_KEY="k3y")
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_json_errors_carry_their_code(gateway: StubGateway, photo: Path, tmp_path: Path) -> None:
+    result = _ask(gateway.url, photo, tmp_path, "--json")  # no key: the stub gateway says 401
+    error = json.loads(result.stdout)["error"]
+    assert result.exit_code == 2 and error["code"] == "unauthorized" and error["message"]
+    result = _ask("127.0.0.1:1", photo, tmp_path, "--json")
+    assert json.loads(result.stdout)["error"]["code"] == "bad_argument"
+
+
+def test_transparent_pixels_are_composited_on_white(tmp_path: Path) -> None:
+    from edge_client.preprocess import load_image, resize_and_crop
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # fully transparent black
+    rgba[:4, :, :] = (255, 0, 0, 255)  # an opaque red top half
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    pixels = np.asarray(load_image(path.read_bytes()))
+    assert (pixels[:4] == (255, 0, 0)).all() and (pixels[4:] == 255).all()
+    assert (resize_and_crop(Image.fromarray(rgba, "RGBA"), 8)[4:] == 255).all()
