@@ -127,6 +127,7 @@ class GatewaySettings(WorkerLoopSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     allow_anonymous: bool = False
     max_backlog: Annotated[int, Field(ge=1)] = 1000
+    no_worker_grace_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 15_000
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 1
     max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_BODY_BYTES)] = MAX_BODY_BYTES
     max_question_chars: Annotated[int, Field(ge=1, le=MAX_QUESTION_CHARS)] = MAX_QUESTION_CHARS

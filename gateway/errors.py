@@ -70,6 +70,7 @@ __all__ = [
     "ErrorBody",
     "MethodNotAllowed",
     "NotFound",
+    "NoWorker",
     "NotReady",
     "Overloaded",
     "QuestionTooLong",
@@ -192,6 +193,12 @@ class QueueUnavailable(Unavailable):
     code = "queue_unavailable"
 
 
+class NoWorker(Unavailable):
+    """No worker of the model was live within VQA_NO_WORKER_GRACE_MS: refused instead of queued."""
+
+    code = "no_worker"
+
+
 class NotReady(Unavailable):
     """Readiness failed: no live worker for a served model, or the in-process model is loading."""
 
@@ -237,6 +244,7 @@ HTTP_STATUS: dict[str, int] = {
     Unavailable.code: 503,
     QueueUnavailable.code: 503,
     NotReady.code: 503,
+    NoWorker.code: 503,
     DeadlineExceeded.code: 504,
 }
 
@@ -277,7 +285,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         422: "bad_request, stream_mismatch, question_too_long, bad_image, corrupt_stream, ...",
         429: "overloaded, rate_limited (with Retry-After)",
         502: "dead_letter",
-        503: "queue_unavailable (with Retry-After)",
+        503: "queue_unavailable, no_worker (with Retry-After)",
         504: "deadline_exceeded",
     }.items()
 }

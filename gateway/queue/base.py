@@ -157,6 +157,9 @@ class GatewayQueue(Protocol):
 
     async def live_workers(self, model: str) -> int: ...
 
+    async def worker_seen_within(self, model: str, grace_ms: int) -> bool:
+        """Whether some worker of ``model`` was live at any time in the last ``grace_ms``."""
+
 
 class WorkerQueue(Protocol):
     """A worker's side of one model's queue (sync: the worker thread blocks on the model anyway)."""

@@ -37,6 +37,7 @@ __all__ = [
     "INFLIGHT_SLACK_MS",
     "MODEL_INFO_TTL_S",
     "REPLY_LIST_TTL_MS",
+    "STALE_WORKER_KEEP_MS",
     "Keys",
     "Status",
 ]
@@ -49,6 +50,11 @@ GROUP = "workers"
 # that drops an expired entry still finds the waiters to tell; after it, a stale marker cannot block
 # a later retry.
 INFLIGHT_SLACK_MS = 5_000
+
+# Heartbeat entries of departed workers stay in the live-worker index this long (scored with the
+# moment they stopped), so the gateway can tell "a worker is restarting" (seen within
+# VQA_NO_WORKER_GRACE_MS: queue the request) from "nobody serves this model" (503 no_worker).
+STALE_WORKER_KEEP_MS = 3_600_000
 
 # A gateway's reply list expires this long after the last reply pushed to it, so the lists of dead
 # gateway processes do not accumulate. Live gateways pop replies within milliseconds.

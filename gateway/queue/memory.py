@@ -136,6 +136,11 @@ class MemoryQueue:
     async def live_workers(self, model: str) -> int:
         return self._live(model)
 
+    async def worker_seen_within(self, model: str, grace_ms: int) -> bool:
+        since = time.monotonic() - grace_ms / 1000
+        with self._cond:
+            return any(until > since for (name, _), until in self._beats.items() if name == model)
+
     def _live(self, model: str) -> int:
         now = time.monotonic()
         with self._cond:
@@ -201,7 +206,7 @@ class MemoryWorkerQueue:
 
     def leave(self) -> None:
         with self.queue._cond:
-            self.queue._beats.pop((self.model, self.consumer), None)
+            self.queue._beats[self.model, self.consumer] = time.monotonic()  # left now: not live
 
     def live_workers(self, host: str | None = None) -> int:
         return self.queue._live(self.model)  # one process: its worker is this host's

@@ -39,6 +39,7 @@ from .keys import (
     INFLIGHT_SLACK_MS,
     MODEL_INFO_TTL_S,
     REPLY_LIST_TTL_MS,
+    STALE_WORKER_KEEP_MS,
     Keys,
     Status,
 )
@@ -229,6 +230,10 @@ class RedisGatewayQueue:
         with redis_errors():
             return int(await self.client.zcount(self.keys.workers(model), now_ms(), "+inf"))
 
+    async def worker_seen_within(self, model: str, grace_ms: int) -> bool:
+        with redis_errors():
+            return bool(await self.client.zcount(self.keys.workers(model), now_ms() - grace_ms, "+inf"))
+
 
 class RedisWorkerQueue:
     """One worker's side of one model's stream. Blocking calls; every method raises QueueUnavailable."""
@@ -277,7 +282,7 @@ class RedisWorkerQueue:
             pipe = self.client.pipeline(transaction=False)
             pipe.set(self.keys.heartbeat(self.model, self.consumer), status, px=ttl_ms)
             pipe.zadd(workers, {self.consumer: now + ttl_ms})
-            pipe.zremrangebyscore(workers, "-inf", now)
+            pipe.zremrangebyscore(workers, "-inf", now - STALE_WORKER_KEEP_MS)
             pipe.pexpire(workers, max(ttl_ms, MODEL_INFO_TTL_S * 1000))
             pipe.expire(self.keys.model(self.model), MODEL_INFO_TTL_S)
             pipe.expire(self.keys.bundle(sha256), MODEL_INFO_TTL_S)
@@ -291,7 +296,7 @@ class RedisWorkerQueue:
         with redis_errors():
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(self.keys.heartbeat(self.model, self.consumer))
-            pipe.zrem(self.keys.workers(self.model), self.consumer)
+            pipe.zadd(self.keys.workers(self.model), {self.consumer: now_ms()})  # left now: not live
             pipe.execute()
 
     def live_workers(self, host: str | None = None) -> int:

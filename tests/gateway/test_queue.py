@@ -26,10 +26,12 @@ def r(redis_url):
 
 @pytest.fixture
 def published(redis_url, prefix, runner):
-    """The tiny model's info and bundle in Redis, but no worker consuming its stream."""
+    """The tiny model's info and bundle in Redis and a live heartbeat, but nothing consuming its
+    stream (a stalled worker): requests queue and wait."""
     queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "publisher")
     queue.prepare()
     queue.publish(runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
+    queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
     yield queue
     queue.close()
 
@@ -68,6 +70,26 @@ def test_backlog_429_then_deadline_504_then_worker_drops_expired(
     wait_for(lambda: r.xlen(stream) == 0, what="expired entry dropped")
     wait_for(lambda: worker.worker.stats.expired == 1, what="expired count")
     assert worker.worker.stats.answered == 0 and worker.worker.stats.batches == 1
+
+
+def test_no_live_worker_is_refused_at_once_with_503(
+    redis_url, prefix, runner, open_client, model_name, features, r
+) -> None:
+    """A model whose workers are all gone (past VQA_NO_WORKER_GRACE_MS) is refused, not queued."""
+    queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "departed")
+    queue.prepare()
+    queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
+    queue.leave()  # left just now: within the grace a request still queues
+    client = open_client(gateway_settings(redis_url, prefix, no_worker_grace_ms=300, retry_after_s=2))
+    waiting = post_in_background(client, body(model_name, features=features, timeout_ms=200))
+    assert waiting.result(timeout=10).status_code == 504  # queued (grace), then no answer
+    time.sleep(0.4)
+    start = time.monotonic()
+    refused = client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+    assert refused.json()["error"]["code"] == "no_worker" and time.monotonic() - start < 2
+    assert r.xlen(Keys(prefix).stream(model_name)) == 1  # only the request made within the grace
+    queue.close()
 
 
 def test_timeout_is_capped_by_max_timeout(

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edge_client.protocol import CONTENT_TYPE, VQAResponse, decode_request, encode_response
 
-from ...errors import ERROR_RESPONSES, RequestIdReused
+from ...errors import ERROR_RESPONSES, NoWorker, RequestIdReused
 from ...queue import now_ms
 from ..deps import Authorized, read_body, state
 from ..idempotency import request_digest, scoped_request
@@ -51,6 +51,11 @@ async def ask(
     else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
         await run_in_threadpool(served.check, vqa, **limits)
     budget = min(vqa.timeout_ms or settings.request_timeout_ms, settings.max_timeout_ms)
+    if not await app.queue.worker_seen_within(vqa.model, settings.no_worker_grace_ms):
+        raise NoWorker(
+            f"no worker of model {vqa.model} has been live for {settings.no_worker_grace_ms} ms "
+            "(VQA_NO_WORKER_GRACE_MS); the request was not queued, retry once a worker is up"
+        )
     scoped, scoped_body = scoped_request(vqa, request.state.client_id)
     binding_ms = settings.result_ttl_s * 1000 + settings.max_timeout_ms  # outlives the stored result
     if not await app.queue.reserve_id(vqa.model, scoped.request_id, request_digest(vqa), binding_ms):
