@@ -35,7 +35,6 @@ class MiniSpec:
     text_layers: int
     max_positions: int
     vocabulary: Callable[[], list[str]]
-    lowercase: bool  # normalise questions the way the data was generated (the shapes model predates it)
 
     @property
     def image_spec(self) -> ImageSpec:
@@ -51,8 +50,8 @@ class MiniSpec:
         """Word-level tokenizer; ids 0..4 are the special tokens, in :data:`SPECIALS` order."""
         vocab = {tok: i for i, tok in enumerate((*SPECIALS, *self.vocabulary()))}
         core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        if self.lowercase:
-            core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        # NFKC + lowercase, as the data was generated: "WHAT COLOR..." reads as "what color...".
+        core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         core.pre_tokenizer = pre_tokenizers.Whitespace()
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=core,
@@ -94,7 +93,6 @@ SHAPES = MiniSpec(
     text_layers=4,
     max_positions=128,
     vocabulary=data.vocabulary,
-    lowercase=False,
 )
 SCENES = MiniSpec(
     name="llava-mini-scenes",
@@ -103,6 +101,5 @@ SCENES = MiniSpec(
     text_layers=6,
     max_positions=256,
     vocabulary=scenes.vocabulary,
-    lowercase=True,
 )
 SPECS = {spec.name: spec for spec in (SHAPES, SCENES)}

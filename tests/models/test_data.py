@@ -120,3 +120,13 @@ def test_alignedvq_train_on_a_json_dataset(tiny_model_dir: Path, tmp_path: Path)
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "q" / "preln-8.safetensors").is_file()
+
+
+def test_bundled_tokenizers_read_any_case() -> None:
+    """Questions are normalised as the training data was written (NFKC, lower case)."""
+    from models.registry import load_model
+
+    for name in ("llava-mini-shapes", "llava-mini-scenes"):
+        tok = load_model(name).tokenizer
+        shout, plain = (tok(q)["input_ids"] for q in ("WHAT COLOR IS THE SHAPE?", "what color is the shape?"))
+        assert shout == plain and tok.unk_token_id not in plain, name
