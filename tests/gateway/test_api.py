@@ -95,3 +95,11 @@ def test_keys_configured_as_sha256_digests_authenticate(served, redis_url, prefi
     refused = client.get("/v1/models", headers=AUTH)  # a valid key elsewhere, not configured here
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
     assert refused.headers["www-authenticate"] == "Bearer"
+
+
+def test_gateway_readiness_does_not_wait_for_workers(redis_url, prefix, open_client) -> None:
+    """The pod probe (/readyz/gateway) needs only Redis; /readyz also needs a live worker per model."""
+    client = open_client(gateway_settings(redis_url, prefix))
+    assert client.get("/readyz/gateway").json() == {"status": "ready"}
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "not_ready"

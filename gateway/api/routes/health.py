@@ -1,4 +1,11 @@
-"""``/healthz`` (the process is up), ``/readyz`` (it can serve), ``/metrics`` (Prometheus)."""
+"""``/healthz`` (the process is up), ``/readyz/gateway`` (this gateway accepts requests: the pod
+readiness probe), ``/readyz`` (requests can be answered: every served model has a live worker; for
+monitoring and scripts), ``/metrics`` (Prometheus).
+
+The two readiness checks are separate so that a worker restart or model load never takes every
+gateway out of the Service at once: gateways keep answering, with JSON errors (503 ``no_worker``)
+or queued answers, instead of the ingress's HTML 502/503. Per-model worker counts are in
+``/v1/models``."""
 
 from __future__ import annotations
 
@@ -26,13 +33,26 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
+@router.get("/readyz/gateway", response_model=Health, responses={503: ERROR_RESPONSES[503]})
+async def gateway_ready(request: Request, queue: QueueDep) -> Health:
+    """503 unless this gateway can accept requests: the queue answers (and, in memory mode, its
+    in-process worker has not failed). Says nothing about workers."""
+    await queue.ping()
+    _check_in_process(request)
+    return Health(status="ready")
+
+
+def _check_in_process(request: Request) -> None:
+    in_process = request.app.state.in_process
+    if in_process is not None and in_process.failure is not None:
+        raise NotReady(f"the in-process worker failed: {in_process.failure}")
+
+
 @router.get("/readyz", response_model=Readiness, responses={503: ERROR_RESPONSES[503]})
 async def readyz(request: Request, queue: QueueDep, registry: RegistryDep) -> Readiness:
     """503 unless the queue answers and every served model has at least one live worker."""
     await queue.ping()
-    in_process = request.app.state.in_process
-    if in_process is not None and in_process.failure is not None:
-        raise NotReady(f"the in-process worker failed: {in_process.failure}")
+    _check_in_process(request)
     models = await registry.all()
     if not models:
         raise NotReady("no model is served yet: no worker has published one")
