@@ -18,6 +18,13 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # A Redis that was already running keeps nothing of the demo: drop its keys (own prefix).
+  "$BIN/python" -c "
+import redis
+r = redis.Redis.from_url('$VQA_REDIS_URL', socket_timeout=1)
+keys = list(r.scan_iter(match='$VQA_KEY_PREFIX:*', count=1000))
+if keys:
+    r.delete(*keys)" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -56,8 +63,8 @@ ask() {  # image question [extra edge-client flags]
   "$BIN/edge-client" ask "$1" "$2" --gateway "$GATEWAY" --json "${@:3}" | "$BIN/python" -c '
 import json, sys
 r = json.load(sys.stdin)
-mode = "cloud-only JPEG-90" if r["cloud_only"] else "AlignedVQ %d bits/token" % r["bits_per_token"]
-print("  Q: %-34r A: %-11r %5d bytes sent (%s), edge %.1f ms, total %.0f ms"
+mode = "cloud-only JPEG-90" if r["cloud_only"] else "AlignedVQ %.1f bits/token" % r["bits_per_token"]
+print("  Q: %-34r A: %-11r %5d bytes sent (%s), edge %.1f ms, round trip %.0f ms"
       % (sys.argv[1], r["answer"], r["request_bytes"], mode, r["edge_ms"], r["latency_ms"]))' "$2"
 }
 

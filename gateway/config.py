@@ -118,6 +118,8 @@ class ServingSettings(BaseSettings):
 class WorkerLoopSettings(QueueSettings, ServingSettings):
     """What the worker loop reads; both processes that may run it (worker, memory-mode gateway) are these."""
 
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # both processes
+
 
 class GatewaySettings(WorkerLoopSettings):
     """``vqa-gateway``: the HTTP API."""
@@ -138,7 +140,6 @@ class GatewaySettings(WorkerLoopSettings):
     auth_failures_per_minute: Annotated[float, Field(ge=0, le=1_000_000)] = 10.0
     auth_failure_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
     cors_origins: Annotated[list[str], NoDecode] = []
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -43,9 +43,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument(
         "--check", action="store_true", help="exit 0 iff a live worker of the model runs on this host"
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", choices=["critical", "error", "warning", "info", "debug"], help="(VQA_LOG_LEVEL)"
+    )
     args = parser.parse_args(argv)
-    names = ("redis_url", "model", "quantizer", "device", "dtype", "max_batch", "max_wait_ms")
+    names = ("redis_url", "model", "quantizer", "device", "dtype", "max_batch", "max_wait_ms", "log_level")
     return args, {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -76,12 +78,14 @@ def check(settings: WorkerSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = _parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         print(f"vqa-worker: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.check:
         return check(settings)
 
