@@ -44,7 +44,10 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict]:
         "--check", action="store_true", help="exit 0 iff a live worker of the model runs on this host"
     )
     parser.add_argument(
-        "--log-level", choices=["critical", "error", "warning", "info", "debug"], help="(VQA_LOG_LEVEL)"
+        "--log-level",
+        type=str.lower,  # WARNING or warning
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="(VQA_LOG_LEVEL)",
     )
     args = parser.parse_args(argv)
     names = ("redis_url", "model", "quantizer", "device", "dtype", "max_batch", "max_wait_ms", "log_level")
