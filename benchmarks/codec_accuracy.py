@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ from PIL import Image, features
 from benchmarks.rate_accuracy import RESULTS, machine
 from benchmarks.wire_bytes import request_body
 from edge_client.preprocess import resize_and_crop
-from models.evaluate import accuracy, accuracy_by_family, answer, encode_images, evaluate, load_dataset
+from models.config import SplitSite
+from models.evaluate import evaluate, load_dataset
 from models.quantizer import AlignedVQ
 from models.registry import load_model
-from models.split import split_llava
 
 
 def codecs(size: int) -> dict[str, tuple[str, int, dict[str, Any]]]:
@@ -67,7 +68,6 @@ def run(model: str, dataset: str, quantizers: list[str], limit: int | None, devi
     size = loaded.image_spec.size
     data = load_dataset(dataset, "test", size).subset(limit)
     used = np.unique(data.image_index)
-    edge, cloud = split_llava(loaded.model.to(device).eval(), "preln")
     result: dict[str, Any] = {
         "benchmark": "codec_accuracy",
         "model": model,
@@ -86,8 +86,8 @@ def run(model: str, dataset: str, quantizers: list[str], limit: int | None, devi
         files, pixels = {}, np.array(data.images)
         for i in used:
             files[int(i)], pixels[i] = transmit(data.images[i], fmt, side, options, size)
-        hidden = encode_images(loaded, edge, pixels, edge.site, None, device)
-        preds = answer(loaded, cloud, hidden.hidden_states, data, device)
+        received = replace(data, images=pixels)
+        scored = evaluate(loaded, received, dataset, "test", None, SplitSite.parse("preln"), device=device)
         bodies = [
             len(request_body(model, q, image=files[int(i)]))
             for q, i in zip(data.questions, data.image_index, strict=True)
@@ -99,11 +99,11 @@ def run(model: str, dataset: str, quantizers: list[str], limit: int | None, devi
             "options": options,
             "file_bytes": float(np.mean([len(f) for f in files.values()])),
             "body_bytes": float(np.mean(bodies)),
-            "accuracy": accuracy(preds, data),
+            "accuracy": scored["accuracy_original"],
             "seconds": round(time.perf_counter() - started, 1),
         }
-        if data.families is not None:
-            row["accuracy_by_family"] = accuracy_by_family(preds, data)
+        if "accuracy_by_family_original" in scored:
+            row["accuracy_by_family"] = scored["accuracy_by_family_original"]
         result["codecs"].append(row)
         print(f"{name:>12} body {row['body_bytes']:8.1f} B  acc {row['accuracy']:.4f}", flush=True)
     for name in quantizers:

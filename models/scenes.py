@@ -5,7 +5,7 @@ drawn in parallel). Each 128x128 RGB scene has a light, textured background (a t
 low-frequency blotches and per-pixel noise) and 2 to 6 non-overlapping objects: circle, square or
 triangle, in one of easy-VQA's eight colours (each channel jittered by up to +-20), small (radius
 5-6.5 px) or large (10-13 px). Every answer is one word, except the ``describe`` family's sentence.
-The grammar is published in ``docs/scenes.md``; :data:`FAMILIES` lists the families.
+The grammar is published in README.md (Models, ``llava-mini-scenes``); :data:`FAMILIES` lists the families.
 
 Only numpy and Pillow: load generators and tests use it without torch.
 """
@@ -18,19 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from . import data
 from .data import VQASplit
 
 SIZE = 128
 SHAPES = ("circle", "square", "triangle")
+# easy-VQA's eight colours (same RGB values), in the order the generator draws them by index.
 COLORS = {
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "black": (0, 0, 0),
-    "gray": (128, 128, 128),
-    "brown": (165, 42, 42),
-    "teal": (0, 128, 128),
+    name: data.COLORS[name] for name in ("red", "green", "blue", "yellow", "black", "gray", "brown", "teal")
 }
 COLOR_NAMES = tuple(COLORS)
 SIZES = ("small", "large")
