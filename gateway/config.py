@@ -12,6 +12,7 @@ there, never discovered on the first request. ``.env.example`` documents every v
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from typing import Annotated, Literal
 
@@ -140,8 +141,11 @@ class GatewaySettings(WorkerLoopSettings):
     auth_failures_per_minute: Annotated[float, Field(ge=0, le=1_000_000)] = 10.0
     auth_failure_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
     cors_origins: Annotated[list[str], NoDecode] = []
+    # Proxies whose X-Forwarded-For names the client (addresses or CIDRs); none by default, so no
+    # peer, not even a local one, can choose the address that rate limits count against.
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = []
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -156,6 +160,19 @@ class GatewaySettings(WorkerLoopSettings):
                 raise ValueError(
                     f"expected '*' or origins like https://app.example.com[:port], got {origin!r}"
                 )
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        # uvicorn would quietly keep a typo as a literal host name that never matches: refuse it.
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"expected IP addresses or CIDR networks like 10.0.0.0/8, got {entry!r}"
+                ) from None
         return value
 
     @field_validator("api_keys")

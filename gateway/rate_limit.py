@@ -1,7 +1,7 @@
 """Per-client rate limits: GCRA in Redis (shared by every gateway replica) or in-process.
 
 A client is an API key (``key:<first 16 hex of its sha256>``) or, with ``VQA_ALLOW_ANONYMOUS``,
-a client address (``ip:<address>``; behind a proxy, run uvicorn with ``--proxy-headers`` so the
+a client address (``ip:<address>``; behind a proxy, list it in ``VQA_FORWARDED_ALLOW_IPS`` so the
 address is the client's, not the proxy's). Each may send ``VQA_RATE_LIMIT_BURST`` requests at
 once and ``VQA_RATE_LIMIT_PER_S`` per second sustained; past that it gets 429 ``rate_limited``
 with ``Retry-After`` (whole seconds, rounded up) naming when its next request will pass.
@@ -13,9 +13,9 @@ the usual 503 ``queue_unavailable``); :class:`MemoryRateLimiter` runs the same a
 ``VQA_QUEUE=memory``, where there is only one process.
 
 Failed authentication is limited the same way, per client address (``authfail:ip:<address>``,
-``VQA_AUTH_FAILURE_BURST`` at once, ``VQA_AUTH_FAILURES_PER_MINUTE`` sustained): :meth:`check`
-refuses a blocked address before its key is even compared, so a correct guess is not told apart
-from a wrong one while blocked; only a failure is counted (:meth:`acquire`).
+``VQA_AUTH_FAILURE_BURST`` at once, ``VQA_AUTH_FAILURES_PER_MINUTE`` sustained). Only failures are
+counted, and a valid key is never refused by it (see :func:`gateway.api.deps.require_api_key`).
+The address is the TCP peer's unless the peer is a proxy listed in ``VQA_FORWARDED_ALLOW_IPS``.
 """
 
 from __future__ import annotations
@@ -80,9 +80,6 @@ class RateLimiter(Protocol):
     async def acquire(self, client_id: str) -> None:
         """Count one request of ``client_id``; raise RateLimited (with retry_after) if over its limit."""
 
-    async def check(self, client_id: str) -> None:
-        """Raise RateLimited if ``client_id``'s next request would be refused; counts nothing."""
-
 
 class RedisRateLimiter:
     """GCRA in Redis: one ``{prefix}:rate:{client}`` key per client, shared by all replicas."""
@@ -101,13 +98,6 @@ class RedisRateLimiter:
         if not allowed:
             raise self.limit.refusal(client_id, int(wait_us))
 
-    async def check(self, client_id: str) -> None:
-        # Read-only, so no script: the stored TAT and Redis's clock in one round trip.
-        with redis_errors():
-            async with self._client.pipeline(transaction=False) as pipe:
-                stored, (seconds, micros) = await pipe.get(self.keys.rate(client_id)).time().execute()
-        self.limit.advance(client_id, None if stored is None else int(stored), seconds * 1_000_000 + micros)
-
 
 class MemoryRateLimiter:
     """The same GCRA in this process (``VQA_QUEUE=memory``); called on the event loop only."""
@@ -122,9 +112,6 @@ class MemoryRateLimiter:
         self._tat[client_id] = self.limit.advance(client_id, self._tat.get(client_id), now)
         if len(self._tat) > _MEMORY_PRUNE_AT:
             self._tat = {client: tat for client, tat in self._tat.items() if tat > now}
-
-    async def check(self, client_id: str) -> None:
-        self.limit.advance(client_id, self._tat.get(client_id), self._clock() // 1000)
 
 
 def limiter_for(queue: GatewayQueue, limit: RateLimit) -> RateLimiter:

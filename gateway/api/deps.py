@@ -83,7 +83,7 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 def client_address(request: Request) -> str:
-    """The peer address (the client's only if uvicorn runs with ``--proxy-headers`` behind a proxy)."""
+    """The peer address, or the client's as named by a proxy in ``VQA_FORWARDED_ALLOW_IPS``."""
     return request.client.host if request.client else "unknown"
 
 
@@ -95,7 +95,12 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 async def require_api_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str:
     """401 unless ``Authorization: Bearer <key>`` carries a configured key (or anonymity is allowed);
-    429 before any key is compared while the address is over its failed-authentication limit.
+    429 instead of 401 once the address is over its failed-authentication limit.
+
+    A valid key always passes, so a client is never locked out by failures of others behind the
+    same address (a NAT, an ingress). Only failures are counted and, past the limit, refused with
+    429 + ``Retry-After``; with keys of 128+ random bits the limit is there to stop and flag clients
+    that loop on a revoked key, not to make a guess likelier to fail.
 
     Returns the client id the rate limit counts against: ``key:<first 16 hex of the key's sha256>``,
     or ``ip:<address>`` in anonymous mode.
@@ -103,15 +108,11 @@ async def require_api_key(request: Request, credentials: HTTPAuthorizationCreden
     app = state(request)
     if app.settings.allow_anonymous:
         return f"ip:{client_address(request)}"
-    failures = app.auth_failure_limiter
-    failure_id = f"authfail:ip:{client_address(request)}"
-    if failures is not None:
-        await failures.check(failure_id)
     try:
         return _client_id(app.settings, credentials)
     except Unauthorized:
-        if failures is not None:
-            await failures.acquire(failure_id)  # over the limit (a replica raced us): 429, not 401
+        if app.auth_failure_limiter is not None:
+            await app.auth_failure_limiter.acquire(f"authfail:ip:{client_address(request)}")
         raise
 
 

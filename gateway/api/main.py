@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from edge_client.errors import AlignedVQError
 
@@ -198,6 +199,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(Exception, _handle_unexpected)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.forwarded_allow_ips:  # outermost: every later layer sees the client's address
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     if settings.cors_origins:  # off by default: the API is for edge devices, not browser pages
         app.add_middleware(
             CORSMiddleware,
@@ -246,5 +249,6 @@ def run(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        proxy_headers=False,  # create_app applies VQA_FORWARDED_ALLOW_IPS itself
         timeout_graceful_shutdown=max(1, settings.max_timeout_ms // 1000),
     )
