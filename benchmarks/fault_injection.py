@@ -61,7 +61,7 @@ from benchmarks.serving_load import (
     percentile,
     write_result,
 )
-from edge_client.client import RETRY_STATUSES, _retry_after
+from edge_client.transport import RETRY_STATUSES, retry_after
 from edge_client.protocol import CONTENT_TYPE
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ async def ask(client: httpx.AsyncClient, body: bytes, outcome: Outcome, cfg: dic
                 outcome.latency_ms = (time.perf_counter() - t_first) * 1e3
                 return
         outcome.history.append(what)
-        hinted = _retry_after(response) if response is not None else None
+        hinted = retry_after(response) if response is not None else None
         pause = (
             hinted if hinted is not None else cfg["backoff_s"] * 2 ** min(attempt, 8) * random.uniform(0.5, 1)
         )

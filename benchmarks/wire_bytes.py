@@ -26,7 +26,7 @@ Every size is the length of a real request body, built as ``EdgeClient`` builds 
   would refuse it, as it is not an AlignedVQ stream);
 - ``jpeg90`` / ``jpeg75`` / ``webp80``: cloud-only ``image`` = the photo at the model's input size
   (``resize_and_crop``), encoded by Pillow. JPEG-90 is the client's own cloud-only path
-  (``edge_client.client._jpeg``; the script checks its own encoder gives the same bytes).
+  (``edge_client.cloud_only.jpeg_payload``; the script checks its own encoder gives the same bytes).
 
 Ratios, per photo and over the photo means: reduction vs JPEG-90 = 1 - aligned / jpeg90 (body vs
 body, and body vs the bare JPEG file); ratio vs fp16 = fp16 / aligned (request body vs request
@@ -56,7 +56,7 @@ from PIL import Image
 
 from edge_client.bitstream import read_header
 from edge_client.bundle import EdgeBundle
-from edge_client.client import _jpeg as client_jpeg
+from edge_client.cloud_only import jpeg_payload
 from edge_client.encoder import EdgeEncoder
 from edge_client.preprocess import resize_and_crop
 from edge_client.protocol import encode_request, new_request_id, parse_request
@@ -283,7 +283,7 @@ def measure_image(encoder: EdgeEncoder, image: Image.Image, question: str) -> di
     row["fp16"]["envelope_bytes"] = row["fp16"]["body_bytes"] - len(tensor)
     for name, (fmt, options) in CODECS.items():
         data = encode_picture(pixels, fmt, options)
-        if name == "jpeg90" and data != client_jpeg(image, size):
+        if name == "jpeg90" and data != jpeg_payload(image, size):
             raise RuntimeError("JPEG-90 bytes differ from edge_client.client's cloud-only encoder")
         row[name] = {
             "file_bytes": len(data),

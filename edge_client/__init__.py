@@ -5,8 +5,9 @@
 
 Layers, lowest first: ``errors``; ``bitpack``/``entropy``/``ranking``/``bitstream`` (the feature
 stream); ``preprocess``; ``protocol`` (the msgpack request); ``bundle`` (edge weights + codebook);
-``rdo`` (rate-distortion optimised index choice); ``encoder`` (the edge half in numpy); ``client``
-(HTTP); ``cli`` (``edge-client``). Names resolve lazily (PEP 562): ``import edge_client.bitpack``
+``rdo`` (rate-distortion optimised index choice); ``encoder`` (the edge half in numpy);
+``bundle_cache`` and ``cloud_only`` (the JPEG baseline); ``transport`` (retrying sans-I/O HTTP);
+``client`` (the API); ``cli`` (``edge-client``). Names resolve lazily (PEP 562): ``import edge_client.bitpack``
 loads the codec alone, without the HTTP stack, Pillow or pydantic.
 """
 
@@ -28,7 +29,7 @@ _EXPORTS = {
     "EdgeBundle": "bundle",
     "VisionSpec": "bundle",
     "Answer": "client",
-    "BundleCache": "client",
+    "BundleCache": "bundle_cache",
     "EdgeClient": "client",
     "EdgeEncoder": "encoder",
     "normalize_freqs": "entropy",

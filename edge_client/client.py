@@ -9,20 +9,11 @@ Routes (see ``gateway``): ``GET /v1/models/{model}/edge-bundle`` returns the bun
 :class:`~edge_client.protocol.VQARequest` and answers JSON (a :class:`VQAResponse`), or
 ``{"error": {"code", "message"}}`` with a 4xx/5xx status.
 
-Sync and async share one implementation: each operation is written once as a generator that
-yields what it needs done (an ``httpx.Request`` to send, or a pause) and receives the response;
-:meth:`EdgeClient.ask` and :meth:`EdgeClient.aask` only differ in the ten-line driver that runs it
-on ``httpx.Client`` or ``httpx.AsyncClient`` (the "sans-I/O" pattern of h11 and httpcore).
+HTTP runs through :mod:`edge_client.transport` (retries, sync and async drivers); bundles are
+cached by :class:`~edge_client.bundle_cache.BundleCache`; the cloud-only payload comes from
+:mod:`edge_client.cloud_only`.
 
-Retries: connection failures, timeouts and HTTP 429/502/503/504 are retried up to ``retries``
-times, honouring ``Retry-After`` and otherwise backing off exponentially (with jitter, capped at
-``max_backoff_s``). Every retry resends the same body, so the same ``request_id``: the gateway
-processes a request id once (DESIGN.md, request path), so a retry after a lost reply is safe.
-Other 4xx are never retried.
-
-Bundle cache: downloaded bundles live under ``cache_dir/bundles/<sha256>.bundle``, with a small
-index per (gateway, model). A cached bundle is revalidated once per client with
-``If-None-Match`` (a 304 costs no download) and re-verified (tensor hash, sha256) on every load.
+A cached bundle is revalidated once per client with ``If-None-Match`` (a 304 costs no download).
 When the gateway refuses a stream with ``codebook_mismatch`` (a worker published a new codebook),
 a downloaded bundle is fetched again and the image re-encoded and sent once more; a bundle the
 caller passed in is never swapped.
@@ -30,23 +21,13 @@ caller passed in is never swapped.
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
-import io
-import json
 import os
-import random
-import re
-import tempfile
 import time
-from collections.abc import Generator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import anyio
 import httpx
 import msgpack
 import numpy as np
@@ -55,27 +36,19 @@ from pydantic import ValidationError
 
 from .bitstream import read_header
 from .bundle import MAX_BUNDLE_BYTES, EdgeBundle
+from .bundle_cache import BundleCache
+from .cloud_only import ImageInput, jpeg_payload, read_image
 from .encoder import EdgeEncoder
-from .errors import (
-    BundleError,
-    GatewayError,
-    GatewayTimeoutError,
-    GatewayUnreachableError,
-    ImageError,
-)
-from .preprocess import load_image, resize_and_crop
+from .errors import BundleError, GatewayError
 from .protocol import CONTENT_TYPE, VQAResponse, encode_request, new_request_id, parse_request
+from .transport import Flow, RetryPolicy, exchange, run_async, run_sync
 
-__all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_MODEL", "RETRY_STATUSES", "Answer", "BundleCache", "EdgeClient"]
+__all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_MODEL", "Answer", "EdgeClient"]
 
 DEFAULT_MODEL = "llava-mini-shapes"
 DEFAULT_CACHE_DIR = Path("~/.cache/alignedvq")
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
 CODEBOOK_MISMATCH = "codebook_mismatch"  # gateway error code (409): the bundle is out of date
-JPEG_QUALITY = 90  # cloud-only baseline: the paper compares against JPEG-90
 USER_AGENT = "alignedvq-edge-client/1"
-
-ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 T = TypeVar("T")
 
 
@@ -101,92 +74,6 @@ class Answer:
     cloud_only: bool
 
 
-@dataclass(frozen=True)
-class _Sleep:
-    """A step of a flow: pause before the next attempt."""
-
-    seconds: float
-
-
-_Flow = Generator["httpx.Request | _Sleep", "httpx.Response | None", T]
-
-
-class BundleCache:
-    """Content-addressed bundle files plus a per-(gateway, model) pointer to the latest one."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory).expanduser()
-
-    def _index(self, gateway_url: str, model: str) -> Path:
-        digest = hashlib.sha256(f"{gateway_url}\n{model}".encode()).hexdigest()[:16]
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model)[:48]
-        return self.directory / "index" / f"{safe}-{digest}.json"
-
-    def _bundle(self, sha256: str) -> Path:
-        return self.directory / "bundles" / f"{sha256}.bundle"
-
-    def lookup(self, gateway_url: str, model: str) -> EdgeBundle | None:
-        """The cached bundle for this gateway and model, verified; None if absent or corrupt."""
-        try:
-            sha256 = json.loads(self._index(gateway_url, model).read_text())["sha256"]
-            if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-                return None
-            bundle = EdgeBundle.load(self._bundle(sha256))
-        except (OSError, ValueError, KeyError, TypeError, BundleError):
-            return None
-        return bundle if bundle.sha256 == sha256 else None
-
-    def store(self, gateway_url: str, model: str, data: bytes, sha256: str) -> None:
-        """Write the bundle file and point the index at it (each write atomic via rename)."""
-        _atomic_write(self._bundle(sha256), data)
-        _atomic_write(
-            self._index(gateway_url, model), json.dumps({"model": model, "sha256": sha256}).encode()
-        )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date), None if absent/invalid."""
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _error_from_response(response: httpx.Response) -> GatewayError:
-    """Map an error reply (``{"error": {"code", "message"}}`` or anything else) to GatewayError."""
-    status = response.status_code
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        text = response.text.strip().replace("\n", " ")[:200]
-        code = f"http_{status}"
-        message = f"gateway answered {status} {response.reason_phrase}" + (f": {text}" if text else "")
-    return GatewayError(code, status, message)
-
-
 def _parse_reply(response: httpx.Response) -> VQAResponse:
     kind = response.headers.get("Content-Type", "").split(";")[0].strip()
     try:
@@ -199,32 +86,6 @@ def _parse_reply(response: httpx.Response) -> VQAResponse:
             f"expected a VQA response from the gateway, got {kind or 'no content type'}: "
             f"{type(exc).__name__}",
         ) from None
-
-
-def _read_image(image: ImageInput) -> bytes | Image.Image | np.ndarray:
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            return Path(image).read_bytes()
-        except OSError as exc:
-            raise ImageError(f"cannot read image {image}: {exc.strerror or exc}") from None
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    return image
-
-
-def _jpeg(image: bytes | Image.Image | np.ndarray, size: int) -> bytes:
-    """Cloud-only payload: the image at the model's input size, JPEG quality 90."""
-    if isinstance(image, bytes):
-        image = load_image(image)
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ImageError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        raise TypeError(f"expected a path, bytes, PIL image or uint8 array, got {type(image).__name__}")
-    out = io.BytesIO()
-    Image.fromarray(resize_and_crop(image, size)).save(out, format="JPEG", quality=JPEG_QUALITY)
-    return out.getvalue()
 
 
 class EdgeClient:
@@ -271,9 +132,7 @@ class EdgeClient:
         self.gateway_url = gateway_url.rstrip("/")
         self.api_key = api_key
         self.timeout = httpx.Timeout(timeout)
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.policy = RetryPolicy(self.gateway_url, retries, backoff_s, max_backoff_s, timeout)
         self.cache = BundleCache(cache_dir)
         if bundle is not None and not isinstance(bundle, EdgeBundle):
             bundle = EdgeBundle.load(bundle)
@@ -348,45 +207,15 @@ class EdgeClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # ---- drivers: the only sync/async-specific code ------------------------------------------
-
-    def _run(self, flow: _Flow[T]) -> T:
+    def _run(self, flow: Flow[T]) -> T:
         if self._http is None:
             self._http = httpx.Client(follow_redirects=False)
-        reply: httpx.Response | None = None
-        error: Exception | None = None
-        while True:
-            try:
-                step = flow.throw(error) if error is not None else flow.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            reply, error = None, None
-            if isinstance(step, _Sleep):
-                time.sleep(step.seconds)
-                continue
-            try:
-                reply = self._http.send(step)
-            except httpx.TransportError as exc:
-                error = exc
+        return run_sync(self._http, flow)
 
-    async def _arun(self, flow: _Flow[T]) -> T:
+    async def _arun(self, flow: Flow[T]) -> T:
         if self._ahttp is None:
             self._ahttp = httpx.AsyncClient(follow_redirects=False)
-        reply: httpx.Response | None = None
-        error: Exception | None = None
-        while True:
-            try:
-                step = flow.throw(error) if error is not None else flow.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            reply, error = None, None
-            if isinstance(step, _Sleep):
-                await anyio.sleep(step.seconds)
-                continue
-            try:
-                reply = await self._ahttp.send(step)
-            except httpx.TransportError as exc:
-                error = exc
+        return await run_async(self._ahttp, flow)
 
     # ---- flows (shared) -------------------------------------------------------------------------
 
@@ -402,50 +231,6 @@ class EdgeClient:
             extensions={"timeout": self.timeout.as_dict()},
         )
 
-    def _backoff(self, attempt: int, response: httpx.Response | None) -> float:
-        hinted = _retry_after(response) if response is not None else None
-        if hinted is None:
-            hinted = self.backoff_s * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads retries
-        return min(hinted, self.max_backoff_s)
-
-    def _exchange(
-        self, request: httpx.Request, accept: frozenset[int] = frozenset()
-    ) -> _Flow[httpx.Response]:
-        """Send with retries; returns a 2xx (or ``accept``-ed) response, else raises GatewayError."""
-        target = f"{request.method} {request.url}"
-        for attempt in range(self.retries + 1):
-            final = attempt == self.retries
-            response = None
-            try:
-                response = yield request
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if final:
-                    raise GatewayUnreachableError(
-                        f"cannot reach the gateway at {self.gateway_url} ({type(exc).__name__}: {exc}) "
-                        f"after {attempt + 1} attempt(s)"
-                    ) from exc
-            except httpx.TimeoutException as exc:
-                if final:
-                    raise GatewayTimeoutError(
-                        f"no reply to {target} within {self.timeout.read} s ({type(exc).__name__}) "
-                        f"after {attempt + 1} attempt(s)"
-                    ) from exc
-            except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                if final:
-                    raise GatewayUnreachableError(
-                        f"connection to the gateway at {self.gateway_url} failed "
-                        f"({type(exc).__name__}: {exc}) after {attempt + 1} attempt(s)"
-                    ) from exc
-            except httpx.TransportError as exc:  # proxy or protocol misuse: retrying will not help
-                raise GatewayUnreachableError(f"{target} failed: {type(exc).__name__}: {exc}") from exc
-            else:
-                if response.is_success or response.status_code in accept:
-                    return response
-                if response.status_code not in RETRY_STATUSES or final:
-                    raise _error_from_response(response)
-            yield _Sleep(self._backoff(attempt, response))
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
     def _use(self, bundle: EdgeBundle) -> EdgeEncoder:
         if bundle.model != self.model:
             raise BundleError(
@@ -454,11 +239,11 @@ class EdgeClient:
         self._encoder = EdgeEncoder(bundle)
         return self._encoder
 
-    def _bundle_flow(self) -> _Flow[EdgeBundle]:
+    def _bundle_flow(self) -> Flow[EdgeBundle]:
         encoder = yield from self._encoder_flow()
         return encoder.bundle
 
-    def _encoder_flow(self) -> _Flow[EdgeEncoder]:
+    def _encoder_flow(self) -> Flow[EdgeEncoder]:
         """The encoder of the bundle in use; fetches (or revalidates the cached) bundle if none."""
         if self._encoder is not None:
             return self._encoder
@@ -467,7 +252,7 @@ class EdgeClient:
         if cached is not None:
             headers["If-None-Match"] = f'"{cached.sha256}"'
         request = self._request("GET", f"/v1/models/{quote(self.model, safe='')}/edge-bundle", **headers)
-        response = yield from self._exchange(request, accept=frozenset({304}))
+        response = yield from exchange(request, self.policy, accept=frozenset({304}))
         if response.status_code == 304 and cached is not None:
             return self._use(cached)
         data = response.content
@@ -493,7 +278,7 @@ class EdgeClient:
         """(payload, payload bits, edge ms): the feature stream, or the JPEG in cloud-only mode."""
         start = time.perf_counter()
         if cloud_only:
-            payload = _jpeg(source, encoder.bundle.image_spec.size)
+            payload = jpeg_payload(source, encoder.bundle.image_spec.size)
             bits = 8 * len(payload)
         else:
             payload = encoder.encode_image(source)
@@ -508,8 +293,8 @@ class EdgeClient:
         max_new_tokens: int,
         timeout_ms: int | None,
         request_id: str | None,
-    ) -> _Flow[Answer]:
-        source = _read_image(image)  # a missing file fails before any network traffic
+    ) -> Flow[Answer]:
+        source = read_image(image)  # a missing file fails before any network traffic
         fields: dict[str, Any] = {
             "request_id": request_id or new_request_id(),
             "model": self.model,
@@ -528,7 +313,7 @@ class EdgeClient:
             )
             start = time.perf_counter()
             try:
-                response = yield from self._exchange(request)
+                response = yield from exchange(request, self.policy)
                 break
             except GatewayError as error:
                 # The gateway serves a newer codebook than our bundle: fetch it, re-encode, send once

@@ -403,9 +403,9 @@ def test_async_path(gateway: StubGateway, make_client: Any, image: bytes) -> Non
 def test_retry_after_dates_are_honoured_and_capped(gateway: StubGateway, make_client: Any) -> None:
     client = make_client(gateway, max_backoff_s=2.0)
     future = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"})
-    assert client._backoff(0, future) == 2.0
-    assert client._backoff(0, httpx.Response(503, headers={"Retry-After": "0.5"})) == 0.5
-    assert client._backoff(0, httpx.Response(503, headers={"Retry-After": "soon"})) == 0.0  # backoff_s = 0
+    assert client.policy.backoff(0, future) == 2.0
+    assert client.policy.backoff(0, httpx.Response(503, headers={"Retry-After": "0.5"})) == 0.5
+    assert client.policy.backoff(0, httpx.Response(503, headers={"Retry-After": "soon"})) == 0.0  # backoff_s = 0
 
 
 def test_codebook_mismatch_refreshes_a_downloaded_bundle_once(
