@@ -1,9 +1,9 @@
 """The serving side: the FastAPI gateway (``gateway.api``), the request queue (``gateway.queue``)
 and the model worker (``gateway.worker``).
 
-Dependency direction (house style 9): ``gateway.api``, ``gateway.queue`` and ``gateway.registry``
-import ``edge_client`` only, never torch or ``models``; ``gateway.worker.runner`` is the one module
-that imports the model code.
+Dependency direction (docs/design.md, "Layers"): ``gateway.api``, ``gateway.queue``,
+``gateway.served_models`` and ``gateway.validation`` import ``edge_client`` only, never torch or
+``models``; ``gateway.worker.runner`` is the one module that imports the model code.
 """
 
 from .config import GatewaySettings, WorkerSettings

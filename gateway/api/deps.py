@@ -26,7 +26,7 @@ from ..errors import BodyTooLarge, Unauthorized, UnsupportedMediaType
 from ..metrics import Metrics
 from ..queue import GatewayQueue
 from ..rate_limit import RateLimiter
-from ..registry import Registry
+from ..served_models import Registry
 
 if TYPE_CHECKING:
     from ..worker.worker import InProcessWorker

@@ -40,7 +40,7 @@ from ..errors import HTTP_STATUS, ServerError, error_body, http_status
 from ..metrics import Metrics
 from ..queue import MemoryQueue, RedisGatewayQueue
 from ..rate_limit import RateLimit, limiter_for
-from ..registry import Registry
+from ..served_models import Registry
 from .routes import health_router, models_router, vqa_router
 
 __all__ = ["create_app", "run"]

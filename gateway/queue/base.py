@@ -151,7 +151,7 @@ class GatewayQueue(Protocol):
     async def model_names(self) -> list[str]: ...
 
     async def model_info(self, model: str) -> bytes | None:
-        """The JSON a worker published for ``model`` (see gateway.registry.ModelInfo), or None."""
+        """The JSON a worker published for ``model`` (see gateway.served_models.ModelInfo), or None."""
 
     async def bundle(self, sha256: str) -> bytes | None: ...
 

@@ -14,7 +14,7 @@ key                                type    what it holds
 ``{p}:waiters:{model}:{rid}``      set     reply lists of every gateway waiting on that request
 ``{p}:replies:{gateway}``          list    replies for one gateway process, popped by its reader task
 ``{p}:models``                     set     names of the models some worker has published
-``{p}:model:{model}``              string  JSON :class:`~gateway.registry.ModelInfo` of the served model
+``{p}:model:{model}``              string  JSON :class:`~gateway.served_models.ModelInfo` of the served model
 ``{p}:bundle:{sha256}``            string  the edge bundle bytes (safetensors) named by their sha256
 ``{p}:workers:{model}``            zset    worker id -> heartbeat expiry (epoch ms): live-worker index
 ``{p}:heartbeat:{model}:{worker}`` string  JSON worker status, expires unless refreshed

@@ -31,7 +31,8 @@ from models.registry import LoadedModel, load_model
 from models.split import split_llava
 
 from ..errors import UnknownModel
-from ..registry import ModelInfo, ServedModel, check_image
+from ..served_models import ModelInfo
+from ..validation import StreamValidator, check_image
 
 __all__ = ["Prepared", "Runner", "resolve_device", "resolve_dtype"]
 
@@ -94,9 +95,7 @@ class Runner:
             bundle_bytes=parsed.nbytes,
             image_size=parsed.image_spec.size,
         )
-        self.served = ServedModel(
-            info=self.info, bundle=self.bundle, freqs=parsed.freqs, ranking=parsed.ranking
-        )
+        self.streams = StreamValidator(self.info, self.info.codebook_hash, parsed.freqs, parsed.ranking)
         self.eos_token_id = loaded.tokenizer.eos_token_id
 
     @classmethod
@@ -125,11 +124,12 @@ class Runner:
         return cls(loaded, vq, quantizer, device, fused=use_fused)
 
     def prepare(self, request: VQARequest) -> Prepared:
-        """Decode and check one request (raises the same 4xx errors as the gateway would)."""
+        """Decode one request into model inputs, with the checks of :mod:`gateway.validation` (which
+        say why the worker repeats none of them needlessly); raises the same 4xx as the gateway."""
         if request.model != self.info.name:
             raise UnknownModel(f"this worker serves {self.info.name!r}, got a request for {request.model!r}")
         if request.features is not None:
-            decoded = self.served.check_features(request.model, request.features)
+            decoded = self.streams.decode(request.model, request.features)
             return Prepared(request.question, request.max_new_tokens, decoded.indices, decoded.stats)
         assert request.image is not None
         image = check_image(request.image, MAX_IMAGE_PIXELS)

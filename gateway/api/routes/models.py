@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
 from ...errors import ERROR_RESPONSES
-from ...registry import ModelInfo
+from ...served_models import ModelInfo
 from ..deps import Authorized, QueueDep, RegistryDep
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Authorized])

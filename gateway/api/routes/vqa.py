@@ -15,6 +15,7 @@ from edge_client.protocol import CONTENT_TYPE, VQAResponse, decode_request, enco
 
 from ...errors import ERROR_RESPONSES, NoWorker, RequestIdReused
 from ...queue import now_ms
+from ...validation import check_request
 from ..deps import Authorized, read_body, state
 from ..idempotency import request_digest, scoped_request
 
@@ -47,9 +48,9 @@ async def ask(
     if vqa.image is None:
         # A feature stream decodes in well under a millisecond (even rANS at LLaVA-1.5 geometry) and
         # holds the GIL throughout: a worker thread would add a hand-off and gain no parallelism.
-        served.check(vqa, **limits)
+        check_request(vqa, served.streams, **limits)
     else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
-        await run_in_threadpool(served.check, vqa, **limits)
+        await run_in_threadpool(check_request, vqa, served.streams, **limits)
     budget = min(vqa.timeout_ms or settings.request_timeout_ms, settings.max_timeout_ms)
     if not await app.queue.worker_seen_within(vqa.model, settings.no_worker_grace_ms):
         raise NoWorker(
