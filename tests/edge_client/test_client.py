@@ -405,7 +405,8 @@ def test_retry_after_dates_are_honoured_and_capped(gateway: StubGateway, make_cl
     future = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"})
     assert client.policy.backoff(0, future) == 2.0
     assert client.policy.backoff(0, httpx.Response(503, headers={"Retry-After": "0.5"})) == 0.5
-    assert client.policy.backoff(0, httpx.Response(503, headers={"Retry-After": "soon"})) == 0.0  # backoff_s = 0
+    soon = httpx.Response(503, headers={"Retry-After": "soon"})
+    assert client.policy.backoff(0, soon) == 0.0  # backoff_s = 0
 
 
 def test_codebook_mismatch_refreshes_a_downloaded_bundle_once(

@@ -14,7 +14,7 @@ from gateway.config import GatewaySettings
 from gateway.rate_limit import MemoryRateLimiter, RateLimit
 from tests.conftest import TINY_QUANTIZER
 
-from .helpers import MSGPACK, body, png, wait_for
+from ..helpers import MSGPACK, body, png, wait_for
 
 
 @pytest.fixture(scope="module")

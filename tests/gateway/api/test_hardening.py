@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from gateway.api import deps
 from gateway.api.main import create_app
 
-from .conftest import gateway_settings
-from .helpers import API_KEY, AUTH, HEADERS, body
+from ..conftest import gateway_settings
+from ..helpers import API_KEY, AUTH, HEADERS, body
 
 KEYS = [f"{API_KEY}-{i}" for i in range(3)]
 

@@ -9,8 +9,8 @@ import msgpack
 from edge_client.bundle import EdgeBundle
 from edge_client.protocol import CONTENT_TYPE
 
-from .conftest import gateway_settings
-from .helpers import AUTH, HEADERS, body, png, rid
+from ..conftest import gateway_settings
+from ..helpers import AUTH, HEADERS, body, png, rid
 
 
 def test_features_request_is_answered(served, model_name, encoder) -> None:

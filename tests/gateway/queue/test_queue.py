@@ -13,8 +13,8 @@ import redis
 from gateway.queue import GROUP, Keys, RedisWorkerQueue
 from gateway.worker import worker_id
 
-from .conftest import gateway_settings, worker_settings
-from .helpers import API_KEY, HEADERS, body, png, queue_id, wait_for
+from ..conftest import gateway_settings, worker_settings
+from ..helpers import API_KEY, HEADERS, body, png, queue_id, wait_for
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import gateway_settings, worker_settings
-from .helpers import HEADERS, RedisServer, body, png, wait_for
+from ..conftest import gateway_settings, worker_settings
+from ..helpers import HEADERS, RedisServer, body, png, wait_for
 
 
 @pytest.fixture

@@ -35,8 +35,8 @@ from gateway.api.main import create_app
 from gateway.errors import HTTP_STATUS
 from gateway.queue import Keys
 
-from .conftest import WorkerThread, gateway_settings, worker_settings
-from .helpers import API_KEY, AUTH, HEADERS, delete_prefix, png, rid, wait_for
+from ..conftest import WorkerThread, gateway_settings, worker_settings
+from ..helpers import API_KEY, AUTH, HEADERS, delete_prefix, png, rid, wait_for
 
 MAX_BODY = 100_000
 MAX_QUESTION = 40

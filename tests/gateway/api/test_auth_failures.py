@@ -20,8 +20,8 @@ from gateway.errors import RateLimited
 from gateway.queue import Keys
 from gateway.rate_limit import MemoryRateLimiter, RateLimit, RedisRateLimiter
 
-from .conftest import gateway_settings
-from .helpers import AUTH
+from ..conftest import gateway_settings
+from ..helpers import AUTH
 
 BAD = {"Authorization": "Bearer wrong-key-0123456789abcdef"}
 ATTACKER, OTHER = ("10.0.0.66", 40000), ("10.0.0.7", 40000)

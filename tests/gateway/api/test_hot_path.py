@@ -11,8 +11,8 @@ from gateway.api import deps
 from gateway.api.main import create_app
 from gateway.metrics import Metrics
 
-from .conftest import gateway_settings
-from .helpers import AUTH
+from ..conftest import gateway_settings
+from ..helpers import AUTH
 
 
 def test_vqa_route_still_documents_auth_accept_and_body(redis_url, prefix) -> None:

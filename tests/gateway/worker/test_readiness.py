@@ -6,8 +6,8 @@ import socket
 
 from gateway.queue import RedisWorkerQueue
 
-from .conftest import worker_settings
-from .helpers import wait_for
+from ..conftest import worker_settings
+from ..helpers import wait_for
 
 
 def test_warmup_answers_a_full_synthetic_batch(runner) -> None:
