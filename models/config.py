@@ -1,7 +1,7 @@
 """Frozen configs for the compressed representation: where the model is cut and how it is quantized.
 
 Every artifact (quantizer checkpoint, edge bundle) embeds one of these as JSON, so it can be rebuilt
-exactly and a mismatch is caught at load time (house style rule 2).
+exactly and a mismatch is caught at load time.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class SplitSite:
     - ``preln`` (default): after ``pre_layrnorm``; the whole residual stream entering block 0 is a
       LayerNorm output, so nothing else has to cross the wire.
     - ``block:k``: after encoder blocks ``0..k-1``; the stream is standardized per token and each
-      token's mean and log-std travel beside the indices (DESIGN.md, "honest bytes").
+      token's mean and log-std travel beside the indices (docs/design.md, "Honest bytes").
     """
 
     kind: SiteKind = "preln"

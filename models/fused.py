@@ -388,7 +388,7 @@ class CudaGraphed:
     """``fn(*tensors) -> tensor`` replayed as a CUDA graph per input shape, up to ``max_batch`` rows.
 
     For stages that Python, not the GPU, paces at small batch: the cloud half's vision tower (23
-    eager CLIP blocks) took 17.5 ms of wall time at batch 1 on an H200 for 2.0 ms of GPU work.
+    eager CLIP blocks) spent most of its batch-1 wall time launching kernels, not computing.
     Larger batches, and CPU tensors, call ``fn`` itself. ``fn`` must be a pure function of its
     tensor arguments (the weights it reads must not be replaced). Returns a copy of the output,
     so a later call cannot overwrite what an earlier one returned.
@@ -424,10 +424,9 @@ def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, gqa: bool
 ) -> torch.Tensor:
     """SDPA over ``(batch, tokens, heads, head_dim)`` tensors: causal without a mask (prefill, padding
-    moved to the end), else over the cache slots ``mask`` allows (decode). Kernels by measurement
-    (one H200, Llama-2-7B heads, 600 tokens, 2026-11-27): causal prefill cuDNN 0.60 ms per layer at
-    batch 64 vs flash 1.26, memory-efficient 1.63; a masked one-token decode cuDNN 0.17 ms at batch
-    64 vs memory-efficient 0.33, but 70 vs 57 us at batch 1. CPU: PyTorch's own choice."""
+    moved to the end), else over the cache slots ``mask`` allows (decode). The kernels were chosen by
+    timing each on an H200 with Llama-2-7B heads: cuDNN for causal prefill and batched masked decode,
+    memory-efficient for batch-1 decode. CPU: PyTorch's own choice."""
     if q.device.type != "cuda":
         backends = nullcontext()
     else:

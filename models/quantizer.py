@@ -7,7 +7,7 @@ cloud the summed code vectors are projected back up to ``(batch, tokens, dim)``.
 
 Training follows VQ-VAE (van den Oord et al. 2017): straight-through gradients, a codebook loss and a
 commitment loss (or EMA codebook updates), with dead codes restarted from live residuals. k-means on
-PCA-projected features initialises everything (DESIGN.md: the init does almost all the work).
+PCA-projected features initialises everything; on the bundled models that init did most of the work.
 
 Variable rate (``refine_threshold``): code 0 of every later stage is pinned to zero and sent when the
 residual is already small, so refinement costs bits only where the first stage failed. Ranking

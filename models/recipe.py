@@ -65,10 +65,8 @@ QAT_SWEEP: tuple[tuple[tuple[str, int, int, int, int], int], ...] = (
 )
 QAT_TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
 # Step 4: variable-rate, neighbour-ranked refinements of trained one-stage quantizers, as
-# (base quantizer, refine_threshold, rate_lambda); thresholds and lambdas chosen on the holdout split.
-# On holdout (calibrated on train): 4096 @ 12 with lambda 0 / 0.5 / 1 gave 99.67 % / 99.56 % /
-# 99.38 % at 8.02 / 4.76 / 4.16 bits per token; 1024 @ 24 with 0 / 1 / 2 gave 99.00 / 98.74 / 98.23 %
-# at 7.09 / 3.79 / 3.47. The 25 MB bundle holds the default, the 4096 one at 0.5 and the 1024 one at 1.
+# (base quantizer, refine_threshold, rate_lambda); thresholds and lambdas chosen on the holdout split
+# (the measurements: benchmarks/results/rate_accuracy.json and the README's rate-accuracy table).
 REFINED: tuple[tuple[str, float, float], ...] = (
     ("preln-4096", 12.0, 0.0),
     ("preln-4096", 12.0, 0.5),

@@ -1,4 +1,4 @@
-"""Dependency direction (house style 9): the HTTP layer never loads torch or ``models``."""
+"""Dependency direction (docs/design.md, "Layers"): the HTTP layer never loads torch or ``models``."""
 
 from __future__ import annotations
 
