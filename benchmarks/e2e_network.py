@@ -95,7 +95,6 @@ from benchmarks.serving_load import (
 from benchmarks.summary import resolve
 from benchmarks.wire_bytes import (
     QUESTION,
-    client_jpeg,
     llava15_bundle,
     load_photos,
     machine_info,
@@ -104,6 +103,7 @@ from benchmarks.wire_bytes import (
 )
 from edge_client import EdgeClient
 from edge_client.bundle import EdgeBundle
+from edge_client.cloud_only import jpeg_payload
 from edge_client.encoder import EdgeEncoder
 from edge_client.preprocess import resize_and_crop
 from edge_client.protocol import CONTENT_TYPE
@@ -442,7 +442,7 @@ def llava15_bodies() -> tuple[dict[str, list[bytes]], dict[str, Any]]:
             for photo in photos.values()
         ],
         "cloud_only": [
-            request_body(bundle.model, QUESTION, image=client_jpeg(photo, size)) for photo in photos.values()
+            request_body(bundle.model, QUESTION, image=jpeg_payload(photo, size)) for photo in photos.values()
         ],
     }
     info = {
