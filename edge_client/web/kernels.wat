@@ -1,0 +1,182 @@
+;; The codec's hot loops in WebAssembly SIMD (128-bit), hand-written: `make wasm` assembles this
+;; file into kernels.wasm with wabt's wat2wasm (pinned in tools/package-lock.json) and
+;; `make wasm-check` proves the committed .wasm is exactly that. kernels.js holds plain-JS twins of
+;; every function (same arguments, same memory layout), used where WebAssembly SIMD is missing.
+;;
+;; All pointers are byte offsets into the exported memory; every array is 16-byte aligned.
+;;
+;; gemm         C[i, 16p + j] = sum_k A[i, k] * B_p[k, j]     float32, k summed in order
+;; argmin_rows  out[r] = first j minimising D[r, j] + norms[j] float32 (numpy's argmin)
+;; rank_dist    out[j] = norms[j] - books[j] . s             int16 books and s, exact int32
+;; count_lt     #{j : v[j] < x}                               int32
+(module
+  (memory (export "memory") 16)
+
+  ;; A: m rows (m even) of lda floats; B: `panels` panels of k rows x 16 floats; C: rows of ldc floats.
+  ;; Two rows of A against one 16-column panel per step: 8 accumulators, 4 loads of B, 2 splats.
+  (func (export "gemm")
+    (param $a i32) (param $lda i32) (param $b i32) (param $c i32) (param $ldc i32)
+    (param $m i32) (param $k i32) (param $panels i32)
+    (local $p i32) (local $i i32) (local $bp i32) (local $pa0 i32) (local $pa1 i32) (local $pb i32)
+    (local $aend i32) (local $pc i32) (local $x0 v128) (local $x1 v128)
+    (local $b0 v128) (local $b1 v128) (local $b2 v128) (local $b3 v128)
+    (local $s00 v128) (local $s01 v128) (local $s02 v128) (local $s03 v128)
+    (local $s10 v128) (local $s11 v128) (local $s12 v128) (local $s13 v128)
+    (if (i32.or (i32.eqz (local.get $m)) (i32.eqz (local.get $panels))) (then (return)))
+    (local.set $p (i32.const 0))
+    (loop $panel
+      (local.set $bp (i32.add (local.get $b) (i32.mul (local.get $p) (i32.shl (local.get $k) (i32.const 6)))))
+      (local.set $i (i32.const 0))
+      (loop $rows
+        (local.set $pa0 (i32.add (local.get $a) (i32.shl (i32.mul (local.get $i) (local.get $lda)) (i32.const 2))))
+        (local.set $pa1 (i32.add (local.get $pa0) (i32.shl (local.get $lda) (i32.const 2))))
+        (local.set $aend (i32.add (local.get $pa0) (i32.shl (local.get $k) (i32.const 2))))
+        (local.set $pb (local.get $bp))
+        (local.set $s00 (v128.const i32x4 0 0 0 0)) (local.set $s01 (v128.const i32x4 0 0 0 0))
+        (local.set $s02 (v128.const i32x4 0 0 0 0)) (local.set $s03 (v128.const i32x4 0 0 0 0))
+        (local.set $s10 (v128.const i32x4 0 0 0 0)) (local.set $s11 (v128.const i32x4 0 0 0 0))
+        (local.set $s12 (v128.const i32x4 0 0 0 0)) (local.set $s13 (v128.const i32x4 0 0 0 0))
+        (if (i32.gt_s (local.get $k) (i32.const 0))
+          (then
+            (loop $dot
+              (local.set $b0 (v128.load offset=0 (local.get $pb)))
+              (local.set $b1 (v128.load offset=16 (local.get $pb)))
+              (local.set $b2 (v128.load offset=32 (local.get $pb)))
+              (local.set $b3 (v128.load offset=48 (local.get $pb)))
+              (local.set $x0 (v128.load32_splat (local.get $pa0)))
+              (local.set $x1 (v128.load32_splat (local.get $pa1)))
+              (local.set $s00 (f32x4.add (local.get $s00) (f32x4.mul (local.get $x0) (local.get $b0))))
+              (local.set $s01 (f32x4.add (local.get $s01) (f32x4.mul (local.get $x0) (local.get $b1))))
+              (local.set $s02 (f32x4.add (local.get $s02) (f32x4.mul (local.get $x0) (local.get $b2))))
+              (local.set $s03 (f32x4.add (local.get $s03) (f32x4.mul (local.get $x0) (local.get $b3))))
+              (local.set $s10 (f32x4.add (local.get $s10) (f32x4.mul (local.get $x1) (local.get $b0))))
+              (local.set $s11 (f32x4.add (local.get $s11) (f32x4.mul (local.get $x1) (local.get $b1))))
+              (local.set $s12 (f32x4.add (local.get $s12) (f32x4.mul (local.get $x1) (local.get $b2))))
+              (local.set $s13 (f32x4.add (local.get $s13) (f32x4.mul (local.get $x1) (local.get $b3))))
+              (local.set $pb (i32.add (local.get $pb) (i32.const 64)))
+              (local.set $pa1 (i32.add (local.get $pa1) (i32.const 4)))
+              (local.set $pa0 (i32.add (local.get $pa0) (i32.const 4)))
+              (br_if $dot (i32.lt_u (local.get $pa0) (local.get $aend))))))
+        (local.set $pc (i32.add (local.get $c)
+          (i32.shl (i32.add (i32.mul (local.get $i) (local.get $ldc)) (i32.shl (local.get $p) (i32.const 4))) (i32.const 2))))
+        (v128.store offset=0 (local.get $pc) (local.get $s00))
+        (v128.store offset=16 (local.get $pc) (local.get $s01))
+        (v128.store offset=32 (local.get $pc) (local.get $s02))
+        (v128.store offset=48 (local.get $pc) (local.get $s03))
+        (local.set $pc (i32.add (local.get $pc) (i32.shl (local.get $ldc) (i32.const 2))))
+        (v128.store offset=0 (local.get $pc) (local.get $s10))
+        (v128.store offset=16 (local.get $pc) (local.get $s11))
+        (v128.store offset=32 (local.get $pc) (local.get $s12))
+        (v128.store offset=48 (local.get $pc) (local.get $s13))
+        (local.set $i (i32.add (local.get $i) (i32.const 2)))
+        (br_if $rows (i32.lt_u (local.get $i) (local.get $m))))
+      (local.set $p (i32.add (local.get $p) (i32.const 1)))
+      (br_if $panel (i32.lt_u (local.get $p) (local.get $panels)))))
+
+  ;; D: m rows of ld floats, n (a multiple of 4, > 0) used; out: m int32. The minimum of
+  ;; D[r, j] + norms[j] (float32 add), ties to the lowest j. Lane l tracks columns j = l (mod 4)
+  ;; with a strict comparison (earlier columns win inside a lane); the lanes are merged by
+  ;; (value, index).
+  (func (export "argmin_rows")
+    (param $d i32) (param $ld i32) (param $norms i32) (param $n i32) (param $m i32) (param $out i32)
+    (local $r i32) (local $pd i32) (local $pn i32) (local $end i32)
+    (local $v v128) (local $mask v128) (local $best v128) (local $idx v128) (local $at v128)
+    (local $bv f32) (local $bi i32) (local $lv f32) (local $li i32)
+    (if (i32.or (i32.eqz (local.get $m)) (i32.eqz (local.get $n))) (then (return)))
+    (local.set $r (i32.const 0))
+    (loop $row
+      (local.set $pd (i32.add (local.get $d) (i32.shl (i32.mul (local.get $r) (local.get $ld)) (i32.const 2))))
+      (local.set $end (i32.add (local.get $pd) (i32.shl (local.get $n) (i32.const 2))))
+      (local.set $pn (local.get $norms))
+      (local.set $best (f32x4.splat (f32.const inf)))
+      (local.set $idx (v128.const i32x4 0 0 0 0))
+      (local.set $at (v128.const i32x4 0 1 2 3))
+      (loop $scan
+        (local.set $v (f32x4.add (v128.load (local.get $pd)) (v128.load (local.get $pn))))
+        (local.set $mask (f32x4.lt (local.get $v) (local.get $best)))
+        (local.set $best (v128.bitselect (local.get $v) (local.get $best) (local.get $mask)))
+        (local.set $idx (v128.bitselect (local.get $at) (local.get $idx) (local.get $mask)))
+        (local.set $at (i32x4.add (local.get $at) (v128.const i32x4 4 4 4 4)))
+        (local.set $pn (i32.add (local.get $pn) (i32.const 16)))
+        (local.set $pd (i32.add (local.get $pd) (i32.const 16)))
+        (br_if $scan (i32.lt_u (local.get $pd) (local.get $end))))
+      (local.set $bv (f32x4.extract_lane 0 (local.get $best)))
+      (local.set $bi (i32x4.extract_lane 0 (local.get $idx)))
+      (local.set $lv (f32x4.extract_lane 1 (local.get $best)))
+      (local.set $li (i32x4.extract_lane 1 (local.get $idx)))
+      (if (i32.or (f32.lt (local.get $lv) (local.get $bv))
+                  (i32.and (f32.eq (local.get $lv) (local.get $bv)) (i32.lt_s (local.get $li) (local.get $bi))))
+        (then (local.set $bv (local.get $lv)) (local.set $bi (local.get $li))))
+      (local.set $lv (f32x4.extract_lane 2 (local.get $best)))
+      (local.set $li (i32x4.extract_lane 2 (local.get $idx)))
+      (if (i32.or (f32.lt (local.get $lv) (local.get $bv))
+                  (i32.and (f32.eq (local.get $lv) (local.get $bv)) (i32.lt_s (local.get $li) (local.get $bi))))
+        (then (local.set $bv (local.get $lv)) (local.set $bi (local.get $li))))
+      (local.set $lv (f32x4.extract_lane 3 (local.get $best)))
+      (local.set $li (i32x4.extract_lane 3 (local.get $idx)))
+      (if (i32.or (f32.lt (local.get $lv) (local.get $bv))
+                  (i32.and (f32.eq (local.get $lv) (local.get $bv)) (i32.lt_s (local.get $li) (local.get $bi))))
+        (then (local.set $bv (local.get $lv)) (local.set $bi (local.get $li))))
+      (i32.store (i32.add (local.get $out) (i32.shl (local.get $r) (i32.const 2))) (local.get $bi))
+      (local.set $r (i32.add (local.get $r) (i32.const 1)))
+      (br_if $row (i32.lt_u (local.get $r) (local.get $m)))))
+
+  ;; books: `quads` blocks (quads a multiple of 4) of 4 codewords, each block `pairs` v128 holding
+  ;; the 4 codewords' dims (2q, 2q+1) as interleaved int16 pairs; s: `pairs` int32, each two int16
+  ;; (dims 2q, 2q+1) of twice the prediction; norms, out: int32 per codeword. i32x4.dot_i16x8_s
+  ;; sums the two products of a pair; 4 blocks at a time share each splat of s.
+  (func (export "rank_dist")
+    (param $books i32) (param $norms i32) (param $s i32) (param $out i32) (param $quads i32) (param $pairs i32)
+    (local $q i32) (local $kp i32) (local $stride i32) (local $pb i32) (local $pn i32) (local $po i32)
+    (local $sv v128) (local $a0 v128) (local $a1 v128) (local $a2 v128) (local $a3 v128)
+    (if (i32.or (i32.eqz (local.get $quads)) (i32.eqz (local.get $pairs))) (then (return)))
+    (local.set $stride (i32.shl (local.get $pairs) (i32.const 4)))
+    (local.set $pb (local.get $books))
+    (local.set $pn (local.get $norms))
+    (local.set $po (local.get $out))
+    (local.set $q (i32.const 0))
+    (loop $block
+      (local.set $a0 (v128.const i32x4 0 0 0 0)) (local.set $a1 (v128.const i32x4 0 0 0 0))
+      (local.set $a2 (v128.const i32x4 0 0 0 0)) (local.set $a3 (v128.const i32x4 0 0 0 0))
+      (local.set $kp (i32.const 0))
+      (loop $pair
+        (local.set $sv (v128.load32_splat (i32.add (local.get $s) (i32.shl (local.get $kp) (i32.const 2)))))
+        (local.set $a0 (i32x4.add (local.get $a0) (i32x4.dot_i16x8_s (v128.load (local.get $pb)) (local.get $sv))))
+        (local.set $a1 (i32x4.add (local.get $a1)
+          (i32x4.dot_i16x8_s (v128.load (i32.add (local.get $pb) (local.get $stride))) (local.get $sv))))
+        (local.set $a2 (i32x4.add (local.get $a2)
+          (i32x4.dot_i16x8_s (v128.load (i32.add (local.get $pb) (i32.shl (local.get $stride) (i32.const 1)))) (local.get $sv))))
+        (local.set $a3 (i32x4.add (local.get $a3)
+          (i32x4.dot_i16x8_s (v128.load (i32.add (local.get $pb) (i32.mul (local.get $stride) (i32.const 3)))) (local.get $sv))))
+        (local.set $pb (i32.add (local.get $pb) (i32.const 16)))
+        (local.set $kp (i32.add (local.get $kp) (i32.const 1)))
+        (br_if $pair (i32.lt_u (local.get $kp) (local.get $pairs))))
+      (v128.store offset=0 (local.get $po) (i32x4.sub (v128.load offset=0 (local.get $pn)) (local.get $a0)))
+      (v128.store offset=16 (local.get $po) (i32x4.sub (v128.load offset=16 (local.get $pn)) (local.get $a1)))
+      (v128.store offset=32 (local.get $po) (i32x4.sub (v128.load offset=32 (local.get $pn)) (local.get $a2)))
+      (v128.store offset=48 (local.get $po) (i32x4.sub (v128.load offset=48 (local.get $pn)) (local.get $a3)))
+      (local.set $pb (i32.add (local.get $pb) (i32.mul (local.get $stride) (i32.const 3))))
+      (local.set $pn (i32.add (local.get $pn) (i32.const 64)))
+      (local.set $po (i32.add (local.get $po) (i32.const 64)))
+      (local.set $q (i32.add (local.get $q) (i32.const 4)))
+      (br_if $block (i32.lt_u (local.get $q) (local.get $quads)))))
+
+  ;; v: n int32 (n a multiple of 8, > 0); the count of entries below x.
+  (func (export "count_lt") (param $v i32) (param $n i32) (param $x i32) (result i32)
+    (local $p i32) (local $end i32) (local $xv v128) (local $acc0 v128) (local $acc1 v128)
+    (if (i32.eqz (local.get $n)) (then (return (i32.const 0))))
+    (local.set $xv (i32x4.splat (local.get $x)))
+    (local.set $acc0 (v128.const i32x4 0 0 0 0))
+    (local.set $acc1 (v128.const i32x4 0 0 0 0))
+    (local.set $p (local.get $v))
+    (local.set $end (i32.add (local.get $v) (i32.shl (local.get $n) (i32.const 2))))
+    (loop $scan
+      (local.set $acc0 (i32x4.sub (local.get $acc0) (i32x4.lt_s (v128.load offset=0 (local.get $p)) (local.get $xv))))
+      (local.set $acc1 (i32x4.sub (local.get $acc1) (i32x4.lt_s (v128.load offset=16 (local.get $p)) (local.get $xv))))
+      (local.set $p (i32.add (local.get $p) (i32.const 32)))
+      (br_if $scan (i32.lt_u (local.get $p) (local.get $end))))
+    (local.set $acc0 (i32x4.add (local.get $acc0) (local.get $acc1)))
+    (i32.add
+      (i32.add (i32x4.extract_lane 0 (local.get $acc0)) (i32x4.extract_lane 1 (local.get $acc0)))
+      (i32.add (i32x4.extract_lane 2 (local.get $acc0)) (i32x4.extract_lane 3 (local.get $acc0)))))
+)
