@@ -64,7 +64,9 @@ class TinyCase:
 TINY_CASES = (
     TinyCase("tiny-preln-16", quantizer=dict(codebook_size=16, code_dim=8)),
     TinyCase(
-        "tiny-embed-g2-centred", site="embed", quantizer=dict(groups=2, codebook_size=16, code_dim=8, tokens=17)
+        "tiny-embed-g2-centred",
+        site="embed",
+        quantizer=dict(groups=2, codebook_size=16, code_dim=8, tokens=17),
     ),
     TinyCase("tiny-block1-quick-gelu", site="block:1", quantizer=dict(codebook_size=16, code_dim=8)),
     TinyCase(
@@ -178,7 +180,9 @@ def _loaded(name: str, config):
     return LoadedModel(name, _vision_only(config), None, prompt, ImageSpec(size=size), Path("."))
 
 
-def fit_quantizer(loaded, features: np.ndarray, quantizer: dict, *, gated: bool, rate: float, calibrated: bool):
+def fit_quantizer(
+    loaded, features: np.ndarray, quantizer: dict, *, gated: bool, rate: float, calibrated: bool
+):
     """An AlignedVQ fitted (k-means) to ``features`` ``(images, tokens, dim)``, as the tests do."""
     import torch
 
@@ -225,10 +229,14 @@ def tiny_bundle(case: TinyCase) -> bytes:
     size = config.vision_config.image_size
     stat_bits = case.quantizer.get("stat_bits", 8 if case.site.startswith("block:") else 0)
     probe = _probe_encoder(loaded, case.site, stat_bits)
-    calibration = np.concatenate([smooth_images(64, size, case.seed + 10), flat_images(64, size, case.seed + 11)])
+    calibration = np.concatenate(
+        [smooth_images(64, size, case.seed + 10), flat_images(64, size, case.seed + 11)]
+    )
     features = np.stack([probe.hidden_states(probe.pixel_values(image)) for image in calibration])
     quantizer = {**case.quantizer, "split_site": case.site, "stat_bits": stat_bits}
-    q = fit_quantizer(loaded, features, quantizer, gated=case.gated, rate=case.rate, calibrated=case.calibrated)
+    q = fit_quantizer(
+        loaded, features, quantizer, gated=case.gated, rate=case.rate, calibrated=case.calibrated
+    )
     return export_edge_bundle(loaded, q)
 
 
@@ -295,7 +303,11 @@ def encode_entry(encoder: EdgeEncoder, image: np.ndarray) -> dict:
 def write_images(out: Path, name: str, images: dict[str, np.ndarray]) -> str:
     """One file of RGB inputs ``{key: {width, height, rgb (base64, row-major RGB)}}`` shared by cases."""
     rows = {
-        key: {"width": image.shape[1], "height": image.shape[0], "rgb": _b64(np.ascontiguousarray(image).tobytes())}
+        key: {
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "rgb": _b64(np.ascontiguousarray(image).tobytes()),
+        }
         for key, image in images.items()
     }
     (out / f"{name}.json").write_text(json.dumps(rows, separators=(",", ":")) + "\n")
@@ -352,23 +364,43 @@ def write_protocol(out: Path) -> None:
     from edge_client.protocol import encode_request, parse_request
 
     rng = np.random.default_rng(7)
+
+    def payload(n: int) -> bytes:
+        return rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+
+    shapes, scenes = "llava-mini-shapes", "llava-mini-scenes"
     requests = [
-        {"request_id": "r1", "model": "llava-mini-shapes", "question": "what color is the shape?",
-         "features": rng.integers(0, 256, 40, dtype=np.uint8).tobytes()},
-        {"request_id": "A-z_0.9:x" * 7, "model": "m" * 48, "question": "ünïcödé? " * 40,
-         "features": rng.integers(0, 256, 300, dtype=np.uint8).tobytes(), "max_new_tokens": 3},
-        {"request_id": "cloud", "model": "llava-mini-scenes", "question": "q",
-         "image": rng.integers(0, 256, 70000, dtype=np.uint8).tobytes(), "timeout_ms": 600000,
-         "max_new_tokens": 64},
-        {"request_id": "x", "model": "llava-mini-shapes", "question": "w" * 200,
-         "features": rng.integers(0, 256, 255, dtype=np.uint8).tobytes(), "max_new_tokens": 8, "timeout_ms": 100},
-    ]  # fmt: skip
+        dict(request_id="r1", model=shapes, question="what color is the shape?", features=payload(40)),
+        dict(
+            request_id="A-z_0.9:x" * 7,
+            model="m" * 48,
+            question="ünïcödé? " * 40,
+            features=payload(300),
+            max_new_tokens=3,
+        ),
+        dict(
+            request_id="cloud",
+            model=scenes,
+            question="q",
+            image=payload(70000),
+            timeout_ms=600000,
+            max_new_tokens=64,
+        ),
+        dict(
+            request_id="x",
+            model=shapes,
+            question="w" * 200,
+            features=payload(255),
+            max_new_tokens=8,
+            timeout_ms=100,
+        ),
+    ]
     rows = []
     for fields in requests:
         body = encode_request(parse_request(fields))
         encoded = {k: _b64(v) if isinstance(v, bytes) else v for k, v in fields.items()}
-        rows.append({"fields": encoded, "binary": [k for k, v in fields.items() if isinstance(v, bytes)],
-                     "body": _b64(body)})  # fmt: skip
+        binary = [k for k, v in fields.items() if isinstance(v, bytes)]
+        rows.append({"fields": encoded, "binary": binary, "body": _b64(body)})
     (out / "protocol.json").write_text(json.dumps(rows, separators=(",", ":")) + "\n")
 
 
