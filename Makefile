@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint typecheck demo clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,8 +26,15 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: lint typecheck
 	$(PY) -m pytest -q
+
+# The everyday subset (about a minute): everything but the tests marked slow.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 demo: install
 	bash deploy/demo.sh

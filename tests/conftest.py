@@ -15,6 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_QUANTIZER = "preln-16"
+# Whole folders and files of slow tests (real processes end to end, benchmark smokes, long fuzzing);
+# single slow tests elsewhere carry @pytest.mark.slow themselves. `make test-fast` skips them all.
+SLOW = ("tests/e2e/", "tests/benchmarks/", "tests/gateway/api/test_fuzz.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+    for item in items:
+        if Path(str(item.path)).relative_to(root).as_posix().startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 def build_tiny_model_dir(

@@ -133,6 +133,7 @@ def _brute_force(z, books, ranking, lengths, lam, threshold) -> np.ndarray:
     return chosen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [0.0, 0.05])
 def test_groups_stages_and_tied_ranks_match_the_definition(threshold: float) -> None:
     """Two groups, three stages, a chain of 10 tokens, rank books in {-2..2} (many tied distances)

@@ -72,6 +72,7 @@ def test_json_vqa_records_load_resized_with_shared_images(tmp_path: Path) -> Non
         load_json_vqa(tmp_path / "bad.json", 32)
 
 
+@pytest.mark.slow
 def test_alignedvq_train_on_a_json_dataset(tiny_model_dir: Path, tmp_path: Path) -> None:
     import json
     import subprocess

@@ -55,6 +55,7 @@ def test_evaluate_record_measures_real_streams(tiny_model_dir: Path) -> None:
     assert record["payload_bytes"] > record["stream_bytes_entropy"]  # the msgpack body around it
 
 
+@pytest.mark.slow
 def test_alignedvq_eval_cli_prints_one_json_object(tiny_model_dir: Path) -> None:
     out = subprocess.run(
         [

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from models.quantizer import AlignedVQ
@@ -38,6 +39,7 @@ def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
     assert [loaded.quantizer_path(name).stat().st_mtime_ns for name in names] == mtimes
 
 
+@pytest.mark.slow
 def test_scenes_recipe_runs_both_qat_stages_on_cpu(tmp_path: Path) -> None:
     """CPU smoke of ``alignedvq train-scenes``: base training with the per-patch loss and plain QAT,
     then the gated stage started from a k-means refinement of the first one's 4096-codebook."""

@@ -20,6 +20,7 @@ def _events(path: Path) -> list[str]:
     return [json.loads(line)["event"] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_mini_pauses_resumes_and_saves_a_verified_model(tmp_path: Path) -> None:
     splits = shapes_training_splits(generated_images=8, easy_vqa_limit=40)
     kw = dict(steps=3, batch_size=4, eval_every=2)
