@@ -7,8 +7,8 @@ Layers, lowest first: ``errors``; ``bitpack``/``entropy``/``ranking``/``bitstrea
 stream); ``preprocess``; ``protocol`` (the msgpack request); ``bundle`` (edge weights + codebook);
 ``rdo`` (rate-distortion optimised index choice); ``encoder`` (the edge half in numpy);
 ``bundle_cache`` and ``cloud_only`` (the JPEG baseline); ``transport`` (retrying sans-I/O HTTP);
-``client`` (the API); ``cli`` (``edge-client``). Names resolve lazily (PEP 562): ``import edge_client.bitpack``
-loads the codec alone, without the HTTP stack, Pillow or pydantic.
+``client`` (the API); ``cli`` (``edge-client``). Names resolve lazily (PEP 562):
+``import edge_client.bitpack`` loads the codec alone, without the HTTP stack, Pillow or pydantic.
 """
 
 from __future__ import annotations

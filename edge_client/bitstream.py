@@ -395,6 +395,7 @@ def decode_stream(
         except TruncatedStreamError as error:  # the container length was right, so the content is wrong
             raise CorruptStreamError(f"inconsistent rANS index section: {error}") from error
         if header.coder == "ranked" and resolve_ranks:
+            assert ranking is not None  # a ranked stream without a ranking was refused above
             indices = ranking.indices(indices)
     if indices.max() >= header.codebook_size:
         position = tuple(int(i) for i in np.argwhere(indices >= header.codebook_size)[0])

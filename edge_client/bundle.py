@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from collections.abc import Mapping
@@ -137,7 +138,7 @@ def _field(meta: Mapping[str, Any], key: str, kind: type | tuple[type, ...], whe
 
 
 def _positive(meta: Mapping[str, Any], key: str, where: str = "") -> int:
-    value = _field(meta, key, int, where)
+    value: int = _field(meta, key, int, where)
     if value < 1:
         raise BundleError(f"bundle metadata field {where}{key!r}: expected a positive int, got {value}")
     return value
@@ -201,14 +202,14 @@ def _vision_spec(meta: Mapping[str, Any]) -> VisionSpec:
 def _image_spec(meta: Mapping[str, Any]) -> ImageSpec:
     raw = _field(meta, "image_spec", dict)
     size = _positive(raw, "size", "image_spec.")
-    channels = []
+    channels: list[tuple[float, float, float]] = []
     for key in ("mean", "std"):
         values = _field(raw, key, list, "image_spec.")
         if len(values) != 3 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
         ):
             raise BundleError(f"expected image_spec.{key} to be 3 numbers, got {values!r}")
-        channels.append(tuple(float(v) for v in values))
+        channels.append((float(values[0]), float(values[1]), float(values[2])))
     if min(channels[1]) <= 0:
         raise BundleError(f"expected positive image_spec.std, got {channels[1]}")
     return ImageSpec(size=size, mean=channels[0], std=channels[1])
@@ -221,11 +222,11 @@ def _edge_blocks(split_site: str) -> int:
     return int(match.group(1)) if match.group(1) else 0
 
 
-def _expected_shapes(q: dict[str, Any], vision: VisionSpec, blocks: int) -> dict[str, tuple]:
+def _expected_shapes(q: dict[str, Any], vision: VisionSpec, blocks: int) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape implied by the quantizer and vision metadata (freqs is optional)."""
     sizes = {"D": vision.hidden_size, "F": vision.intermediate_size}
     p = vision.patch_size
-    shapes: dict[str, tuple] = {
+    shapes: dict[str, tuple[int, ...]] = {
         "embeddings.patch_embedding.weight": (vision.hidden_size, vision.num_channels, p, p),
         "embeddings.class_embedding": (vision.hidden_size,),
         "embeddings.position_embedding.weight": (vision.tokens, vision.hidden_size),
@@ -246,7 +247,9 @@ def _expected_shapes(q: dict[str, Any], vision: VisionSpec, blocks: int) -> dict
 def _quantizer_meta(meta: Mapping[str, Any], vision: VisionSpec, tokens: int, site: str) -> dict[str, Any]:
     raw = _field(meta, "quantizer", dict)
     where = "quantizer."
-    q = {key: _positive(raw, key, where) for key in ("dim", "groups", "stages", "codebook_size", "code_dim")}
+    q: dict[str, Any] = {
+        key: _positive(raw, key, where) for key in ("dim", "groups", "stages", "codebook_size", "code_dim")
+    }
     q["stat_bits"] = _field(raw, "stat_bits", int, where)
     q["tokens"] = _field(raw, "tokens", int, where)
     q["split_site"] = _field(raw, "split_site", str, where)
@@ -292,7 +295,7 @@ def _load_tensors(data: bytes) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _ranking_shapes(q: dict[str, Any]) -> dict[str, tuple]:
+def _ranking_shapes(q: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The int16 ranking tensors a ranked quantizer needs (none otherwise)."""
     if not q["rank_tokens"]:
         return {}
@@ -305,9 +308,9 @@ def _ranking_shapes(q: dict[str, Any]) -> dict[str, tuple]:
 
 def _check_tensors(
     tensors: Mapping[str, np.ndarray],
-    expected: dict[str, tuple],
-    ranking: dict[str, tuple],
-    freqs_shape: tuple,
+    expected: dict[str, tuple[int, ...]],
+    ranking: dict[str, tuple[int, ...]],
+    freqs_shape: tuple[int, ...],
 ) -> None:
     names = set(expected) | set(ranking) | ({"quantizer.freqs"} & set(tensors))
     missing = sorted((set(expected) | set(ranking)) - set(tensors))
@@ -474,7 +477,7 @@ class EdgeBundle:
         return bundle
 
     @classmethod
-    def load(cls, path: str | Path) -> EdgeBundle:
+    def load(cls, path: str | os.PathLike[str]) -> EdgeBundle:
         """Read and verify a bundle file."""
         path = Path(path)
         try:

@@ -23,7 +23,7 @@ __all__ = ["BundleCache"]
 class BundleCache:
     """Content-addressed bundle files plus a per-(gateway, model) pointer to the latest one."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory).expanduser()
 
     def _index(self, gateway_url: str, model: str) -> Path:

@@ -101,8 +101,8 @@ class EdgeClient:
         gateway_url: str,
         api_key: str | None = None,
         model: str | None = None,
-        bundle: EdgeBundle | str | os.PathLike | None = None,
-        cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+        bundle: EdgeBundle | str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR,
         timeout: float = 30.0,
         retries: int = 3,
         *,
@@ -251,7 +251,9 @@ class EdgeClient:
         headers = {"Accept": "application/octet-stream"}
         if cached is not None:
             headers["If-None-Match"] = f'"{cached.sha256}"'
-        request = self._request("GET", f"/v1/models/{quote(self.model, safe='')}/edge-bundle", **headers)
+        request = self._request(
+            "GET", f"/v1/models/{quote(self.model, safe='')}/edge-bundle", None, **headers
+        )
         response = yield from exchange(request, self.policy, accept=frozenset({304}))
         if response.status_code == 304 and cached is not None:
             return self._use(cached)

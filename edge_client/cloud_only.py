@@ -20,7 +20,7 @@ __all__ = ["JPEG_QUALITY", "ImageInput", "jpeg_payload", "read_image"]
 
 JPEG_QUALITY = 90
 
-ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
 def read_image(image: ImageInput) -> bytes | Image.Image | np.ndarray:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -44,12 +44,14 @@ _SEARCH_CHUNK = 128  # tokens per distance block: 128 x 4096 float32 = 2 MiB
 
 
 def _quick_gelu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(np.float32(-1.702) * x))
+    out: np.ndarray = x / (np.float32(1.0) + np.exp(np.float32(-1.702) * x))
+    return out
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     inner = np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x * x * x)
-    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+    out: np.ndarray = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+    return out
 
 
 _ERFC_COEFFICIENTS = (  # t^9 .. t^1 coefficients of the exponent's polynomial
@@ -74,11 +76,13 @@ def _erf(x: np.ndarray) -> np.ndarray:
     for coef in _ERFC_COEFFICIENTS:
         horner = horner * t + coef
     erfc = t * np.exp(-z * z - 1.26551223 + t * horner)
-    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0).astype(np.float32)
+    out: np.ndarray = np.where(x >= 0, 1.0 - erfc, erfc - 1.0).astype(np.float32)
+    return out
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
-    return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1.0 / math.sqrt(2.0))))
+    out: np.ndarray = np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1.0 / math.sqrt(2.0))))
+    return out
 
 
 _ACTIVATIONS = {
@@ -98,7 +102,7 @@ def activation(name: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """LayerNorm over the last axis with biased variance, as ``torch.nn.LayerNorm``."""
-    centred = x - x.mean(-1, keepdims=True)
+    centred: np.ndarray = x - x.mean(-1, keepdims=True)
     var = np.einsum("td,td->t", centred, centred)[:, None] / np.float32(x.shape[-1])
     centred /= np.sqrt(var + np.float32(eps))  # in place: saves two (tokens, D) temporaries
     centred *= weight
@@ -109,7 +113,9 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
 class _Layer:
     """One CLIP encoder layer with pre-transposed, fused weights."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], prefix: str, heads: int, eps: float, act: str) -> None:
+    def __init__(
+        self, tensors: Mapping[str, np.ndarray], prefix: str, heads: int, eps: float, act: str
+    ) -> None:
         def t(name: str) -> np.ndarray:
             return tensors[prefix + name]
 
@@ -139,7 +145,8 @@ class _Layer:
         hidden_states = hidden_states + (attn @ self.out_weight + self.out_bias)
         h = _layer_norm(hidden_states, *self.ln2, self.eps)
         h = self.act(h @ self.fc1_weight + self.fc1_bias) @ self.fc2_weight + self.fc2_bias
-        return hidden_states + h
+        out: np.ndarray = hidden_states + h
+        return out
 
 
 class EdgeEncoder:
@@ -264,6 +271,7 @@ class EdgeEncoder:
         z = z.reshape(z.shape[0], self.bundle.groups, self.bundle.code_dim)
         if rate_controlled and self._lengths is not None:
             b = self.bundle
+            assert b.ranking is not None  # __init__ sets _lengths only for a bundle with a ranking
             chosen = rdo_search(
                 z[None], self._books, b.ranking, self._lengths, b.rate_lambda, b.refine_threshold
             )

@@ -8,7 +8,9 @@ normalize by ``mean``/``std``. The edge client and the cloud-only worker path bo
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -28,11 +30,11 @@ class ImageSpec:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ImageSpec:
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageSpec:
         return cls(size=int(data["size"]), mean=tuple(data["mean"]), std=tuple(data["std"]))
 
 
@@ -77,7 +79,7 @@ def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
 
 def normalize(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """``(..., H, W, 3)`` uint8 -> ``(..., 3, H, W)`` float32, scaled and normalized."""
-    x = pixels.astype(np.float32) / np.float32(255.0)
+    x: np.ndarray = pixels.astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 

@@ -101,7 +101,8 @@ def encode_request(request: VQARequest) -> bytes:
     fields = request.model_dump(exclude_none=True)
     if fields["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS:
         del fields["max_new_tokens"]
-    return msgpack.packb(fields, use_bin_type=True)
+    body: bytes = msgpack.packb(fields, use_bin_type=True)  # msgpack ships no type hints
+    return body
 
 
 def decode_request(body: bytes) -> VQARequest:
@@ -136,4 +137,5 @@ def parse_request(data: dict[str, Any]) -> VQARequest:
 
 
 def encode_response(response: VQAResponse) -> bytes:
-    return msgpack.packb(response.model_dump(), use_bin_type=True)
+    body: bytes = msgpack.packb(response.model_dump(), use_bin_type=True)
+    return body

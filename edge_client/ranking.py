@@ -62,7 +62,8 @@ def twice_base(vectors: np.ndarray, nbrs: np.ndarray) -> np.ndarray:
     has = nbrs >= 0  # (n, 2)
     weight = np.where(has.sum(1, keepdims=True) == 1, 2, 1) * has  # (n, 2)
     picked = vectors[..., np.maximum(nbrs, 0), :]  # (..., n, 2, d)
-    return (picked * weight[..., None].astype(vectors.dtype)).sum(-2)
+    summed: np.ndarray = (picked * weight[..., None].astype(vectors.dtype)).sum(-2)
+    return summed
 
 
 def _levels(nbrs: np.ndarray) -> list[np.ndarray]:
@@ -115,13 +116,16 @@ class NeighbourRanks:
         """``(..., len(tokens), d)`` float32 exact integers: twice each token's prediction (its
         neighbours' codewords summed, or twice the one, plus its offset). ``before`` ``(..., T)``
         holds the indices of the tokens already chosen (leading axes: several images at once)."""
-        return self.offsets[tokens, g, s] + twice_base(self.books[g, s][before], self.nbrs[tokens])
+        twice: np.ndarray = self.offsets[tokens, g, s] + twice_base(
+            self.books[g, s][before], self.nbrs[tokens]
+        )
+        return twice
 
     def distances(self, twice_predictions: np.ndarray, g: int, s: int) -> np.ndarray:
         """``(..., K)`` float32 holding exact integers below 2**24: ``|c|^2 - c.p`` for every codeword
         c and twice-prediction p ``(..., d)`` (the squared distance, up to a factor and a constant
         per row)."""
-        dist = twice_predictions @ self.books_mt[g, s]
+        dist: np.ndarray = twice_predictions @ self.books_mt[g, s]
         dist += self.norms[g, s]
         return dist
 

@@ -119,7 +119,7 @@ def _ranks(keys: np.ndarray, mine: np.ndarray, cheapest: np.ndarray) -> np.ndarr
     codeword, code 0) are counted over the whole row."""
     low_keys = np.sort(np.take_along_axis(keys, cheapest, -1), axis=-1)  # (m, L)
     inside = mine <= low_keys[:, -1:]
-    ranks = (low_keys[:, None, :] < mine[:, :, None]).sum(-1)
+    ranks: np.ndarray = (low_keys[:, None, :] < mine[:, :, None]).sum(-1)
     rows, cols = np.nonzero(~inside)
     ranks[rows, cols] = (keys[rows] < mine[rows, cols][:, None]).sum(-1)
     return ranks

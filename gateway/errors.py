@@ -40,6 +40,8 @@ msgpack in :func:`edge_client.protocol.decode_request`, Pillow in
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 from edge_client.errors import (
@@ -258,7 +260,7 @@ def http_status(error: AlignedVQError) -> int:
     return 500
 
 
-def error_body(code: str, message: str) -> dict:
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
@@ -274,7 +276,7 @@ class ErrorBody(BaseModel):
 
 
 # The error statuses of the API routes, for the OpenAPI document.
-ERROR_RESPONSES: dict[int | str, dict] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": codes}
     for status, codes in {
         401: "unauthorized",

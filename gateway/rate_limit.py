@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,7 +103,7 @@ class RedisRateLimiter:
 class MemoryRateLimiter:
     """The same GCRA in this process (``VQA_QUEUE=memory``); called on the event loop only."""
 
-    def __init__(self, limit: RateLimit, clock=time.monotonic_ns) -> None:
+    def __init__(self, limit: RateLimit, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.limit = limit
         self._clock = clock
         self._tat: dict[str, int] = {}

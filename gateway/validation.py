@@ -28,7 +28,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from edge_client.bitstream import DecodedStream, decode_stream, read_header
 from edge_client.errors import ImageError
@@ -100,7 +100,7 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
                 width, height = probe.size
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise ImageError(f"expected a {', '.join(IMAGE_FORMATS)} image, got bytes of none of these") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"image could not be decoded: {type(exc).__name__}") from None

@@ -21,8 +21,9 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,6 +60,7 @@ _HTTP_CODES = {
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: GatewaySettings = app.state.settings
     in_process = None
+    queue: MemoryQueue | RedisGatewayQueue
     if settings.queue == "memory":
         from ..worker.worker import InProcessWorker  # its thread loads torch: in this mode only
 
@@ -106,7 +108,7 @@ def _respond(
     code: str,
     message: str,
     retry_after: int | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """The JSON error reply, with the headers its status promises (RFC 9110: ``Allow`` on 405,
     ``WWW-Authenticate`` on 401; ours: ``Retry-After`` on 429 and 503)."""
@@ -214,7 +216,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     return app
 
 
-def _parse_args(argv: Sequence[str] | None) -> dict:
+def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="vqa-gateway", description="Serve the VQA HTTP API (settings: VQA_* env vars and .env)."
     )

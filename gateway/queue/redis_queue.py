@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -44,6 +45,9 @@ from .keys import (
     Status,
 )
 from .scripts import ENQUEUE, FINISH
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 __all__ = ["RedisGatewayQueue", "RedisWorkerQueue", "redis_errors"]
 
@@ -67,7 +71,14 @@ def redis_errors() -> Iterator[None]:
         raise QueueUnavailable(f"queue unavailable ({type(exc).__name__}); retry later") from exc
 
 
-def _client_options(settings: QueueSettings, block_s: float) -> dict:
+# Both clients are made with decode_responses=False, so every Redis reply is bytes. redis-py types
+# replies as ``bytes | str`` (its annotations cannot see that option): the casts below say bytes.
+# Stream entries as parsed by redis-py: (entry id, fields), fields None for an entry deleted while
+# pending.
+_Entries = Sequence[tuple[bytes, dict[bytes, bytes] | None]]
+
+
+def _client_options(settings: QueueSettings, block_s: float) -> dict[str, Any]:
     return {
         "socket_connect_timeout": settings.redis_timeout_s,
         "socket_timeout": settings.redis_timeout_s + block_s,
@@ -85,7 +96,7 @@ class RedisGatewayQueue:
         self.reply_key = self.keys.replies(gateway_id)
         self._block_s = max(0.05, min(1.0, settings.redis_timeout_s / 2))
         self._client: aioredis.Redis | None = None
-        self._reader: asyncio.Task | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[tuple[str, str], list[asyncio.Future[Reply]]] = {}
 
     @property
@@ -137,7 +148,7 @@ class RedisGatewayQueue:
                 delay = min(delay * 2, 1.0)
                 continue
             if popped:
-                for payload in popped[1]:
+                for payload in cast("list[bytes]", popped[1]):
                     self._resolve(payload)
 
     def _resolve(self, payload: bytes) -> None:
@@ -161,7 +172,7 @@ class RedisGatewayQueue:
         self._waiting.setdefault(key, []).append(future)
         try:
             now = now_ms()
-            args = [
+            args: list[EncodableT] = [
                 self.reply_key,
                 deadline_ms,
                 max(deadline_ms - now, 1) + INFLIGHT_SLACK_MS,
@@ -216,15 +227,15 @@ class RedisGatewayQueue:
     async def model_names(self) -> list[str]:
         with redis_errors():
             names = await self.client.smembers(self.keys.models())
-        return sorted(name.decode() for name in names)
+        return sorted(name.decode() for name in cast("set[bytes]", names))
 
     async def model_info(self, model: str) -> bytes | None:
         with redis_errors():
-            return await self.client.get(self.keys.model(model))
+            return cast("bytes | None", await self.client.get(self.keys.model(model)))
 
     async def bundle(self, sha256: str) -> bytes | None:
         with redis_errors():
-            return await self.client.get(self.keys.bundle(sha256))
+            return cast("bytes | None", await self.client.get(self.keys.bundle(sha256)))
 
     async def live_workers(self, model: str) -> int:
         with redis_errors():
@@ -304,7 +315,9 @@ class RedisWorkerQueue:
         with redis_errors():
             if host is None:
                 return int(self.client.zcount(self.keys.workers(self.model), now_ms(), "+inf"))
-            members = self.client.zrangebyscore(self.keys.workers(self.model), now_ms(), "+inf")
+            members = cast(
+                "list[bytes]", self.client.zrangebyscore(self.keys.workers(self.model), now_ms(), "+inf")
+            )
         return sum(1 for m in members if m.decode().startswith(f"{host}-"))
 
     def backlog(self) -> int:
@@ -324,10 +337,11 @@ class RedisWorkerQueue:
                 log.warning("consumer group missing on %s: recreating it", self.stream)
                 self.prepare()
                 return []
-        entries = response[0][1] if response else []
+        # [[stream name, entries]]: one stream was read.
+        entries: _Entries = cast("list[list[Any]]", response)[0][1] if response else []
         return self._parse(entries, deliveries=1)
 
-    def _parse(self, entries: list, deliveries: int) -> list[Job]:
+    def _parse(self, entries: _Entries, deliveries: int) -> list[Job]:
         jobs = []
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
@@ -340,11 +354,12 @@ class RedisWorkerQueue:
                 self._bury(entry_id, fields, reason=str(exc), deliveries=deliveries)
         return jobs
 
-    def _bury(self, entry_id: str, fields: dict, reason: str, deliveries: int) -> None:
+    def _bury(self, entry_id: str, fields: dict[bytes, bytes], reason: str, deliveries: int) -> None:
         """Move an entry that must never be processed to the dead-letter stream."""
         with redis_errors():
             pipe = self.client.pipeline(transaction=True)
-            record = dict(fields)
+            # redis-py's xadd takes an invariant Dict[FieldT, EncodableT] (it only reads it).
+            record = cast("dict[FieldT, EncodableT]", dict(fields))
             record.update(
                 {
                     b"entry_id": entry_id,
@@ -387,7 +402,7 @@ class RedisWorkerQueue:
                 count=len(ids) + 16,
                 consumername=self.consumer,
             )
-        deliveries = {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+        deliveries = {cast(bytes, p["message_id"]).decode(): int(p["times_delivered"]) for p in pending}
         claimed = Claimed()
         for job in self._parse(entries, deliveries=0):
             job = replace(job, deliveries=deliveries.get(job.entry_id, 1))
@@ -406,7 +421,7 @@ class RedisWorkerQueue:
                 self.client.xadd(
                     self.keys.dead(self.model),
                     {
-                        **job.fields(),
+                        **cast("dict[FieldT, EncodableT]", job.fields()),
                         "entry_id": job.entry_id,
                         "reason": reason,
                         "deliveries": job.deliveries,
@@ -423,7 +438,8 @@ class RedisWorkerQueue:
         if not done:
             return
         result_ttl_ms = self.settings.result_ttl_s * 1000
-        keys, args = [self.stream], [GROUP, REPLY_LIST_TTL_MS]
+        keys = [self.stream]
+        args: list[EncodableT] = [GROUP, REPLY_LIST_TTL_MS]
         for job, reply in done:
             keys += [
                 self.keys.result(job.model, job.request_id),

@@ -19,6 +19,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -30,7 +31,7 @@ __all__ = ["main"]
 log = logging.getLogger("gateway.worker")
 
 
-def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict]:
+def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="vqa-worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--redis-url", help="Redis URL (VQA_REDIS_URL)")
     parser.add_argument("--model", help="registry name or model directory (VQA_MODEL)")

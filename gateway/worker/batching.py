@@ -54,7 +54,8 @@ def collect_batch(
 
 def split_expired(items: Sequence[T], deadline: Callable[[T], int], now_ms: int) -> tuple[list[T], list[T]]:
     """``(live, expired)``: items whose deadline (epoch ms) has passed are dropped before compute."""
-    live, expired = [], []
+    live: list[T] = []
+    expired: list[T] = []
     for item in items:
         (expired if deadline(item) <= now_ms else live).append(item)
     return live, expired

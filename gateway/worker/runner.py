@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -48,7 +49,15 @@ def resolve_device(device: str) -> str:
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
+    resolved: torch.dtype = getattr(torch, dtype)
+    return resolved
+
+
+def _present(array: np.ndarray | None) -> np.ndarray:
+    # Callers pick the items whose array is set; a coded item has stats whenever the quantizer has
+    # stat_bits, since validation requires a stream's stat_bits to equal the served quantizer's.
+    assert array is not None
+    return array
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,16 +154,20 @@ class Runner:
         rows: dict[int, torch.Tensor] = {}
         coded = [i for i, item in enumerate(items) if item.indices is not None]
         if coded:
-            indices = torch.from_numpy(np.stack([items[i].indices for i in coded]).astype(np.int64))
+            indices = torch.from_numpy(np.stack([_present(items[i].indices) for i in coded]).astype(np.int64))
             levels = None
             if self.quantizer.config.stat_bits:
-                levels = torch.from_numpy(np.stack([items[i].stats for i in coded]).astype(np.int64))
+                levels = torch.from_numpy(
+                    np.stack([_present(items[i].stats) for i in coded]).astype(np.int64)
+                )
                 levels = levels.to(self.device)
             decoded = self.quantizer.decode(indices.to(self.device), levels)
             rows.update(zip(coded, decoded, strict=True))
         images = [i for i, item in enumerate(items) if item.pixel_values is not None]
         if images:
-            pixels = torch.from_numpy(np.stack([items[i].pixel_values for i in images])).to(self.device)
+            pixels = torch.from_numpy(np.stack([_present(items[i].pixel_values) for i in images])).to(
+                self.device
+            )
             rows.update(zip(images, self.edge(pixels), strict=True))
         dtype = next(self.cloud.parameters()).dtype
         return torch.stack([rows[i].to(dtype) for i in range(len(items))])
@@ -197,5 +210,7 @@ class Runner:
             row = row[: item.max_new_tokens]
             if self.eos_token_id in row:
                 row = row[: row.index(self.eos_token_id)]
-            answers.append(self.loaded.tokenizer.decode(row, skip_special_tokens=True).strip())
+            # One sequence of ids decodes to one string (transformers types decode for batches too).
+            answer = cast(str, self.loaded.tokenizer.decode(row, skip_special_tokens=True))
+            answers.append(answer.strip())
         return answers
