@@ -365,6 +365,16 @@ def test_keda_scales_workers_on_their_stream(variant):
     (lag,) = [t["metadata"] for t in triggers if "lagCount" in t["metadata"]]
     assert lag["consumerGroup"] == GROUP
     assert int(lag["lagCount"]) >= int(settings["VQA_MAX_BATCH"])
+    # The gateway answers 429 above VQA_MAX_BACKLOG entries: the backlog that takes KEDA to its
+    # largest count must fit under it, or the last workers are never started.
+    (length,) = [int(t["metadata"]["streamLength"]) for t in triggers if "streamLength" in t["metadata"]]
+    assert spec["maxReplicaCount"] * min(length, int(lag["lagCount"])) <= int(settings["VQA_MAX_BACKLOG"])
+
+
+def test_gpu_batch_is_the_benchmarks_best():
+    """VQA_MAX_BATCH of the gpu overlay is the batch at which the GPU benchmark peaked."""
+    summary = json.loads((ROOT / "benchmarks" / "results" / "gpu_worker.json").read_text())["summary"]
+    assert int(config("gpu")["VQA_MAX_BATCH"]) == summary["cloud_half_fused"]["best_batch"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
