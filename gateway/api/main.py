@@ -43,6 +43,7 @@ from ..queue import MemoryQueue, RedisGatewayQueue
 from ..rate_limit import RateLimit, limiter_for
 from ..served_models import Registry
 from .routes import health_router, models_router, vqa_router
+from .routes.web import router as web_router
 
 __all__ = ["create_app", "run"]
 
@@ -196,6 +197,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(vqa_router)
     app.include_router(models_router)
     app.include_router(health_router)
+    app.include_router(web_router)  # GET /: the web edge page (edge_client/web)
     app.add_exception_handler(AlignedVQError, _handle_error)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
