@@ -62,7 +62,6 @@ from edge_client.errors import (
 from edge_client.protocol import RequestError
 
 __all__ = [
-    "ERROR_RESPONSES",
     "HTTP_STATUS",
     "BodyTooLarge",
     "BundleUnavailable",
@@ -88,6 +87,7 @@ __all__ = [
     "WorkerError",
     "error_body",
     "error_from_code",
+    "error_responses",
     "http_status",
 ]
 
@@ -275,22 +275,24 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-# The error statuses of the API routes, for the OpenAPI document.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": codes}
-    for status, codes in {
-        401: "unauthorized",
-        404: "unknown_model, bundle_unavailable",
-        409: "codebook_mismatch, request_id_reused",
-        413: "body_too_large",
-        415: "unsupported_media_type",
-        422: "bad_request, stream_mismatch, question_too_long, bad_image, corrupt_stream, ...",
-        429: "overloaded, rate_limited (with Retry-After)",
-        502: "dead_letter",
-        503: "queue_unavailable, no_worker (with Retry-After)",
-        504: "deadline_exceeded",
-    }.items()
-}
+# Statuses whose replies carry Retry-After (the OpenAPI descriptions say so).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+def error_responses(*errors: type[AlignedVQError]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` entry of a route that can fail with exactly ``errors``: one entry
+    per status, naming its codes, so a schema-driven client learns every status it may meet."""
+    codes: dict[int, list[str]] = {}
+    for error in errors:
+        codes.setdefault(HTTP_STATUS[error.code], []).append(error.code)
+    return {
+        status: {
+            "model": ErrorBody,
+            "description": ", ".join(sorted(names))
+            + (" (with Retry-After)" if status in RETRY_AFTER_STATUSES else ""),
+        }
+        for status, names in sorted(codes.items())
+    }
 
 
 def error_from_code(code: str, message: str) -> AlignedVQError:

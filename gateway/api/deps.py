@@ -22,7 +22,7 @@ from fastapi.security.base import SecurityBase
 from edge_client.protocol import CONTENT_TYPE
 
 from ..config import GatewaySettings
-from ..errors import BodyTooLarge, Unauthorized, UnsupportedMediaType
+from ..errors import BodyTooLarge, QueueUnavailable, RateLimited, Unauthorized, UnsupportedMediaType
 from ..metrics import Metrics
 from ..queue import GatewayQueue
 from ..rate_limit import RateLimiter
@@ -149,6 +149,8 @@ class ApiKeyAuth(SecurityBase):
 
 authorize = ApiKeyAuth()
 Authorized = Depends(authorize)
+# What :data:`Authorized` may refuse with, on every route behind it (the limits live in Redis).
+AUTH_ERRORS = (Unauthorized, RateLimited, QueueUnavailable)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

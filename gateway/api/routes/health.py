@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from ...errors import ERROR_RESPONSES, NotReady
+from ...errors import NotReady, QueueUnavailable, error_responses
 from ...metrics import CONTENT_TYPE_LATEST
 from ..deps import MetricsDep, QueueDep, RegistryDep
 
@@ -33,7 +33,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz/gateway", response_model=Health, responses={503: ERROR_RESPONSES[503]})
+@router.get("/readyz/gateway", response_model=Health, responses=error_responses(QueueUnavailable, NotReady))
 async def gateway_ready(request: Request, queue: QueueDep) -> Health:
     """503 unless this gateway can accept requests: the queue answers (and, in memory mode, its
     in-process worker has not failed). Says nothing about workers."""
@@ -48,7 +48,7 @@ def _check_in_process(request: Request) -> None:
         raise NotReady(f"the in-process worker failed: {in_process.failure}")
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: ERROR_RESPONSES[503]})
+@router.get("/readyz", response_model=Readiness, responses=error_responses(QueueUnavailable, NotReady))
 async def readyz(request: Request, queue: QueueDep, registry: RegistryDep) -> Readiness:
     """503 unless the queue answers and every served model has at least one live worker."""
     await queue.ping()

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
-from ...errors import ERROR_RESPONSES
+from ...errors import BundleUnavailable, UnknownModel, error_responses
 from ...served_models import ModelInfo
-from ..deps import Authorized, QueueDep, RegistryDep
+from ..deps import AUTH_ERRORS, Authorized, QueueDep, RegistryDep
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Authorized])
 
@@ -26,7 +26,7 @@ class ModelList(BaseModel):
     models: list[ServedModelOut]
 
 
-@router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
+@router.get("/models", response_model=ModelList, responses=error_responses(*AUTH_ERRORS))
 async def list_models(registry: RegistryDep, queue: QueueDep) -> ModelList:
     served = await registry.all()
     return ModelList(
@@ -43,7 +43,7 @@ async def list_models(registry: RegistryDep, queue: QueueDep) -> ModelList:
     responses={
         200: {"content": {BUNDLE_MEDIA_TYPE: {}}, "description": "The edge bundle (safetensors)"},
         304: {"description": "If-None-Match matched the bundle's ETag"},
-        **ERROR_RESPONSES,
+        **error_responses(*AUTH_ERRORS, UnknownModel, BundleUnavailable),
     },
 )
 async def edge_bundle(

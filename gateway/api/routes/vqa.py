@@ -11,27 +11,90 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from edge_client.protocol import CONTENT_TYPE, VQAResponse, decode_request, encode_response
+from edge_client.errors import (
+    CorruptStreamError,
+    EntropyModelError,
+    ImageError,
+    IndexRangeError,
+    TruncatedStreamError,
+    UnsupportedVersionError,
+)
+from edge_client.protocol import (
+    CONTENT_TYPE,
+    RequestError,
+    VQARequest,
+    VQAResponse,
+    decode_request,
+    encode_response,
+)
 
-from ...errors import ERROR_RESPONSES, NoWorker, RequestIdReused
+from ...errors import (
+    BodyTooLarge,
+    BundleUnavailable,
+    CodebookMismatch,
+    DeadLettered,
+    DeadlineExceeded,
+    NoWorker,
+    Overloaded,
+    QuestionTooLong,
+    RequestIdReused,
+    StreamMismatch,
+    UnknownModel,
+    UnsupportedMediaType,
+    error_responses,
+)
 from ...queue import now_ms
 from ...validation import check_request
-from ..deps import Authorized, read_body, state
+from ..deps import AUTH_ERRORS, Authorized, read_body, state
 from ..idempotency import request_digest, scoped_request
 
 router = APIRouter(prefix="/v1", tags=["vqa"], dependencies=[Authorized])
+
+# Every way POST /v1/vqa can fail, for its OpenAPI entry (tests/gateway/api/test_openapi.py checks
+# that each one is reachable and that nothing else is returned).
+VQA_ERRORS = (
+    *AUTH_ERRORS,
+    BodyTooLarge,
+    UnsupportedMediaType,
+    RequestError,
+    QuestionTooLong,
+    StreamMismatch,
+    ImageError,
+    TruncatedStreamError,
+    CorruptStreamError,
+    UnsupportedVersionError,
+    EntropyModelError,
+    IndexRangeError,
+    UnknownModel,
+    BundleUnavailable,
+    CodebookMismatch,
+    RequestIdReused,
+    Overloaded,
+    NoWorker,
+    DeadLettered,
+    DeadlineExceeded,
+)
+# The msgpack request and reply as schemas, so schema-driven tools can build and serialise them.
+_REPLY_SCHEMA = {"$ref": "#/components/schemas/VQAResponse"}
 
 
 @router.post(
     "/vqa",
     response_model=VQAResponse,
-    responses=ERROR_RESPONSES,
+    responses={
+        200: {
+            "description": "The answer, as JSON or (with Accept: application/msgpack) as a msgpack map",
+            "content": {CONTENT_TYPE: {"schema": _REPLY_SCHEMA}},
+        },
+        **error_responses(*VQA_ERRORS),
+    },
     summary="Answer a question about an image (AlignedVQ features or a cloud-only image)",
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
-            "description": "A msgpack map, see edge_client.protocol.VQARequest",
+            "content": {CONTENT_TYPE: {"schema": VQARequest.model_json_schema()}},
+            "description": "A msgpack map (edge_client.protocol.VQARequest); bytes fields are msgpack "
+            "bin. timeout_ms is further capped by the gateway's VQA_MAX_TIMEOUT_MS (422 above it).",
         }
     },
 )
@@ -43,6 +106,11 @@ async def ask(
     body = await read_body(request, settings.max_body_bytes)
     arrived = now_ms()
     vqa = decode_request(body)
+    if vqa.timeout_ms is not None and vqa.timeout_ms > settings.max_timeout_ms:
+        raise RequestError(
+            f"field 'timeout_ms': expected at most {settings.max_timeout_ms} on this gateway "
+            f"(VQA_MAX_TIMEOUT_MS), got {vqa.timeout_ms}"
+        )
     served = await app.registry.get(vqa.model)
     limits = dict(max_question_chars=settings.max_question_chars, max_image_pixels=settings.max_image_pixels)
     if vqa.image is None:
@@ -51,7 +119,7 @@ async def ask(
         check_request(vqa, served.streams, **limits)
     else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
         await run_in_threadpool(check_request, vqa, served.streams, **limits)
-    budget = min(vqa.timeout_ms or settings.request_timeout_ms, settings.max_timeout_ms)
+    budget = vqa.timeout_ms or settings.request_timeout_ms
     if not await app.queue.worker_seen_within(vqa.model, settings.no_worker_grace_ms):
         raise NoWorker(
             f"no worker of model {vqa.model} has been live for {settings.no_worker_grace_ms} ms "
