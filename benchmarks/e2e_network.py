@@ -77,30 +77,26 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from benchmarks.serving_load import (
-    HOST,
-    Stack,
-    entry_point,
-    free_port,
+from benchmarks.harness.bodies import QUESTION, request_body
+from benchmarks.harness.bundles import llava15_bundle
+from benchmarks.harness.images import load_photos
+from benchmarks.harness.payloads import normalize
+from benchmarks.harness.pointers import resolve
+from benchmarks.harness.record import (
+    ONE_THREAD,
+    RESULTS,
+    ROOT,
+    describe,
+    header,
     loadavg,
-    normalize,
-    percentile,
-    redis_version,
+    relative,
     write_result,
 )
-from benchmarks.summary import resolve
-from benchmarks.wire_bytes import (
-    QUESTION,
-    llava15_bundle,
-    load_photos,
-    machine_info,
-    now,
-    request_body,
-)
+from benchmarks.harness.stack import RedisServer, Stack, entry_point, redis_version
+from benchmarks.harness.stats import percentile
 from edge_client import EdgeClient
 from edge_client.bundle import EdgeBundle
 from edge_client.cloud_only import jpeg_payload
@@ -133,8 +129,6 @@ QUICK: dict[str, Any] = {
     "upload_repeats": 1,
 }
 GOALS = {0.1: 10.0, 1.0: 2.5, 100.0: 0.95}  # the issue's 7B speedup bars, by uplink Mbit/s
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 SAMPLES = ROOT / "samples"
 EDGE_COST = RESULTS / "edge_cost.json"
 EDGE_POINTERS = {  # llava-1.5-7b geometry, 336 px input array, this CPU
@@ -149,10 +143,6 @@ GPU_POINTERS = {
 }
 CLIENT_IP, SERVER_IP = "10.77.0.1", "10.77.0.2"
 MODES = ("edge_cloud", "cloud_only")
-# The edge encodes with one BLAS thread, as edge_cost.py measures it. On this shared 2-core machine
-# it matters: OpenBLAS threads spin for a while after each call, and a client's spinning thread took
-# the worker's core (a first run: edge-cloud compute 72 ms vs 38 ms cloud-only, same model).
-EDGE_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # --------------------------------------------------------------------------------------------------
 
 
@@ -458,43 +448,18 @@ def llava15_bodies() -> tuple[dict[str, list[bytes]], dict[str, Any]]:
 
 
 # ---- the real stack (bundled rows) ----------------------------------------------------------------
-class NetnsStack(Stack):
-    """serving_load's Stack with the gateway listening on every address of its namespace.
+def start_server(link: Link, workdir: Path, settings: dict, cleanup: contextlib.ExitStack) -> Stack:
+    """Redis (no persistence), gateway and one CPU worker, all in the server namespace.
 
-    Stack binds 127.0.0.1, which the client namespace cannot reach; its health checks still use
-    127.0.0.1, from inside the server namespace (see :func:`inside`).
+    The gateway listens on every address there (the client namespace cannot reach 127.0.0.1); its
+    health checks still use 127.0.0.1, from inside the server namespace (see :func:`inside`).
     """
-
-    def start_gateway(self, timeout: float) -> None:
-        env = self.env(
-            VQA_ALLOW_ANONYMOUS="true", VQA_API_KEYS="", VQA_HOST="0.0.0.0", VQA_PORT=str(self.port)
-        )
-        argv = [entry_point("vqa-gateway"), "--host", "0.0.0.0", "--port", str(self.port)]
-        self.gateway = self.spawn("gateway", argv, env)
-        self.wait(lambda: self._get("/healthz") == 200, timeout, "gateway /healthz")
-
-
-def ping(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def start_server(link: Link, workdir: Path, settings: dict, cleanup: contextlib.ExitStack) -> NetnsStack:
-    """Redis (no persistence), gateway and one CPU worker, all in the server namespace."""
     with inside(link.server):
-        port = free_port()
-        stack = NetnsStack(f"redis://{HOST}:{port}/0", settings["model"], workdir)
-        argv = [entry_point("redis-server"), "--bind", HOST, "--port", str(port), "--save", "",
-                "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]  # fmt: skip
-        redis_server = stack.spawn("redis", argv, dict(os.environ))
-        cleanup.callback(stop_process, redis_server)
+        redis_server = RedisServer(workdir, workdir, aof=False)
+        stack = Stack(redis_server.url, settings["model"], workdir, bind="0.0.0.0")
+        cleanup.callback(redis_server.stop)
         cleanup.callback(stop_stack, link, stack)  # runs first: the stack, then Redis
-        stack.wait(lambda: ping(stack.redis_url), 20, "redis-server")
+        redis_server.start()
         timeout = settings["startup_timeout_s"]
         stack.start_gateway(timeout)
         stack.start_workers(1, 1, 0, settings["torch_threads"], timeout)  # batch 1: no fill wait
@@ -504,12 +469,6 @@ def start_server(link: Link, workdir: Path, settings: dict, cleanup: contextlib.
 def stop_stack(link: Link, stack: Stack) -> None:
     with inside(link.server):  # Stack.stop also deletes its keys in this namespace's Redis
         stack.stop()
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-    process.wait(20)
 
 
 # ---- bundled-model requests -------------------------------------------------------------------------
@@ -537,8 +496,11 @@ def bundled_questions(workdir: Path, settings: dict) -> list[Question]:
 
 
 def client_env() -> dict[str, str]:
-    """The CLI's environment: one BLAS thread (:data:`EDGE_THREADS`), no VQA_* settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("VQA_")} | EDGE_THREADS
+    """The CLI's environment: no VQA_* settings, and one BLAS thread, as ``edge_cost`` measures the
+    edge. On a shared 2-core machine that matters: OpenBLAS threads spin for a while after each call,
+    and a client's spinning thread took the worker's core (edge-cloud compute ran slower than
+    cloud-only on the same model)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("VQA_")} | ONE_THREAD
 
 
 def timed_cli(argv: list[str], cwd: Path, timeout_s: float) -> tuple[float, str]:
@@ -594,7 +556,7 @@ def measure_bundled(url: str, questions: list[Question], cache: Path, settings: 
                 records[MODES[cloud_only]].append(cli_ask(url, q, cloud_only, cache, settings))
     timeout = settings["request_timeout_s"]
     with (
-        threadpool_limits(limits=1),  # as the CLI's EDGE_THREADS
+        threadpool_limits(limits=1),  # as the CLI's client_env
         EdgeClient(url, model=settings["model"], cache_dir=cache, timeout=timeout, retries=0) as client,
     ):
         for cloud_only in (False, True):  # warm-up: bundle revalidated, connection open
@@ -697,13 +659,7 @@ def read_figures(path: Path, pointers: dict[str, str]) -> dict[str, Any]:
     """The values at ``pointers`` (JSON Pointers) in ``path``, with where they came from."""
     document = json.loads(path.read_text())
     values = {name: resolve(document, pointer) for name, pointer in pointers.items()}
-    return values | {"source": {"file": shown(path), "date": document.get("date"), "pointers": pointers}}
-
-
-def shown(path: Path) -> str:
-    """``path`` relative to the repository root where it lies inside, as summary.json names files."""
-    resolved = path.resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(resolved)
+    return values | {"source": {"file": relative(path), "date": document.get("date"), "pointers": pointers}}
 
 
 def gpu_figures(path: Path) -> dict[str, Any] | None:
@@ -756,7 +712,7 @@ NOTES = (
     "sch_netem): 10 ms each way (20 ms RTT), uplink serialized FIFO at bandwidth_mbit (IP bytes, no "
     "loss), downlink delay only; no TLS. Bundled rows are fully real: own redis-server (no persistence), "
     "vqa-gateway and one vqa-worker (CPU, batch 1) in the server namespace, clients in the client "
-    "namespace with one BLAS thread (EDGE_THREADS). cli_wall_ms: one edge-client process per request, "
+    "namespace with one BLAS thread. cli_wall_ms: one edge-client process per request, "
     "spawn to exit, including interpreter start, imports, bundle revalidation (a new TCP connection + "
     "one 304 round trip) and the request; cli_minus_startup_ms subtracts the median of cli_startup_ms "
     "(edge-client bundle-info on the cached bundle: start, imports, bundle verification, no network). "
@@ -815,12 +771,8 @@ def run(settings: dict, out: Path, gpu_path: Path) -> dict[str, Any]:
     edge = read_figures(EDGE_COST, EDGE_POINTERS)
     gpu = gpu_figures(gpu_path)
     print(f"GPU figures: {gpu if gpu else f'none in {gpu_path}: 7B totals will be null'}", flush=True)
-    result: dict[str, Any] = {
-        "benchmark": "e2e_network",
-        "date": now(),
-        "machine": machine_info(),
-        "loadavg_start": loadavg(),
-        "settings": settings | {"gpu_results": shown(gpu_path)},
+    result = header("e2e_network") | {
+        "settings": settings | {"gpu_results": relative(gpu_path)},
         "notes": NOTES,
     }
     # The link first: its delay line is forked before torch (the 7B bodies) starts any thread.
@@ -840,7 +792,7 @@ def run(settings: dict, out: Path, gpu_path: Path) -> dict[str, Any]:
             "downlink": "the one-way delay only",
             "commands": link.commands,
         }
-    result["machine"]["redis_server"] = measured["redis_server"]
+    result["versions"]["redis_server"] = measured["redis_server"]
     result["cli_startup_ms"] = stats(measured["cli_startup"])
     result["bundled"] = {
         "model": settings["model"],
@@ -873,9 +825,7 @@ def main() -> None:
         result = run(settings, args.out, args.gpu_results)
     except NetworkUnavailable as error:
         sys.exit(f"e2e_network: cannot emulate the network, so nothing was measured: {error}")
-    m = result["machine"]
-    print(f"\ne2e_network on {m['hostname']} ({m['cpu']}, {m['cpus_usable']} CPUs), load average "
-          f"{result['loadavg_start']} -> {result['loadavg_end']}; {result['wall_s']} s")  # fmt: skip
+    print(f"\n{describe(result)}")
     print_tables(result)
     print(f"wrote {args.out}")
 

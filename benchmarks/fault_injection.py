@@ -5,10 +5,11 @@
 
 Starts its own ``redis-server`` (127.0.0.1, a free port, AOF with ``appendfsync always`` in a
 temporary directory), one ``vqa-gateway`` (anonymous, short ``VQA_CLAIM_IDLE_MS``) and two
-``vqa-worker --device cpu`` processes, reusing the stack helpers of ``benchmarks.serving_load``.
-Open-loop Poisson load runs throughout; every logical request has one request id and is retried
-with that same id, like :class:`edge_client.EdgeClient`, on connection errors, timeouts and
-429/502/503/504 (``Retry-After`` honoured, bounded exponential backoff, an overall budget).
+``vqa-worker --device cpu`` processes (``benchmarks.harness.stack.own_stack``). Open-loop Poisson
+load runs throughout (``benchmarks.harness.retrying``); every logical request has one request id
+and is retried with that same id, like :class:`edge_client.EdgeClient`, on connection errors,
+timeouts and 429/502/503/504 (``Retry-After`` honoured, bounded exponential backoff, an overall
+budget).
 
 Faults, one after another, each followed by a recovery period (a request belongs to the phase in
 which it was first sent): baseline; SIGKILL a worker (restarted a few seconds later); restart Redis
@@ -29,50 +30,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections import Counter
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-import msgpack
 import redis
 
-from benchmarks.serving_load import (
-    HOST,
-    Item,
-    Stack,
-    _reap,
-    build_items,
-    entry_point,
-    free_port,
-    loadavg,
-    machine,
-    pack,
-    percentile,
-    write_result,
-)
-from edge_client.transport import RETRY_STATUSES, retry_after
-from edge_client.protocol import CONTENT_TYPE
+from benchmarks.harness.payloads import Item, build_items, shapes_dataset
+from benchmarks.harness.record import RESULTS, describe, header, write_result
+from benchmarks.harness.retrying import Load, summarize_outcomes
+from benchmarks.harness.stack import RedisServer, Stack, own_stack, redis_version
 
 # ---- settings ---------------------------------------------------------------------------------
 SETTINGS: dict = {
     "model": "llava-mini-shapes",
-    "dataset": {
-        "generator": "models.data.generate_shapes",
-        "images": 16,
-        "questions_per_image": 4,
-        "seed": 7,
-    },
+    "dataset": shapes_dataset(16),
     "max_new_tokens": 8,
     "workers": 2,
     "torch_threads": 1,
@@ -110,81 +87,9 @@ SETTINGS: dict = {
     "startup_timeout_s": 90.0,
     "replay_concurrency": 16,
 }
-RESULTS = Path(__file__).parent / "results"
 
 
-# ---- the stack: own Redis + gateway + workers ---------------------------------------------------
-class RedisServer:
-    """A ``redis-server`` on 127.0.0.1 with AOF (fsync always) in ``directory``; restartable."""
-
-    def __init__(self, directory: Path, log_dir: Path) -> None:
-        self.directory = directory
-        self.log_dir = log_dir
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def start(self, timeout: float = 20.0) -> None:
-        self.starts += 1
-        argv = [
-            entry_point("redis-server"), "--bind", HOST, "--port", str(self.port), "--protected-mode", "yes",
-            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory), "--save", "",
-            "--daemonize", "no",
-        ]  # fmt: skip
-        with (self.log_dir / f"redis-{self.starts}.log").open("wb") as log:
-            self.process = subprocess.Popen(argv, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-            client = redis.Redis.from_url(self.url, socket_timeout=1)
-            try:
-                if client.ping() and client.info("persistence").get("loading", 0) == 0:
-                    return
-            except redis.RedisError:
-                pass
-            finally:
-                client.close()
-            time.sleep(0.1)
-        raise RuntimeError(f"redis-server not ready after {timeout} s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # SIGTERM: Redis fsyncs the AOF and exits
-        if self.process is not None:
-            _reap(self.process)
-
-
-class FaultStack(Stack):
-    """serving_load's Stack with the fault-injection settings in every child's environment."""
-
-    extra_env: dict[str, str] = {}
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return super().env(**self.extra_env, **extra)
-
-    def spawn_worker(self, settings: dict) -> subprocess.Popen:
-        env = self.env(
-            VQA_MAX_BATCH=str(settings["max_batch"]),
-            VQA_MAX_WAIT_MS=str(settings["max_wait_ms"]),
-            VQA_TORCH_THREADS=str(settings["torch_threads"]),
-        )
-        argv = [entry_point("vqa-worker"), "--model", self.model, "--device", "cpu", "--log-level", "WARNING"]
-        return self.spawn("worker", argv, env)
-
-    def start(self, settings: dict) -> None:
-        """The gateway and ``settings["workers"]`` workers; returns once all are live and ready."""
-        timeout = settings["startup_timeout_s"]
-        self.start_gateway(timeout)
-        self.workers = [self.spawn_worker(settings) for _ in range(settings["workers"])]
-        self.wait(lambda: self.live_workers() == settings["workers"], timeout, "live workers")
-        self.wait(lambda: self._get("/readyz") == 200, timeout, "gateway /readyz")
-
-
+# ---- worker counters ----------------------------------------------------------------------------
 class StatsSampler(threading.Thread):
     """Reads every worker's heartbeat (its counters) once a second; keeps the latest per worker."""
 
@@ -220,161 +125,12 @@ class StatsSampler(threading.Thread):
         return {k: sum(int(s.get(k, 0)) for s in stats) for k in keys} | {"workers_seen": len(stats)}
 
 
-# ---- the clients --------------------------------------------------------------------------------
-@dataclass
-class Outcome:
-    request_id: str
-    phase: str
-    sent_at: float  # seconds since the load started
-    attempts: int = 0
-    final: str | None = None  # "answered" | "errored"; None while unfinished (lost at the end)
-    code: str | None = None  # final error: "<status>:<code>" or the transport error's name
-    answer: str | None = None
-    latency_ms: float | None = None
-    answers_seen: set = field(default_factory=set)  # every 200 answer this id received
-    history: list = field(default_factory=list)  # what each failed attempt got
-
-
-def error_code(response: httpx.Response) -> str:
-    try:
-        return f"{response.status_code}:{response.json()['error']['code']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status_code}:?"
-
-
-async def ask(client: httpx.AsyncClient, body: bytes, outcome: Outcome, cfg: dict, t_first: float) -> None:
-    """One logical request, EdgeClient-style: same body (same id) on every retry, bounded overall."""
-    deadline = t_first + cfg["budget_s"]
-    attempt = 0
-    while True:
-        outcome.attempts += 1
-        response = None
-        try:
-            response = await client.post(
-                "/v1/vqa", content=body, headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
-            )
-        except httpx.TransportError as exc:
-            what = type(exc).__name__
-        else:
-            if response.status_code == 200:
-                reply = msgpack.unpackb(response.content, raw=False)
-                if reply.get("request_id") != outcome.request_id:
-                    outcome.final, outcome.code = "errored", "wrong_request_id"
-                    return
-                outcome.answers_seen.add(reply["answer"])
-                outcome.final, outcome.answer = "answered", reply["answer"]
-                outcome.latency_ms = (time.perf_counter() - t_first) * 1e3
-                return
-            what = error_code(response)
-            if response.status_code not in RETRY_STATUSES:
-                outcome.final, outcome.code = "errored", what
-                outcome.latency_ms = (time.perf_counter() - t_first) * 1e3
-                return
-        outcome.history.append(what)
-        hinted = retry_after(response) if response is not None else None
-        pause = (
-            hinted if hinted is not None else cfg["backoff_s"] * 2 ** min(attempt, 8) * random.uniform(0.5, 1)
-        )
-        pause = min(pause, cfg["max_backoff_s"])
-        attempt += 1
-        if time.perf_counter() + pause >= deadline:
-            outcome.final, outcome.code = "errored", f"budget_exhausted({what})"
-            outcome.latency_ms = (time.perf_counter() - t_first) * 1e3
-            return
-        await asyncio.sleep(pause)
-
-
-class Load:
-    def __init__(self, url: str, items: list[Item], settings: dict, clock) -> None:
-        self.url, self.items, self.settings, self.clock = url, items, settings, clock
-        self.outcomes: list[Outcome] = []
-        self.bodies: dict[str, bytes] = {}
-        self.phase = "startup"
-        self.stop_sending = False
-        self.rng = random.Random(11)
-        self.run_id = uuid.uuid4().hex[:8]
-
-    def client(self, concurrency: int = 512) -> httpx.AsyncClient:
-        cfg = self.settings["client"]
-        return httpx.AsyncClient(
-            base_url=self.url,
-            timeout=httpx.Timeout(cfg["attempt_timeout_s"], connect=cfg["connect_timeout_s"]),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=64),
-            trust_env=False,
-        )
-
-    async def run(self) -> dict:
-        """Open-loop arrivals until ``stop_sending``; then drain. Returns drain info."""
-        tasks: list[asyncio.Task] = []
-        async with self.client() as client:
-            at = time.perf_counter()
-            for n in range(self.settings["max_requests"]):
-                at += self.rng.expovariate(self.settings["rate"])
-                delay = at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if self.stop_sending:
-                    break
-                item = self.items[self.rng.randrange(len(self.items))]
-                request_id = f"fi-{self.run_id}-{n}"
-                body = pack(item.fields, request_id)
-                outcome = Outcome(request_id, self.phase, round(self.clock(), 3))
-                self.outcomes.append(outcome)
-                self.bodies[request_id] = body
-                tasks.append(asyncio.create_task(ask(client, body, outcome, self.settings["client"], at)))
-            drain_start = time.perf_counter()
-            _, pending = (
-                await asyncio.wait(tasks, timeout=self.settings["drain_s"]) if tasks else (set(), set())
-            )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        return {"drain_s": round(time.perf_counter() - drain_start, 2), "unfinished": len(pending)}
-
-    async def replay(self) -> dict:
-        """Send every answered request once more (same id): the same answer must come back."""
-        answered = [o for o in self.outcomes if o.final == "answered"]
-        mismatched, failed = [], Counter()
-        semaphore = asyncio.Semaphore(self.settings["replay_concurrency"])
-
-        async def again(client: httpx.AsyncClient, o: Outcome) -> None:
-            async with semaphore:
-                try:
-                    response = await client.post(
-                        "/v1/vqa",
-                        content=self.bodies[o.request_id],
-                        headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE},
-                    )
-                except httpx.TransportError as exc:
-                    failed[type(exc).__name__] += 1
-                    return
-                if response.status_code != 200:
-                    failed[error_code(response)] += 1
-                    return
-                answer = msgpack.unpackb(response.content, raw=False)["answer"]
-                o.answers_seen.add(answer)
-                if answer != o.answer:
-                    mismatched.append({"request_id": o.request_id, "first": o.answer, "replay": answer})
-
-        t0 = time.perf_counter()
-        async with self.client(64) as client:
-            await asyncio.gather(*(again(client, o) for o in answered))
-        return {
-            "replayed": len(answered),
-            "same_answer": len(answered) - len(mismatched) - sum(failed.values()),
-            "different_answer": len(mismatched),
-            "different_examples": mismatched[:10],
-            "failed": dict(failed),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-
-
 # ---- the faults -----------------------------------------------------------------------------------
 class Faults:
     """Runs the phase schedule in its own thread (blocking waits), recording a timeline."""
 
     def __init__(
-        self, stack: FaultStack, redis_server: RedisServer, load: Load, settings: dict, clock
+        self, stack: Stack, redis_server: RedisServer, load: Load, settings: dict, clock: Callable[[], float]
     ) -> None:
         self.stack, self.redis, self.load, self.settings, self.clock = (
             stack,
@@ -421,8 +177,9 @@ class Faults:
             phase["name"], "injected", what="SIGKILL worker", pid=victim.pid, its_pending_entries=pending
         )
         time.sleep(phase["down_s"])
-        worker = self.stack.spawn_worker(self.settings)
-        self.stack.workers.append(worker)
+        worker = self.stack.spawn_worker(
+            self.settings["max_batch"], self.settings["max_wait_ms"], self.settings["torch_threads"]
+        )
         self.mark(phase["name"], "recovered", what="worker restarted", pid=worker.pid)
         t0 = time.monotonic()
         self.wait_workers(worker)
@@ -490,7 +247,7 @@ class Faults:
         self.mark(
             phase["name"], "recovered", what="gateway restarted (same port)", pid=self.stack.gateway.pid
         )
-        self.stack.wait(lambda: self.stack._get("/readyz") == 200, 30, "gateway /readyz")
+        self.stack.wait(lambda: self.stack.status("/readyz") == 200, 30, "gateway /readyz")
         self.mark(phase["name"], "gateway_ready")
 
     def slow_worker(self, phase: dict) -> None:
@@ -502,32 +259,7 @@ class Faults:
         self.mark(phase["name"], "recovered", what="SIGCONT worker", pid=victim.pid)
 
 
-# ---- summaries ------------------------------------------------------------------------------------
-def summarize(outcomes: list[Outcome]) -> dict:
-    answered = [o for o in outcomes if o.final == "answered"]
-    errored = [o for o in outcomes if o.final == "errored"]
-    lost = [o for o in outcomes if o.final is None]
-    latencies = [o.latency_ms for o in answered]
-    return {
-        "requests": len(outcomes),
-        "answered": len(answered),
-        "errored": len(errored),
-        "errors": dict(Counter(o.code for o in errored)),
-        "lost": len(lost),
-        "lost_ids": [o.request_id for o in lost][:20],
-        "retries": sum(max(0, o.attempts - 1) for o in outcomes),
-        "requests_retried": sum(o.attempts > 1 for o in outcomes),
-        "retry_causes": dict(Counter(h for o in outcomes for h in o.history)),
-        "ids_with_two_answers": sum(len(o.answers_seen) > 1 for o in outcomes),
-        "latency_ms": {
-            "p50": round(percentile(latencies, 50), 1) if latencies else None,
-            "p99": round(percentile(latencies, 99), 1) if latencies else None,
-            "max": round(max(latencies), 1) if latencies else None,
-            "mean": round(statistics.fmean(latencies), 1) if latencies else None,
-        },
-    }
-
-
+# ---- output -------------------------------------------------------------------------------------
 COLUMNS = (("fault", 16), ("requests", 8), ("answered", 8), ("errored", 7), ("lost", 5), ("retries", 7),
            ("p50 ms", 8), ("p99 ms", 8), ("errors", 30))  # fmt: skip
 
@@ -544,102 +276,76 @@ def table(phases: dict) -> str:
 
 # ---- main ------------------------------------------------------------------------------------------
 def run(settings: dict, out: Path) -> dict:
-    result: dict = {
-        "benchmark": "fault_injection",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "loadavg_start": loadavg(),
-        "settings": settings,
-    }
     started = time.monotonic()
+    result = header("fault_injection") | {"settings": settings}
+    extra_env = {
+        "VQA_CLAIM_IDLE_MS": str(settings["claim_idle_ms"]),
+        "VQA_MAX_TIMEOUT_MS": str(max(120000, settings["request_timeout_ms"])),
+        "VQA_MAX_DELIVERIES": str(settings["max_deliveries"]),
+        "VQA_RESULT_TTL_S": "600",
+    }
     with tempfile.TemporaryDirectory(prefix="fault-injection-") as tmp:
         workdir = Path(tmp)
-        (workdir / "aof").mkdir()
-        redis_server = RedisServer(workdir / "aof", workdir)
-        FaultStack.extra_env = {
-            "VQA_CLAIM_IDLE_MS": str(settings["claim_idle_ms"]),
-            "VQA_REQUEST_TIMEOUT_MS": str(settings["request_timeout_ms"]),
-            "VQA_MAX_TIMEOUT_MS": str(max(120000, settings["request_timeout_ms"])),
-            "VQA_MAX_DELIVERIES": str(settings["max_deliveries"]),
-            "VQA_RESULT_TTL_S": "600",
-        }
-        stack: FaultStack | None = None
-        sampler: StatsSampler | None = None
         try:
-            redis_server.start()
-            result["machine"] = machine(redis_server.url)
-            stack = FaultStack(
-                redis_server.url, settings["model"], workdir, prefix=f"bench-fi-{uuid.uuid4().hex[:8]}"
-            )
-            stack.start(settings)
-            items, result["payload"] = build_items(
-                stack.url, settings["model"], settings["dataset"], settings["max_new_tokens"],
-                settings["request_timeout_ms"], workdir / "cache",
-            )  # fmt: skip
-            print(f"stack up in {time.monotonic() - started:.1f} s: redis :{redis_server.port}, gateway "
-                  f"{stack.url}, {settings['workers']} workers; {len(items)} payloads",
-                  flush=True)  # fmt: skip
-            sampler = StatsSampler(redis_server.url, stack.prefix, settings["model"])
-            sampler.start()
-
-            t0 = time.monotonic()
-            clock = lambda: time.monotonic() - t0  # noqa: E731
-            load = Load(stack.url, items, settings, clock)
-            faults = Faults(stack, redis_server, load, settings, clock)
-            driver = threading.Thread(target=faults.run, name="faults", daemon=True)
-            driver.start()
-            drain = asyncio.run(load.run())
-            driver.join(60)
-            faults.mark("end", "drained", **drain)
-            sampler.sample()
-            before_replay = sampler.totals()
-            replay = asyncio.run(load.replay())
-            time.sleep(4)  # a heartbeat (every VQA_HEARTBEAT_TTL_S / 3) after the replay
-            sampler.sample()
-            after_replay = sampler.totals()
-            faults.mark("end", "replayed", **{k: v for k, v in replay.items() if k != "different_examples"})
-            if faults.error is not None:
-                raise RuntimeError("the fault driver failed") from faults.error
-
-            phases = {p["name"]: summarize([o for o in load.outcomes if o.phase == p["name"]])
-                      for p in settings["phases"]}  # fmt: skip
-            phases["total"] = summarize(load.outcomes)
-            answered_ids = phases["total"]["answered"]
-            result |= {
-                "phases": phases,
-                "timeline": faults.timeline,
-                "replay": replay,
-                "worker_stats": {
-                    "before_replay": before_replay,
-                    "after_replay": after_replay,
-                    "per_worker": sampler.latest,
-                    # answers computed by workers beyond one per answered id; a lower bound (negative
-                    # when the SIGKILLed worker's last heartbeat missed answers it computed after it)
-                    "duplicate_computations_lower_bound": before_replay["answered"] - answered_ids,
-                    "computed_during_replay": after_replay["answered"] - before_replay["answered"],
-                },
-                "dead_letters": dead_letters(redis_server.url, stack.prefix, settings["model"]),
-                "process_exit_codes": {
-                    "gateway": stack.gateway.poll() if stack.gateway else None,
-                    "workers": [w.poll() for w in stack.workers],
-                },
-            }
-        except BaseException:
-            if stack is not None:
-                print(stack.log_tail(), file=sys.stderr)
-            raise
+            with own_stack(settings, workdir, "fi", extra_env) as (redis_server, stack):
+                result["versions"]["redis_server"] = redis_version(redis_server.url)
+                items, result["payload"] = build_items(stack.url, settings, workdir / "cache")
+                print(f"stack up in {time.monotonic() - started:.1f} s: redis :{redis_server.port}, gateway "
+                      f"{stack.url}, {settings['workers']} workers; {len(items)} payloads",
+                      flush=True)  # fmt: skip
+                result |= inject(stack, redis_server, items, settings)
         finally:
-            if sampler is not None:
-                sampler.halt.set()
-            if stack is not None:
-                for w in stack.workers:  # a worker left stopped would ignore SIGTERM
-                    if w.poll() is None:
-                        w.send_signal(signal.SIGCONT)
-                stack.stop()
-            redis_server.stop()
             result["logs_tail"] = {
                 p.name: p.read_text(errors="replace")[-1500:] for p in sorted(workdir.glob("*.log"))
             }
     return write_result(result, out, started)
+
+
+def inject(stack: Stack, redis_server: RedisServer, items: list[Item], settings: dict) -> dict:
+    """The load with its fault schedule, the drain and the replay; the result's sections."""
+    sampler = StatsSampler(redis_server.url, stack.prefix, settings["model"])
+    sampler.start()
+    try:
+        t0 = time.monotonic()
+        clock = lambda: time.monotonic() - t0  # noqa: E731
+        load = Load(stack.url, items, settings, clock)
+        faults = Faults(stack, redis_server, load, settings, clock)
+        driver = threading.Thread(target=faults.run, name="faults", daemon=True)
+        driver.start()
+        drain = asyncio.run(load.run())
+        driver.join(60)
+        faults.mark("end", "drained", **drain)
+        sampler.sample()
+        before_replay = sampler.totals()
+        replay = asyncio.run(load.replay())
+        time.sleep(4)  # a heartbeat (every VQA_HEARTBEAT_TTL_S / 3) after the replay
+        sampler.sample()
+        after_replay = sampler.totals()
+    finally:
+        sampler.halt.set()
+    faults.mark("end", "replayed", **{k: v for k, v in replay.items() if k != "different_examples"})
+    if faults.error is not None:
+        raise RuntimeError("the fault driver failed") from faults.error
+    phases = {p["name"]: summarize_outcomes([o for o in load.outcomes if o.phase == p["name"]])
+              for p in settings["phases"]}  # fmt: skip
+    phases["total"] = summarize_outcomes(load.outcomes)
+    answered_ids = phases["total"]["answered"]
+    return {
+        "phases": phases,
+        "timeline": faults.timeline,
+        "replay": replay,
+        "worker_stats": {
+            "before_replay": before_replay,
+            "after_replay": after_replay,
+            "per_worker": sampler.latest,
+            # answers computed by workers beyond one per answered id; a lower bound (negative
+            # when the SIGKILLed worker's last heartbeat missed answers it computed after it)
+            "duplicate_computations_lower_bound": before_replay["answered"] - answered_ids,
+            "computed_during_replay": after_replay["answered"] - before_replay["answered"],
+        },
+        "dead_letters": dead_letters(redis_server.url, stack.prefix, settings["model"]),
+        "process_exit_codes": stack.exit_codes(),
+    }
 
 
 def dead_letters(url: str, prefix: str, model: str) -> int | str:
@@ -659,11 +365,7 @@ def main() -> None:
     # SIGTERM ends the script like Ctrl-C does, so the finally block stops every subprocess.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(SETTINGS, args.out)
-    m = result["machine"]
-    print(f"\nfault_injection on {m['hostname']} ({m['processor']}, {m['cpus_usable']} CPUs, "
-          f"{m['platform']}), "
-          f"python {m['python']}, torch {m['torch']}, redis {m['redis_server']}; load average "
-          f"{result['loadavg_start']} -> {result['loadavg_end']}; {result['wall_s']} s")  # fmt: skip
+    print(f"\n{describe(result)}")
     print(
         f"{SETTINGS['rate']:g} req/s open loop; a request counts in the phase it was first sent in; "
         "latency from first send, retries included"

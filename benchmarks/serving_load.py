@@ -37,15 +37,10 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import random
-import re
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,30 +49,24 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import msgpack
 import redis
 
-from edge_client import EdgeClient
-from edge_client.encoder import EdgeEncoder
-from edge_client.protocol import CONTENT_TYPE, decode_request
-from gateway.queue.keys import Keys
-from models.data import generate_shapes
+from benchmarks.harness.payloads import Item, build_items, normalize, pack, shapes_dataset
+from benchmarks.harness.record import RESULTS, describe, header, usable_cpus, write_result
+from benchmarks.harness.stack import Stack, redis_version
+from benchmarks.harness.stats import dist, percentile
+from edge_client.protocol import CONTENT_TYPE
 
 # ---- settings ---------------------------------------------------------------------------------
 SETTINGS: dict = {
     "model": "llava-mini-shapes",
     "redis_url": "redis://127.0.0.1:6379/0",
-    "dataset": {
-        "generator": "models.data.generate_shapes",
-        "images": 64,
-        "questions_per_image": 4,
-        "seed": 7,
-    },
+    "dataset": shapes_dataset(64),
     "max_new_tokens": 8,
     # Worker configurations, each measured with every load below (baselines in the same run).
     "configs": [
@@ -87,7 +76,7 @@ SETTINGS: dict = {
         {"name": "b1-w2", "workers": 2, "max_batch": 1, "max_wait_ms": 10},
     ],
     # torch threads per worker ("auto": cpu_count // workers). 1: on 2 shared cores, 2 OpenMP
-    # threads per worker stall whenever one is descheduled (compute p95 20x its p50 in trials).
+    # threads per worker stall whenever one is descheduled (compute p95 far above its p50).
     "torch_threads": 1,
     "warmup_requests": 16,
     "closed_loop": {"concurrency": [1, 4, 16], "duration_s": 12.0, "max_requests": 2000},
@@ -99,22 +88,22 @@ SETTINGS: dict = {
     "client": "httpx",  # the load generator's HTTP client: httpx, or "raw" (RawClient: far less CPU)
 }
 QUICK: dict = {
-    "dataset": {**SETTINGS["dataset"], "images": 16},
+    "dataset": shapes_dataset(16),
     "configs": [SETTINGS["configs"][0], SETTINGS["configs"][1]],
     "warmup_requests": 8,
     "closed_loop": {"concurrency": [1, 8], "duration_s": 5.0, "max_requests": 500},
     "open_loop": {"rates": [10.0], "duration_s": 5.0, "max_requests": 100},
     "drain_s": 15.0,
 }
-# --overhead: the gateway's own cost at 300 req/s. CPU workers on the bundled model top out near
-# 60-80 req/s here, so the worker serves the tiny random LLaVA the tests build (real weights
-# files, real quantizer, real generate; about 3-15 ms a batch): compute is near-zero by design, and
+# --overhead: the gateway's own cost at 300 req/s. CPU workers on the bundled model top out well
+# below that (results/serving_load_cpu.json), so the worker serves the tiny random LLaVA the tests
+# build (real weights files, real quantizer, real generate): compute is near-zero by design, and
 # overhead excludes compute and queue wait anyway. Its answers are noise (accuracy means nothing).
 OVERHEAD: dict = {
     "benchmark": "serving_overhead",
     "model": "llava-tiny",
     "tiny_model": {"builder": "tests.conftest.build_tiny_model_dir", "quantizer": "preln-16"},
-    "dataset": {**SETTINGS["dataset"], "images": 32},
+    "dataset": shapes_dataset(32),
     "max_new_tokens": 2,
     "client": "raw",
     "configs": [{"name": "tiny-b32", "workers": 1, "max_batch": 32, "max_wait_ms": 5}],
@@ -129,177 +118,12 @@ OVERHEAD_NOTE = (
     "compute and the queue wait (batch fill included) and counts everything else (client, HTTP, "
     "gateway validation, Redis round trips, reply delivery, the worker's per-entry decode and "
     "finish, and any CPU contention between the processes). As in every serving_load run the "
-    "gateway is anonymous with no rate limit, so no API-key check is counted. machine lists uvloop, "
+    "gateway is anonymous with no rate limit, so no API-key check is counted. versions lists uvloop, "
     "httptools and hiredis when installed (uvicorn and redis-py use them if present)."
 )
-RESULTS = Path(__file__).parent / "results"
-HOST = "127.0.0.1"
 
 
-# ---- the stack ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def entry_point(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"cannot find the {name} entry point next to {sys.executable} or on PATH")
-    return found
-
-
-@dataclass
-class Stack:
-    """One gateway and the current set of workers, all subprocesses; :meth:`stop` ends them all."""
-
-    redis_url: str
-    model: str
-    workdir: Path
-    prefix: str = field(default_factory=lambda: f"bench-load-{uuid.uuid4().hex[:10]}")
-    port: int = field(default_factory=free_port)
-    gateway: subprocess.Popen | None = None
-    workers: list[subprocess.Popen] = field(default_factory=list)
-    spawned: int = 0
-    model_dir: Path | None = None  # serve this directory (named ``model``) instead of a registry name
-    quantizer: str | None = None  # the worker's --quantizer (default: the worker's own default)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VQA_")}
-        env.update(
-            HF_HUB_OFFLINE="1",
-            TOKENIZERS_PARALLELISM="false",
-            VQA_QUEUE="redis",
-            VQA_REDIS_URL=self.redis_url,
-            VQA_KEY_PREFIX=self.prefix,
-            VQA_LOG_LEVEL="warning",
-        )
-        env.update(extra)
-        return env
-
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        self.spawned += 1
-        with (self.workdir / f"{self.spawned:02d}-{name}.log").open("wb") as log:
-            # cwd: an empty directory, so no stray .env is read; the child keeps its own log handle.
-            return subprocess.Popen(argv, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def start_gateway(self, timeout: float) -> None:
-        env = self.env(VQA_ALLOW_ANONYMOUS="true", VQA_API_KEYS="", VQA_HOST=HOST, VQA_PORT=str(self.port))
-        argv = [entry_point("vqa-gateway"), "--host", HOST, "--port", str(self.port)]
-        self.gateway = self.spawn("gateway", argv, env)
-        self.wait(lambda: self._get("/healthz") == 200, timeout, "gateway /healthz")
-
-    def start_workers(
-        self, count: int, max_batch: int, max_wait_ms: int, threads: int, timeout: float
-    ) -> None:
-        env = self.env(
-            VQA_MAX_BATCH=str(max_batch), VQA_MAX_WAIT_MS=str(max_wait_ms), VQA_TORCH_THREADS=str(threads)
-        )
-        argv = [entry_point("vqa-worker"), "--model", str(self.model_dir or self.model), "--device", "cpu"]
-        argv += ["--log-level", "WARNING", *(["--quantizer", self.quantizer] if self.quantizer else [])]
-        for _ in range(count):
-            self.workers.append(self.spawn("worker", argv, env))
-        self.wait(lambda: self.live_workers() == count, timeout, f"{count} live workers")
-        self.wait(lambda: self._get("/readyz") == 200, timeout, "gateway /readyz")
-
-    def stop_workers(self) -> None:
-        for process in self.workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.workers:
-            _reap(process)
-        self.workers = []
-
-    def stop(self) -> None:
-        self.stop_workers()
-        if self.gateway is not None:
-            if self.gateway.poll() is None:
-                self.gateway.send_signal(signal.SIGTERM)
-            _reap(self.gateway)
-            self.gateway = None
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
-        try:
-            keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
-            if keys:
-                client.delete(*keys)
-        except redis.RedisError as exc:
-            print(f"warning: could not delete the {self.prefix}:* keys: {exc}", file=sys.stderr)
-        finally:
-            client.close()
-
-    def pids(self) -> dict[str, list[int]]:
-        """Process ids by role (gateway, worker, redis), for :class:`CpuMeter`."""
-        pids = {"gateway": [self.gateway.pid] if self.gateway else []}
-        pids["worker"] = [w.pid for w in self.workers]
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
-        try:
-            pids["redis"] = [int(client.info("server")["process_id"])]
-        except (redis.RedisError, KeyError, ValueError):
-            pids["redis"] = []  # a remote or restricted Redis: its share is simply not reported
-        finally:
-            client.close()
-        return pids
-
-    def backlog(self) -> int:
-        """Entries in the model's stream (queued + in progress); finished ones are deleted."""
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
-        try:
-            return int(client.xlen(Keys(self.prefix).stream(self.model)))
-        finally:
-            client.close()
-
-    def live_workers(self) -> int:
-        try:
-            response = httpx.get(f"{self.url}/v1/models", timeout=2)
-        except httpx.TransportError:
-            return -1
-        if response.status_code != 200:
-            return -1
-        models = {m["name"]: m for m in response.json().get("models", [])}
-        return int(models.get(self.model, {}).get("live_workers", 0))
-
-    def _get(self, path: str) -> int:
-        try:
-            return httpx.get(f"{self.url}{path}", timeout=2).status_code
-        except httpx.TransportError:
-            return 0
-
-    def wait(self, ready, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            dead = [
-                p.args[0] for p in [self.gateway, *self.workers] if p is not None and p.poll() is not None
-            ]
-            if dead:
-                raise RuntimeError(f"{dead} exited while waiting for {what}\n{self.log_tail()}")
-            if ready():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"no {what} after {timeout:.0f} s\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-            for p in sorted(self.workdir.glob("*.log"))
-        )
-
-
-def _reap(process: subprocess.Popen) -> None:
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-
-
+# ---- CPU use per process ----------------------------------------------------------------------
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process from Linux's /proc; None where unreadable."""
     try:
@@ -341,58 +165,6 @@ def build_tiny_model(directory: Path, builder: str) -> Path:
     return directory
 
 
-# ---- request payloads --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Item:
-    fields: dict  # the msgpack map without request_id
-    truth: str
-    body_bytes: int
-
-
-def build_items(
-    url: str, model: str, dataset: dict, max_new_tokens: int, timeout_ms: int, cache: Path
-) -> tuple[list[Item], dict]:
-    """Encode every (image, question) once with the real edge encoder and the gateway's bundle."""
-    with EdgeClient(url, model=model, cache_dir=cache, timeout=30) as client:
-        bundle = client.load_bundle()
-    encoder = EdgeEncoder(bundle)
-    split = generate_shapes(
-        dataset["images"], seed=dataset["seed"], questions_per_image=dataset["questions_per_image"]
-    )
-    started = time.perf_counter()
-    streams = [encoder.encode_image(image) for image in split.images]
-    encode_ms = (time.perf_counter() - started) * 1e3 / len(streams)
-    items = []
-    for question, answers, index in zip(split.questions, split.answers, split.image_index, strict=True):
-        fields = {"v": 1, "model": model, "question": question, "features": streams[index]}
-        fields |= {"max_new_tokens": max_new_tokens, "timeout_ms": timeout_ms}
-        body = pack(fields, "probe-0")
-        decode_request(body)  # the gateway's own parser must accept it
-        items.append(Item(fields, answers[0], len(body)))
-    info = {
-        "bundle_sha256": bundle.sha256,
-        "codebook_hash": bundle.codebook_hash,
-        "tokens": bundle.tokens,
-        "requests": len(items),
-        "images": len(streams),
-        "edge_encode_ms_per_image": round(encode_ms, 2),
-        "feature_bytes_mean": round(statistics.fmean(len(s) for s in streams), 1),
-        "body_bytes_mean": round(statistics.fmean(i.body_bytes for i in items), 1),
-        "answer_counts": dict(Counter(i.truth for i in items).most_common()),
-    }
-    return items, info
-
-
-def pack(fields: dict, request_id: str) -> bytes:
-    return msgpack.packb({**fields, "request_id": request_id}, use_bin_type=True)
-
-
-def normalize(text: str) -> str:
-    """models.evaluate.normalize_answer, without importing torch into the load generator."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return words[0] if words else ""
-
-
 # ---- load generator ----------------------------------------------------------------------------
 @dataclass
 class Record:
@@ -422,7 +194,7 @@ class RawResponse:
 class RawClient:
     """A minimal HTTP/1.1 keep-alive client with httpx's ``post`` signature, for the load generator.
 
-    httpx spends about 2 ms of CPU per request here; at 300 req/s that is most of a core taken from
+    httpx spends milliseconds of CPU per request; at 300 req/s that is most of a core taken from
     the gateway it measures (and its generator falls behind schedule). This writes one prebuilt
     request and reads one ``Content-Length`` response per pooled connection, nothing else. Failures
     raise httpx's transport errors, so :class:`Loader` treats both clients alike.
@@ -579,25 +351,6 @@ class Loader:
 
 
 # ---- summaries -----------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile; None for no values (JSON null)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def dist(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "mean": None}
-    return {f"p{q}": round(percentile(values, q), 2) for q in (50, 95, 99)} | {
-        "mean": round(statistics.fmean(values), 2)
-    }
-
-
 def summarize(records: list[Record], elapsed_s: float) -> dict:
     ok = [r for r in records if r.ok]
     sizes = Counter(r.batch_size for r in ok)
@@ -627,8 +380,9 @@ def summarize(records: list[Record], elapsed_s: float) -> dict:
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """No garbage collection in the load generator during a run: a full collection of its heap
-    (torch arrives with models.data) took ~200 ms, which every request in flight then counted as
-    latency from its scheduled arrival. Collected and frozen before, re-enabled after."""
+    (torch arrives with models.data) takes far longer than the overhead measured, and every request
+    in flight would count it as latency from its scheduled arrival. Collected and frozen before,
+    re-enabled after."""
     gc.collect()
     gc.freeze()
     gc.disable()
@@ -694,7 +448,7 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def header() -> str:
+def table_header() -> str:
     return " ".join(f"{name:>{width}}" for name, width in COLUMNS)
 
 
@@ -742,50 +496,6 @@ def cpu_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine(redis_url: str) -> dict:
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "hostname": socket.gethostname(),
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        # Versions from package metadata: the load generator itself never imports torch.
-        **{
-            name: version(name)
-            for name in (
-                "torch",
-                "transformers",
-                "numpy",
-                "httpx",
-                "fastapi",
-                "uvicorn",
-                "redis",
-                "uvloop",
-                "httptools",
-                "hiredis",  # uvicorn's and redis-py's fast paths, when installed
-            )  # fmt: skip
-        },
-        "redis_server": redis_version(redis_url),
-    }
-
-
-def redis_version(url: str) -> str | None:
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        return client.info("server").get("redis_version")
-    except redis.RedisError:
-        return None
-    finally:
-        client.close()
-
-
 def redis_timer_probe(url: str, prefix: str) -> dict:
     """Redis's ``hz`` and how long ``XREADGROUP ... BLOCK 10`` really blocks on an empty stream:
     Redis wakes blocked clients on timeout only at its cron ticks (1000/hz ms apart), which bounds
@@ -811,27 +521,13 @@ def redis_timer_probe(url: str, prefix: str) -> dict:
         client.close()
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def write_result(result: dict, out: Path, started: float) -> dict:
-    """Close a benchmark's raw result (end load average, wall time) and write it as JSON."""
-    result["loadavg_end"] = loadavg()
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=sorted) + "\n")  # sets -> sorted lists
-    return result
-
-
 # ---- main --------------------------------------------------------------------------------------
 def run(settings: dict, out: Path) -> dict:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    result = {
-        "benchmark": settings.get("benchmark", "serving_load"),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(settings["redis_url"]),
-        "loadavg_start": loadavg(),
+    started = time.monotonic()
+    cpus = usable_cpus()
+    result = header(settings.get("benchmark", "serving_load"))
+    result["versions"]["redis_server"] = redis_version(settings["redis_url"])
+    result |= {
         "settings": settings,
         "notes": (
             "latency is client-side (closed loop: from send; open loop: from the scheduled Poisson "
@@ -848,7 +544,6 @@ def run(settings: dict, out: Path) -> dict:
         ),
         "runs": [],
     }
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="serving-load-") as tmp:
         workdir = Path(tmp)
         stack = Stack(settings["redis_url"], settings["model"], workdir)
@@ -873,16 +568,9 @@ def run(settings: dict, out: Path) -> dict:
                     settings["startup_timeout_s"],
                 )
                 if not items:
-                    items, result["payload"] = build_items(
-                        stack.url,
-                        settings["model"],
-                        settings["dataset"],
-                        settings["max_new_tokens"],
-                        settings["request_timeout_ms"],
-                        workdir / "cache",
-                    )
+                    items, result["payload"] = build_items(stack.url, settings, workdir / "cache")
                     print(f"payload: {json.dumps(result['payload'])}", flush=True)
-                    print(header(), flush=True)
+                    print(table_header(), flush=True)
                 print(f"{config['name']}: {config['workers']} worker(s) x {threads} thread(s) up in "
                       f"{time.monotonic() - t0:.1f} s", flush=True)  # fmt: skip
                 config = {**config, "torch_threads": threads}
@@ -930,13 +618,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(settings, out)
 
-    m = result["machine"]
-    print(f"\n{result['benchmark']} on {m['hostname']} ({m['processor']}, {m['cpus_usable']} CPUs, "
-          f"{m['platform']}), "
-          f"python {m['python']}, torch {m['torch']}; load average {result['loadavg_start']} -> "
-          f"{result['loadavg_end']}; {result['wall_s']} s")  # fmt: skip
+    print(f"\n{describe(result)}")
     print("latency/queue/compute/overhead in ms; comp/ans = compute_ms / batch_size; batch = mean batch size")
-    print(header())
+    print(table_header())
     for run_ in result["runs"]:
         print(row(run_))
     print(

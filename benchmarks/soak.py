@@ -4,12 +4,11 @@
     .venv/bin/python -m benchmarks.soak --minutes 0.3 --rate 3 --workers 1 --sample-s 5 \\
         --result-ttl-s 3 --out /tmp/soak.json                 # smoke run, < 1 min
 
-Starts its own ``redis-server`` (:class:`benchmarks.fault_injection.RedisServer`, a free port), one
-``vqa-gateway`` (anonymous) and ``--workers`` ``vqa-worker --device cpu`` processes serving the
-bundled model, reusing the stack, payload and client code of ``serving_load`` and
-``fault_injection``. Open-loop Poisson arrivals at a fixed rate well under capacity (one CPU worker
-answers ~40 req/s); every logical request keeps one request id and is retried with it on retryable
-errors, EdgeClient-style (:func:`benchmarks.fault_injection.ask`).
+Starts its own ``redis-server`` (a free port), one ``vqa-gateway`` (anonymous) and ``--workers``
+``vqa-worker --device cpu`` processes serving the bundled model (``benchmarks.harness.stack.own_stack``,
+as ``fault_injection``). Open-loop Poisson arrivals at a fixed rate well under capacity (one CPU
+worker's: results/serving_load_cpu.json); every logical request keeps one request id and is retried
+with it on retryable errors, EdgeClient-style (``benchmarks.harness.retrying``).
 
 Every ``--sample-s`` seconds: requests sent / answered / errored so far; latency p50/p99 of the
 window's requests (by first send, retries included: p99 drift over time); VmRSS of the gateway and
@@ -33,25 +32,25 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 
-from benchmarks.fault_injection import SETTINGS as FAULT_SETTINGS
-from benchmarks.fault_injection import FaultStack, Load, Outcome, RedisServer, summarize
-from benchmarks.serving_load import build_items, loadavg, machine, percentile, write_result
+from benchmarks.harness.payloads import Item, build_items, shapes_dataset
+from benchmarks.harness.record import RESULTS, describe, header, loadavg, write_result
+from benchmarks.harness.retrying import Load, Outcome, summarize_outcomes
+from benchmarks.harness.stack import Stack, own_stack, redis_version
+from benchmarks.harness.stats import percentile
 
 # ---- settings ---------------------------------------------------------------------------------
 SETTINGS: dict = {
     "model": "llava-mini-shapes",
-    "dataset": FAULT_SETTINGS["dataset"],
+    "dataset": shapes_dataset(16),
     "max_new_tokens": 8,
     "minutes": 30.0,
-    "rate": 10.0,  # open-loop Poisson arrivals per second: a quarter of one worker's capacity
+    "rate": 10.0,  # open-loop Poisson arrivals per second: well under one worker's capacity
     "workers": 2,
     "torch_threads": 1,  # per worker: 2 cores are shared by the workers, gateway, Redis and this script
     "max_batch": 16,
@@ -71,7 +70,6 @@ SETTINGS: dict = {
     "expiry_slack_s": 30.0,  # after the drain: wait up to result_ttl_s + this for the keys to expire
     "startup_timeout_s": 90.0,
 }
-RESULTS = Path(__file__).parent / "results"
 MIB = 1024 * 1024
 
 
@@ -117,7 +115,9 @@ class Sampler(threading.Thread):
     """Moves the load to a new window every ``sample_s`` and samples the stack at each boundary;
     stops the load after the last window. Runs beside the asyncio load, in its own thread."""
 
-    def __init__(self, stack: FaultStack, redis_url: str, load: Load, settings: dict, clock) -> None:
+    def __init__(
+        self, stack: Stack, redis_url: str, load: Load, settings: dict, clock: Callable[[], float]
+    ) -> None:
         super().__init__(name="soak-sampler", daemon=True)
         self.stack, self.load, self.settings, self.clock = stack, load, settings, clock
         self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
@@ -177,7 +177,7 @@ def with_window_stats(samples: list[dict], outcomes: list[Outcome]) -> list[dict
 
 
 def window_stats(outcomes: list[Outcome]) -> dict:
-    total = summarize(outcomes)
+    total = summarize_outcomes(outcomes)
     keep = ("requests", "answered", "errored", "lost", "retries", "errors")
     return {k: total[k] for k in keep} | {
         "p50_ms": total["latency_ms"]["p50"],
@@ -211,7 +211,7 @@ def pooled_p99(outcomes: list[Outcome], labels: set[str]) -> float | None:
 
 
 def summary(samples: list[dict], outcomes: list[Outcome], after: dict, settings: dict) -> dict:
-    total = summarize(outcomes)
+    total = summarize_outcomes(outcomes)
     n = min(settings["drift_windows"], max(1, len(samples) // 2))
     first, last = {s["label"] for s in samples[:n]}, {s["label"] for s in samples[-n:]}
     processes = samples[0]["rss_mib"].keys()
@@ -338,56 +338,23 @@ def plot(samples: list[dict], path: Path) -> None:
 
 # ---- main ---------------------------------------------------------------------------------------
 def run(settings: dict, out: Path) -> dict:
-    result: dict = {
-        "benchmark": "soak",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "loadavg_start": loadavg(),
-        "settings": settings,
-    }
     started = time.monotonic()
+    result = header("soak") | {"settings": settings}
+    extra_env = {"VQA_RESULT_TTL_S": str(settings["result_ttl_s"])}
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         workdir = Path(tmp)
-        (workdir / "aof").mkdir()
-        redis_server = RedisServer(workdir / "aof", workdir)
-        stack: FaultStack | None = None
-        try:
-            redis_server.start()
-            result["machine"] = machine(redis_server.url)
-            stack = start_stack(redis_server.url, workdir, settings)
-            items, result["payload"] = build_items(
-                stack.url, settings["model"], settings["dataset"], settings["max_new_tokens"],
-                settings["request_timeout_ms"], workdir / "cache",
-            )  # fmt: skip
+        with own_stack(settings, workdir, "soak", extra_env) as (redis_server, stack):
+            result["versions"]["redis_server"] = redis_version(redis_server.url)
+            items, result["payload"] = build_items(stack.url, settings, workdir / "cache")
             print(f"stack up in {time.monotonic() - started:.1f} s: redis :{redis_server.port}, gateway "
                   f"{stack.url}, {settings['workers']} worker(s); {settings['rate']:g} req/s for "
                   f"{settings['minutes']:g} min", flush=True)  # fmt: skip
             result |= soak(stack, redis_server.url, items, settings)
-            result["process_exit_codes"] = {
-                "gateway": stack.gateway.poll(),
-                "workers": [w.poll() for w in stack.workers],
-            }
-        except BaseException:
-            if stack is not None:
-                print(stack.log_tail(), file=sys.stderr)
-            raise
-        finally:
-            if stack is not None:
-                stack.stop()
-            redis_server.stop()
+            result["process_exit_codes"] = stack.exit_codes()
     return write_result(result, out, started)
 
 
-def start_stack(redis_url: str, workdir: Path, settings: dict) -> FaultStack:
-    stack = FaultStack(redis_url, settings["model"], workdir, prefix=f"bench-soak-{uuid.uuid4().hex[:8]}")
-    stack.extra_env = {
-        "VQA_REQUEST_TIMEOUT_MS": str(settings["request_timeout_ms"]),
-        "VQA_RESULT_TTL_S": str(settings["result_ttl_s"]),
-    }
-    stack.start(settings)
-    return stack
-
-
-def soak(stack: FaultStack, redis_url: str, items: list, settings: dict) -> dict:
+def soak(stack: Stack, redis_url: str, items: list[Item], settings: dict) -> dict:
     """The load and the sampler; then the drain and the wait for expiry. The result's sections."""
     t0 = time.monotonic()
     clock = lambda: time.monotonic() - t0  # noqa: E731
@@ -436,11 +403,8 @@ def main() -> None:
     result = run(settings, args.out)
     if not args.no_plot:
         plot(result["samples"], args.out.with_suffix(".png"))
-    m = result["machine"]
-    print(f"\nsoak on {m['hostname']} ({m['processor']}, {m['cpus_usable']} CPUs), python {m['python']}, "
-          f"torch {m['torch']}, redis {m['redis_server']}; {settings['minutes']:g} min at "
-          f"{settings['rate']:g} req/s, {settings['workers']} worker(s); load average "
-          f"{result['loadavg_start']} -> {result['loadavg_end']}; {result['wall_s']} s")  # fmt: skip
+    print(f"\n{describe(result)}; {settings['minutes']:g} min at {settings['rate']:g} req/s, "
+          f"{settings['workers']} worker(s)")  # fmt: skip
     print(table(result["summary"]))
     print(f"wrote {args.out}")
 

@@ -9,7 +9,8 @@ import time
 import msgpack
 import pytest
 
-from benchmarks.serving_load import Item, Loader, RawClient, summarize
+from benchmarks.harness.payloads import Item
+from benchmarks.serving_load import Loader, RawClient, summarize
 
 REPLY = msgpack.packb({"answer": "red", "queue_ms": 1.0, "compute_ms": 2.0, "batch_size": 1})
 SERVER_DELAY_S = 0.01
