@@ -21,15 +21,15 @@ import io
 import json
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, features
 
-from benchmarks.rate_accuracy import RESULTS, machine
-from benchmarks.wire_bytes import request_body
+from benchmarks.harness.bodies import request_body
+from benchmarks.harness.images import encode_picture
+from benchmarks.harness.record import RESULTS, header, write_result
 from edge_client.preprocess import resize_and_crop
 from models.config import SplitSite
 from models.evaluate import evaluate, load_dataset
@@ -57,9 +57,7 @@ def transmit(
     picture = Image.fromarray(image)
     if side != picture.width:
         picture = picture.resize((side, side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    picture.save(out, format=fmt, **options)
-    file = out.getvalue()
+    file = encode_picture(np.asarray(picture), fmt, **options)
     return file, resize_and_crop(Image.open(io.BytesIO(file)), size)
 
 
@@ -68,15 +66,12 @@ def run(model: str, dataset: str, quantizers: list[str], limit: int | None, devi
     size = loaded.image_spec.size
     data = load_dataset(dataset, "test", size).subset(limit)
     used = np.unique(data.image_index)
-    result: dict[str, Any] = {
-        "benchmark": "codec_accuracy",
+    result: dict[str, Any] = header("codec_accuracy", device) | {
         "model": model,
         "dataset": dataset,
         "split": "test",
         "n": len(data),
         "images": len(used),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
         "device": device,
         "codecs": [],
         "alignedvq": [],
@@ -139,9 +134,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "codec_accuracy.json")
     args = parser.parse_args()
+    started = time.monotonic()
     result = run(args.model, args.dataset, args.quantizer or [], args.limit, args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out, started)
     print(json.dumps(result.get("smallest_codec_at_default_accuracy")))
 
 

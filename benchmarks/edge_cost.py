@@ -7,7 +7,7 @@ model's input size (an ``(H, W, 3)`` uint8 array from ``resize_and_crop``) to th
 bytes, numpy only (torch, scikit-image and scipy never load in the measuring process: bundles and
 photos come from a child process), with every BLAS/OpenMP pool held to one thread through the
 environment variables set below before numpy is imported. Median, p90 and min over ``RUNS`` calls
-after ``WARMUP`` rounds, cycling over the photos of ``wire_bytes.py``. Also reported: the same
+after ``WARMUP`` rounds, cycling over the photos ``wire_bytes.py`` measures. Also reported: the same
 with rANS coding, from the full-size decoded photo (resize and crop included), and, as the
 baseline, the cloud-only client's JPEG-90 (and WebP-80) encode of the same input-size array. These
 rows take turns call by call, so load from the machine's other jobs hits them alike; a per-stage
@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import os
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-INHERITED_ENV = {k: os.environ.get(k) for k in (*THREAD_VARS, "OPENBLAS_CORETYPE")}
-for _var in THREAD_VARS:  # must precede the first numpy import
-    os.environ[_var] = "1"
+from benchmarks.harness.record import ONE_THREAD, thread_env
+
+INHERITED_ENV = thread_env()
+os.environ.update(ONE_THREAD)  # must precede the first numpy import
 
 import argparse  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -54,36 +53,27 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.wire_bytes import (  # noqa: E402
-    PHOTOS,
-    llava15_bundle,
-    load_photos,
-    machine_info,
-    mini_bundle,
-    now,
-)
+from benchmarks.harness.bundles import llava15_bundle, mini_bundle  # noqa: E402
+from benchmarks.harness.images import PHOTOS, encode_picture, load_photos  # noqa: E402
+from benchmarks.harness.record import RESULTS, header, write_result  # noqa: E402
+from benchmarks.harness.stats import percentile  # noqa: E402
 from edge_client.bitstream import encode_stream  # noqa: E402
 from edge_client.bundle import EdgeBundle  # noqa: E402
 from edge_client.encoder import EdgeEncoder  # noqa: E402
 from edge_client.preprocess import resize_and_crop  # noqa: E402
 
 # ---- settings -----------------------------------------------------------------------------------
-RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "edge_cost.json"
 WARMUP = 10
 RUNS = 100  # >= 50 timed calls per row
-# llava15_bundle(), mini_bundle() of wire_bytes, and the mini model with rate-distortion optimised
-# indices (its entropy-coded path runs edge_client.rdo)
+# llava15_bundle(), mini_bundle() (as wire_bytes measures them), and the mini model with
+# rate-distortion optimised indices (its entropy-coded path runs edge_client.rdo)
 GEOMETRIES = ("llava-1.5-7b", "llava-mini-shapes", "llava-mini-shapes-rdo")
 MINI_RDO_QUANTIZER = "preln-r2x4096-t12-l0.5-ranked"
 GOAL_MS_LLAVA15 = 15.0
 EDGE_ROOT = "llava-alignedvq"  # its base requirements are the edge client's dependencies
 TORCH_ROOT = "torch"
 # --------------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 def _stats(samples: list[float]) -> dict[str, Any]:
@@ -181,12 +171,6 @@ def memory_in_fresh_process(bundle_path: Path, photos_path: Path) -> dict[str, A
     return json.loads(out)
 
 
-def picture(pixels: np.ndarray, fmt: str, **options: Any) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt, **options)
-    return out.getvalue()
-
-
 def measure(bundle_path: Path, photos: dict[str, Image.Image], photos_path: Path) -> dict[str, Any]:
     bundle = EdgeBundle.load(bundle_path)
     encoder = EdgeEncoder(bundle)
@@ -207,8 +191,8 @@ def measure(bundle_path: Path, photos: dict[str, Image.Image], photos_path: Path
             "input_array_to_packed": packed,
             "input_array_to_entropy_coded": coded,
             "decoded_photo_to_packed": lambda i: encoder.encode_image(originals[i % n], entropy=False),
-            "baseline_jpeg90_of_input_array": lambda i: picture(arrays[i % n], "JPEG", quality=90),
-            "baseline_webp80_of_input_array": lambda i: picture(arrays[i % n], "WEBP", quality=80),
+            "baseline_jpeg90_of_input_array": lambda i: encode_picture(arrays[i % n], "JPEG", quality=90),
+            "baseline_webp80_of_input_array": lambda i: encode_picture(arrays[i % n], "WEBP", quality=80),
         },
         RUNS,
         WARMUP,
@@ -407,8 +391,8 @@ def main() -> None:
     if args.memory:
         print(json.dumps(memory_child(*args.memory)))
         return
-    start = time.perf_counter()
-    loadavg_start = os.getloadavg()
+    started = time.monotonic()
+    results = header("edge_cost")
     with tempfile.TemporaryDirectory() as tmp:
         # Bundles and photos come from a child: torch and scikit-image (and scipy's own OpenBLAS)
         # never load in the measuring process.
@@ -419,20 +403,16 @@ def main() -> None:
     if "torch" in sys.modules:
         raise RuntimeError("torch was imported in the measuring process")
     llava15 = geometries[0]["timing"]["input_array_to_packed"]
-    results = {
-        "benchmark": "edge_cost",
-        "date": now(),
-        "machine": machine_info(),
+    results |= {
         "inherited_env": INHERITED_ENV,
         "threadpools": threadpools(),
         "numpy_blas": np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas"),
         "torch_imported_while_measuring": "torch" in sys.modules,
-        "loadavg_start": list(loadavg_start),
         "settings": {
             "warmup": WARMUP,
             "runs": RUNS,
             "photos": list(PHOTOS),
-            "threads": dict.fromkeys(THREAD_VARS, "1"),
+            "threads": ONE_THREAD,
             "geometries": list(GEOMETRIES),
             "timed_call": "EdgeEncoder.encode_image((size, size, 3) uint8 array, entropy=False)",
             "schedule": "rows take turns (round robin) within each run index; photos cycle",
@@ -454,10 +434,7 @@ def main() -> None:
         },
         "installed_size": sizes(),
     }
-    results["loadavg_end"] = list(os.getloadavg())
-    results["wall_s"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_result(results, args.out, started)
     print_table(results)
     print(f"raw JSON: {args.out}")
 

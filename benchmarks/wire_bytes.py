@@ -8,9 +8,9 @@ For two geometries, on real photographs (scikit-image's bundled sample data: no 
   Only the CLIP vision tower is built (one layer: the ``preln`` edge runs none of them). Its
   AlignedVQ is ``preln``, 1 codebook x 4096 (12 bits/token packed), code dim 32, neighbour-ranked;
   since the weights are random, codebook, rank geometry and rANS table are fitted here on random
-  crops of *other* scikit-image pictures (:data:`CALIBRATION`), never on the measured photos.
-  Entropy-coded sizes then depend on how random-weight CLIP features of real photos correlate
-  between neighbouring patches: a proxy for trained weights, stated as such.
+  crops of *other* scikit-image pictures (``benchmarks.harness.images.CALIBRATION``), never on
+  the measured photos. Entropy-coded sizes then depend on how random-weight CLIP features of real
+  photos correlate between neighbouring patches: a proxy for trained weights, stated as such.
 - ``llava-mini-shapes``: the bundled model (64 px, 65 tokens x 256) with its default quantizer
   (variable-rate, neighbour-ranked ``preln-r2x4096-t12-ranked``). Also measured on its own kind
   of image (generated shapes, as in ``serving_load.py``), where its tables were calibrated.
@@ -37,223 +37,46 @@ Raw JSON: ``benchmarks/results/wire_bytes.json``.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import os
-import platform
+import argparse
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from benchmarks.harness.bodies import MAX_NEW_TOKENS, QUESTION, request_body
+from benchmarks.harness.bundles import (
+    LLAVA15_NAME,
+    LLAVA15_QUANTIZER,
+    MINI_NAME,
+    MINI_QUANTIZER,
+    SEED,
+    llava15_bundle,
+    mini_bundle,
+)
+from benchmarks.harness.images import CALIBRATION, CALIBRATION_CROPS, PHOTOS, encode_picture, load_photos
+from benchmarks.harness.record import RESULTS, header, write_result
 from edge_client.bitstream import read_header
 from edge_client.bundle import EdgeBundle
 from edge_client.cloud_only import jpeg_payload
 from edge_client.encoder import EdgeEncoder
 from edge_client.preprocess import resize_and_crop
-from edge_client.protocol import encode_request, new_request_id, parse_request
 
 # ---- settings -----------------------------------------------------------------------------------
-RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "wire_bytes.json"
-# skimage.data loaders of colour photographs shipped inside the scikit-image wheel.
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field")
-QUESTION = "What is the person in the picture holding?"  # a typical VQAv2-style question
 SHAPES_QUESTION = "what color is the shape?"  # an easy-VQA template, for the generated shapes
 SHAPES_IMAGES, SHAPES_SEED = 16, 7  # as serving_load.py's data set (seed 7)
-MAX_NEW_TOKENS = 8  # EdgeClient.ask's default (encode_request leaves a default out)
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {  # cloud-only payloads (Pillow format, options)
     "jpeg90": ("JPEG", {"quality": 90}),
     "jpeg75": ("JPEG", {"quality": 75}),
     "webp80": ("WEBP", {"quality": 80}),
 }
-LLAVA15_NAME = "llava-1.5-7b"  # registry name: what the stream header and request carry
-LLAVA15_QUANTIZER = dict(
-    split_site="preln", groups=1, stages=1, codebook_size=4096, code_dim=32, rank_tokens=577
-)
-# Codebook and rank tables of the LLaVA-1.5 geometry are fitted on other scikit-image pictures than
-# PHOTOS (random crops and flips), so the measured photos are never seen in calibration.
-CALIBRATION = (
-    "camera", "brick", "grass", "gravel", "moon", "coins", "page", "text", "clock", "colorwheel",
-    "immunohistochemistry", "cell", "logo", "horse",
-)  # fmt: skip
-CALIBRATION_CROPS = 36  # per picture
-MINI_NAME, MINI_QUANTIZER = "llava-mini-shapes", "preln-r2x4096-t12-ranked"
-SEED = 0
 GOAL_REDUCTION_VS_JPEG90 = 0.975
 GOAL_RATIO_VS_FP16 = 1365.0
 # --------------------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    """Where and with what a benchmark ran (shared by the scripts in this folder)."""
-    cpu = ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    versions = {}
-    for dist in ("numpy", "pillow", "msgpack", "pydantic", "torch", "transformers", "scikit-image"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    try:
-        root = Path(__file__).resolve().parents[1]
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu or platform.processor(),
-        "hostname": platform.node(),
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "versions": versions,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "env": {k: os.environ.get(k) for k in THREAD_ENV},
-    }
-
-
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def load_photos(names: tuple[str, ...] = PHOTOS) -> dict[str, Image.Image]:
-    """RGB photographs from scikit-image's bundled data (files inside the wheel, no download)."""
-    import skimage.data
-
-    photos = {}
-    for name in names:
-        if name == "motorcycle_left":  # the left view of the stereo pair
-            array = skimage.data.stereo_motorcycle()[0]
-        else:
-            array = getattr(skimage.data, name)()
-        photos[name] = Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
-    return photos
-
-
-def calibration_crops(size: int, seed: int = SEED) -> np.ndarray:
-    """``(n, size, size, 3)`` uint8 random crops (every other one mirrored) of :data:`CALIBRATION`."""
-    import skimage.data
-
-    rng = np.random.default_rng(seed)
-    crops = []
-    for name in CALIBRATION:
-        array = getattr(skimage.data, name)()
-        if array.dtype != np.uint8:  # a few are bool or float in [0, 1]
-            array = (np.asarray(array, dtype=np.float64) * 255).astype(np.uint8)
-        image = Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
-        for k in range(CALIBRATION_CROPS):
-            width, height = image.size
-            scale = rng.uniform(0.4, 1.0)
-            w, h = int(width * scale), int(height * scale)
-            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            crop = image.crop((x, y, x + w, y + h))
-            if k % 2:
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            crops.append(resize_and_crop(crop, size))
-    return np.stack(crops)
-
-
-def llava15_bundle(seed: int = SEED) -> bytes:
-    """An edge bundle with LLaVA-1.5-7B edge geometry and random weights (torch, export only).
-
-    The weights are random, so the quantizer is fitted here: k-means codebook, rank geometry and
-    rANS tables on :func:`calibration_crops` features (about 30 s on a CPU).
-    """
-    import torch
-    from torch import nn
-    from transformers import CLIPVisionModel
-
-    from edge_client.preprocess import ImageSpec
-    from models.architectures import llava15_geometry_config
-    from models.config import QuantizerConfig
-    from models.export import export_edge_bundle
-    from models.quantizer import AlignedVQ
-    from models.registry import LLAVA15_PROMPT, LoadedModel
-
-    torch.manual_seed(seed)
-    config = llava15_geometry_config(vision_layers=1, text_layers=1)
-    vision = config.vision_config
-
-    class VisionOnly(nn.Module):
-        """What ``export_edge_bundle`` reads of a LLaVA: ``config`` and ``vision_tower``.
-
-        The 7B text model (13 GB in fp16) is never built: the edge bundle holds nothing of it.
-        """
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = config
-            self.vision_tower = CLIPVisionModel(vision)
-
-    loaded = LoadedModel(
-        name=LLAVA15_NAME,
-        model=VisionOnly().eval(),
-        tokenizer=None,  # export_edge_bundle never reads it
-        prompt=LLAVA15_PROMPT,
-        image_spec=ImageSpec(size=vision.image_size),
-        path=Path("."),
-    )
-    quantizer = AlignedVQ(QuantizerConfig(dim=vision.hidden_size, **LLAVA15_QUANTIZER)).eval()
-    encoder = EdgeEncoder(EdgeBundle.from_bytes(export_edge_bundle(loaded, quantizer)))
-    crops = calibration_crops(vision.image_size, seed)
-    features = np.stack([encoder.hidden_states(encoder.pixel_values(crop)) for crop in crops])
-    quantizer.init_from_features(torch.from_numpy(features), iters=10, seed=seed)
-    quantizer.calibrate(torch.from_numpy(features))
-    return export_edge_bundle(loaded, quantizer)
-
-
-def mini_bundle(quantizer: str = MINI_QUANTIZER) -> bytes:
-    """The bundled model's edge bundle with one of its calibrated quantizers (by default the one the
-    gateway serves)."""
-    from models.export import export_edge_bundle
-    from models.quantizer import AlignedVQ
-    from models.registry import load_model
-
-    loaded = load_model(MINI_NAME)
-    return export_edge_bundle(loaded, AlignedVQ.load(loaded.quantizer_path(quantizer)))
-
-
-def request_body(model: str, question: str, **payload: bytes) -> bytes:
-    """The exact ``POST /v1/vqa`` body ``EdgeClient`` sends (fields as in ``EdgeClient._ask``)."""
-    fields = {
-        "request_id": new_request_id(),
-        "model": model,
-        "question": question,
-        "max_new_tokens": MAX_NEW_TOKENS,
-        **payload,
-    }
-    return encode_request(parse_request(fields))
-
-
-def encode_picture(pixels: np.ndarray, fmt: str, options: dict[str, Any]) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt, **options)
-    return out.getvalue()
 
 
 def measure_image(encoder: EdgeEncoder, image: Image.Image, question: str) -> dict[str, Any]:
@@ -282,9 +105,9 @@ def measure_image(encoder: EdgeEncoder, image: Image.Image, question: str) -> di
     }
     row["fp16"]["envelope_bytes"] = row["fp16"]["body_bytes"] - len(tensor)
     for name, (fmt, options) in CODECS.items():
-        data = encode_picture(pixels, fmt, options)
+        data = encode_picture(pixels, fmt, **options)
         if name == "jpeg90" and data != jpeg_payload(image, size):
-            raise RuntimeError("JPEG-90 bytes differ from edge_client.client's cloud-only encoder")
+            raise RuntimeError("JPEG-90 bytes differ from edge_client.cloud_only.jpeg_payload")
         row[name] = {
             "file_bytes": len(data),
             "body_bytes": len(request_body(bundle.model, question, image=data)),
@@ -409,8 +232,11 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    start = time.perf_counter()
-    loadavg_start = os.getloadavg()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    started = time.monotonic()
+    results = header("wire_bytes")
     photos = load_photos()
     from models.data import generate_shapes
 
@@ -424,11 +250,7 @@ def main() -> None:
         {"image_set": "photos", **run_geometry(mini, photos, QUESTION)},
         {"image_set": "shapes", **run_geometry(mini, shape_images, SHAPES_QUESTION)},
     ]
-    results = {
-        "benchmark": "wire_bytes",
-        "date": now(),
-        "machine": machine_info(),
-        "loadavg_start": list(loadavg_start),
+    results |= {
         "settings": {
             "photos": {name: "skimage.data (bundled in the scikit-image wheel)" for name in PHOTOS},
             "shapes": {
@@ -465,12 +287,9 @@ def main() -> None:
         "geometries": geometries,
     }
     results["goals_llava15"] = goals(geometries[0])
-    results["loadavg_end"] = list(os.getloadavg())
-    results["wall_s"] = round(time.perf_counter() - start, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    write_result(results, args.out, started)
     print_table(results)
-    print(f"raw JSON: {OUT}")
+    print(f"raw JSON: {args.out}")
 
 
 def _pillow_feature(name: str) -> str | None:
