@@ -11,19 +11,17 @@ per image. Raw JSON to ``benchmarks/results/cpu_inference.json`` with the machin
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from threadpoolctl import threadpool_limits
 
+from benchmarks.harness.record import RESULTS, header, write_result
+from benchmarks.harness.stats import timed
 from edge_client.bitstream import decode_stream
 from edge_client.bundle import EdgeBundle
 from edge_client.encoder import EdgeEncoder
@@ -35,18 +33,7 @@ from models.registry import DEFAULT_QUANTIZER, load_model
 from models.split import split_llava
 from models.tensors import pixel_values
 
-RESULTS = Path(__file__).parent / "results"
 MAX_NEW_TOKENS = 2  # single-word answers + EOS
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1000)
-    return out
 
 
 def main() -> None:
@@ -56,6 +43,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_inference.json")
     args = parser.parse_args()
+    started = time.monotonic()
+    result = header("cpu_inference")
     torch.set_num_threads(args.threads)
     threadpool_limits(limits=1, user_api="blas")  # numpy decodes streams single-threaded, as the worker
 
@@ -104,26 +93,16 @@ def main() -> None:
                     "samples_ms": ms,
                 }
             )
-    result = {
-        "benchmark": "cpu_inference",
+    result |= {
         "model": "llava-mini-shapes",
         "quantizer": DEFAULT_QUANTIZER,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "load_average": os.getloadavg(),
-        },
+        "torch_threads": args.threads,
         "max_new_tokens": MAX_NEW_TOKENS,
         "edge_encode_ms_median": statistics.median(edge_ms),
         "edge_encode_ms": edge_ms,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out, started)
     print(f"edge encode (numpy, 64 px image -> stream): {result['edge_encode_ms_median']:.2f} ms")
     print(f"{'path':>22} {'batch':>5} {'batch ms':>9} {'ms/question':>11}")
     for r in runs:

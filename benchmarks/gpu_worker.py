@@ -47,17 +47,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from transformers import LlavaForConditionalGeneration
 
+from benchmarks.harness.record import RESULTS, header, write_result
+from benchmarks.harness.stats import timed
 from models.architectures import llava15_geometry_config, tiny_llava_config
 from models.config import QuantizerConfig
 from models.decode import left_padded_positions
@@ -65,7 +65,6 @@ from models.fused import FusedLlama
 from models.quantizer import AlignedVQ
 from models.split import split_llava, vision_model, vision_tokens
 
-RESULTS = Path(__file__).parent / "results"
 NEW_TOKENS = 3
 PREFIX_TOKENS = 5  # "USER:" before the image in the LLaVA-1.5 template
 VARIANTS = (
@@ -143,15 +142,15 @@ def compile_layers(model: LlavaForConditionalGeneration) -> None:
         block.compile()
 
 
-def gemm_ceiling(config, tokens: int, device: str, repeats: int = 10) -> list[dict]:
+def gemm_ceiling(config, tokens: int, sync: Callable[[], object], repeats: int = 10) -> list[dict]:
     """bf16 TFLOP/s of the language model's own GEMM shapes at ``tokens`` rows: this card's roofline."""
     text = config.text_config
     h, f = text.hidden_size, text.intermediate_size
     out = []
     for n, k in ((h, h), (f, h), (h, f)):
-        a = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, k, device=device, dtype=torch.bfloat16)
-        ms = statistics.median(timed(lambda a=a, b=b: torch.nn.functional.linear(a, b), repeats, device))
+        a = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        ms = statistics.median(timed(lambda a=a, b=b: torch.nn.functional.linear(a, b), repeats, sync))
         tflops = 2 * tokens * n * k / ms / 1e9
         out.append({"m": tokens, "n": n, "k": k, "median_ms": round(ms, 3), "tflops": round(tflops, 1)})
     return out
@@ -180,20 +179,6 @@ def profile_top_kernels(fn, top: int = 15) -> dict:
     }
 
 
-def timed(fn, repeats: int, device: str) -> list[float]:
-    def once() -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1000
-
-    once()  # warm-up (kernel selection, allocator)
-    return [once() for _ in range(repeats)]
-
-
 def jpeg_preprocess_ms(image_size: int, repeats: int) -> dict | None:
     """Host-CPU time to decode a JPEG-90 and preprocess it, as the worker does for cloud-only."""
     try:
@@ -214,27 +199,8 @@ def jpeg_preprocess_ms(image_size: int, repeats: int) -> dict | None:
     def decode_and_preprocess() -> np.ndarray:
         return preprocess(Image.open(io.BytesIO(data)).convert("RGB"), spec)
 
-    samples = timed(decode_and_preprocess, repeats, "cpu")
+    samples = timed(decode_and_preprocess, repeats)
     return {"jpeg_bytes": len(data), "median_ms": statistics.median(samples), "samples_ms": samples}
-
-
-def machine(device: str) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-    }
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(0)
-        info.update(
-            card=torch.cuda.get_device_name(0),
-            memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-            sdpa_flash=torch.backends.cuda.flash_sdp_enabled(),
-        )
-    return info
 
 
 def main() -> None:
@@ -254,7 +220,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_worker.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None  # count queued GPU work
     torch.backends.cuda.matmul.allow_tf32 = True
+    started = time.monotonic()
+    result = header("gpu_worker", device)
 
     built = time.perf_counter()
     model = build_model(args.tiny, device)
@@ -274,11 +243,10 @@ def main() -> None:
     tokens = vision_tokens(config.vision_config)
     size = config.vision_config.image_size
     dtype = next(model.parameters()).dtype
-    result = {
-        "benchmark": "gpu_worker",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(device),
+    result |= {
         "settings": {
+            "device": device,
+            "sdpa_flash": torch.backends.cuda.flash_sdp_enabled() if sync else None,
             "architecture": "tiny" if args.tiny else "llava-1.5-7b (random weights)",
             "params": sum(p.numel() for p in model.parameters()),
             "dtype": str(dtype),
@@ -295,12 +263,11 @@ def main() -> None:
     }
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(result, args.out, started)
 
     def measure(name: str, fn, batch: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
         try:
-            samples = timed(fn, args.repeats, device)
+            samples = timed(fn, args.repeats, sync)
         except Exception as exc:  # noqa: BLE001 - one failed variant (OOM, compile) must not lose the rest
             result["runs"].append({"variant": name, "batch": batch, "error": repr(exc)[:500]})
             print(f"{name} batch {batch}: {exc!r}"[:300], flush=True)
@@ -333,7 +300,7 @@ def main() -> None:
         return ids, mask, pixels, indices
 
     if device.startswith("cuda"):
-        result["gemm_ceiling"] = gemm_ceiling(config, 64 * 607, device)
+        result["gemm_ceiling"] = gemm_ceiling(config, 64 * 607, sync)
         print(json.dumps(result["gemm_ceiling"]), flush=True)
 
     def settle() -> None:

@@ -13,44 +13,23 @@ drawn from it. Accuracy of the unquantized model is measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-import transformers
-
+from benchmarks.harness.record import RESULTS, header, write_result
 from models.evaluate import evaluate, load_dataset
 from models.quantizer import AlignedVQ
 from models.registry import load_model
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 def run(model: str, limit: int | None, device: str, dataset: str = "easy-vqa") -> dict:
     loaded = load_model(model, device=device)
     data = load_dataset(dataset, "test", loaded.image_spec.size).subset(limit)
     names = sorted(p.stem for p in (loaded.path / "quantizers").glob("*.safetensors"))
-    result = {
-        "benchmark": "rate_accuracy",
+    result = header("rate_accuracy", device) | {
         "model": model,
         "dataset": dataset,
         "split": "test",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
         "device": device,
         "runs": [],
     }
@@ -156,9 +135,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "rate_accuracy.json")
     args = parser.parse_args()
-    result = run(args.model, args.limit, args.device, args.dataset)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    started = time.monotonic()
+    result = write_result(run(args.model, args.limit, args.device, args.dataset), args.out, started)
     plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.rate_accuracy import RESULTS, machine
+from benchmarks.harness.record import RESULTS, header, write_result
 from models.scenes import TURN_SEPARATOR, load_scenes
 
 LAST_TURN = TURN_SEPARATOR.split("{answer}")[-1]
@@ -30,6 +30,7 @@ def last_turn(question: str) -> str:
 
 
 def run(train_images: int, workers: int) -> dict:
+    result = header("scenes_blind")
     train, test = load_scenes("train", train_images, workers=workers), load_scenes("test")
     by_question: dict[str, Counter] = defaultdict(Counter)
     by_family: dict[str, Counter] = defaultdict(Counter)
@@ -40,10 +41,7 @@ def run(train_images: int, workers: int) -> dict:
     for q, (a,), f in zip(test.questions, test.answers, test.families or [], strict=True):
         guess = (by_question.get(q) or by_family[f]).most_common(1)[0][0]
         hits[f].append(guess == a)
-    return {
-        "benchmark": "scenes_blind",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+    return result | {
         "train_images": train_images,
         "n": len(test),
         "accuracy": float(np.mean([h for v in hits.values() for h in v])),
@@ -57,8 +55,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "scenes_blind.json")
     args = parser.parse_args()
-    result = run(args.train_images, args.workers)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    started = time.monotonic()
+    result = write_result(run(args.train_images, args.workers), args.out, started)
     print(json.dumps(result["accuracy_by_family"]), f"overall {result['accuracy']:.4f}")
 
 

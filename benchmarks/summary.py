@@ -13,7 +13,7 @@ Choices:
 - JPEG-90 is given twice for the LLaVA-1.5 geometry: ``jpeg90_file_bytes_llava15`` (the bare JPEG
   file, what papers quote) and ``jpeg90_body_bytes_llava15`` (the cloud-only ``POST /v1/vqa`` body
   carrying it). ``reduction_vs_jpeg90`` and ``ratio_vs_fp16`` compare request body with request
-  body (DESIGN.md: every size we report is the measured HTTP body); the ``*_file``/``*_tensor``
+  body (docs/design.md: every size we report is the measured HTTP body); the ``*_file``/``*_tensor``
   variants compare the aligned body with the bare JPEG file / bare fp16 tensor.
 - ``gateway_overhead_p50_ms`` / ``_p99_ms``: from ``serving_overhead_cpu.json`` (``serving_load
   --overhead``), the open-loop run at the highest offered rate (300 req/s); overhead is client
@@ -23,14 +23,13 @@ Choices:
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import time
 from typing import Any
 
-from benchmarks.wire_bytes import machine_info, now
+from benchmarks.harness.pointers import pointer, resolve
+from benchmarks.harness.record import RESULTS, ROOT, header, write_result
 
 # ---- settings -----------------------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "summary.json"
 WIRE = "benchmarks/results/wire_bytes.json"
 EDGE = "benchmarks/results/edge_cost.json"
@@ -40,22 +39,7 @@ E2E = "benchmarks/results/e2e_network.json"
 SCENES_TEST = "benchmarks/results/raw/scenes_test_h200_preln-r2x4096-t20.json"
 SCENES_CODECS = "benchmarks/results/codec_accuracy_scenes_cpu.json"
 SHAPES_CODECS = "benchmarks/results/codec_accuracy_shapes_cpu.json"
-LLAVA15 = "/geometries/0"  # wire_bytes.py: llava-1.5-7b on photos; edge_cost.py: llava-1.5-7b
 # --------------------------------------------------------------------------------------------------
-
-
-def pointer(*parts: str | int) -> str:
-    """A JSON Pointer from keys and list indices (``~`` and ``/`` escaped as RFC 6901 says)."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def resolve(document: Any, path: str) -> Any:
-    """The value at JSON Pointer ``path`` in ``document``."""
-    node = document
-    for raw in path.split("/")[1:]:
-        key = raw.replace("~1", "/").replace("~0", "~")
-        node = node[int(key)] if isinstance(node, list) else node[key]
-    return node
 
 
 class Sources:
@@ -82,7 +66,8 @@ class Sources:
         }
 
     def described(self) -> dict[str, Any]:
-        """Date and machine of every raw file used."""
+        """Date and machine of every raw file used (files written before the common header name
+        the CPU ``cpu`` or ``processor``; the header has both)."""
         out = {}
         for file, doc in self.documents.items():
             if doc is not None:
@@ -265,10 +250,7 @@ def build() -> dict[str, Any]:
             "(JPEG-90 upload + full model) latency / edge-cloud latency (measured upload over the "
             "emulated link + edge encode + H200 compute)",
         )
-    return {
-        "benchmark": "summary",
-        "date": now(),
-        "machine": machine_info(),
+    return header("summary") | {
         "notes": __doc__.split("\n\n", 2)[2].strip(),
         "figures": figures,
         "missing": sorted(name for name, fig in figures.items() if fig["value"] is None),
@@ -293,8 +275,8 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    summary = build()
-    OUT.write_text(json.dumps(summary, indent=1) + "\n")
+    started = time.monotonic()
+    summary = write_result(build(), OUT, started)
     print_table(summary)
     print(f"JSON: {OUT}")
 

@@ -10,14 +10,15 @@ accuracies, and the first-call costs (compile and CUDA-graph capture of a new ba
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.harness.record import header, write_result
 from edge_client.bitstream import decode_stream
 from edge_client.bundle import EdgeBundle
 from edge_client.encoder import EdgeEncoder
@@ -28,12 +29,13 @@ from models.registry import DEFAULT_MODEL, DEFAULT_QUANTIZER
 QUESTIONS, BATCH, NEW_TOKENS = 256, 16, 3
 
 
-def main(out: Path) -> None:
+def run() -> dict:
+    result = header("worker_gpu_check", "cuda")
     runners = {
         "fused": Runner.load(DEFAULT_MODEL, DEFAULT_QUANTIZER, device="cuda", dtype="float32"),
         "plain": Runner.load(DEFAULT_MODEL, DEFAULT_QUANTIZER, device="cuda", dtype="float32", fused="off"),
     }
-    result: dict = {"engines": [type(r.cloud.engine).__name__ for r in runners.values()]}
+    result["engines"] = [type(r.cloud.engine).__name__ for r in runners.values()]
     bundle = EdgeBundle.from_bytes(runners["fused"].bundle)
     encoder = EdgeEncoder(bundle)
     test = load_easy_vqa("test").subset(QUESTIONS)
@@ -60,9 +62,17 @@ def main(out: Path) -> None:
         )
     pairs = zip(answers["fused"], answers["plain"], strict=True)
     result["agree"] = float(np.mean([a == b for a, b in pairs]))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="where to write the JSON result")
+    args = parser.parse_args()
+    started = time.monotonic()
+    result = write_result(run(), args.out, started)
     print(json.dumps(result))
-    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()
