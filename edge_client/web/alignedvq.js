@@ -16,7 +16,7 @@
 // Same pixels in, same bytes out as edge_client.encoder.EdgeEncoder.encode_image (tests/web).
 
 export { loadBundle, maxBook, shapeRepr, SUPPORTED_ACTIVATIONS } from "./bundle.js";
-export { disposeBundle, encodeImage, encodeImageDetailed } from "./encoder.js";
+export { disposeBundle, encodeImage, encodeImageDetailed, prepareBundle } from "./encoder.js";
 export { AlignedVQError, BundleError, ImageError, IndexRangeError } from "./errors.js";
 export { backend, setBackend } from "./kernels.js";
 export { resizeAndCrop, rgbaToRgb } from "./preprocess.js";

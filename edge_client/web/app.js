@@ -8,10 +8,12 @@
 import {
   backend,
   CONTENT_TYPE,
+  encodeImage,
   encodeImageDetailed,
   encodeRequest,
   loadBundle,
   newRequestId,
+  prepareBundle,
   resizeAndCrop,
   rgbaToRgb,
 } from "./alignedvq.js";
@@ -94,8 +96,15 @@ async function loadModels() {
 
 function refreshModels() {
   state.modelsLoading = loadModels()
-    .then(() => clearError())
-    .catch((error) => showError(error))
+    .then(() => {
+      $("model-hint").textContent = "The models the gateway serves now (GET /v1/models).";
+      clearError();
+    })
+    .catch((error) => {
+      // No key yet: say what to do instead of flagging an error.
+      if (error.status === 401 && !$("api-key").value.trim()) $("model-hint").textContent = "Enter the API key to list the models.";
+      else showError(error);
+    })
     .finally(() => {
       state.modelsLoading = null;
     });
@@ -119,6 +128,11 @@ async function bundleFor(name) {
   if (announced && announced.toLowerCase() !== bundle.codebookHash) {
     throw new PageError("bad_bundle", `expected codebook hash ${announced} (X-Codebook-Hash), got ${bundle.codebookHash}`);
   }
+  // Pack the weights for the kernels and let the JIT see the code once, so that "edge ms" is what
+  // each photo costs rather than the one-time set-up of a bundle.
+  prepareBundle(bundle);
+  const size = bundle.imageSpec.size;
+  encodeImage(bundle, new Uint8Array(size * size * 3), size, size);
   state.bundles.set(name, { etag: response.headers.get("ETag") || "", bundle });
   return bundle;
 }
@@ -236,6 +250,7 @@ async function onAsk(event) {
       result = await ask(await bundleFor(name), name, question, $("cloud-only").checked);
     }
     showResult(result);
+    if (window.matchMedia("(max-width: 819px)").matches) $("results").scrollIntoView({ behavior: "smooth", block: "start" });
   } catch (error) {
     $("answer").textContent = "";
     showError(error);
@@ -284,7 +299,7 @@ function clearError() {
 /** The model-size photo, and with a result each patch shaded by its bits, refined ones outlined. */
 function drawOverlay(result) {
   const canvas = $("overlay");
-  const css = Math.min(canvas.parentElement.clientWidth || 320, 480);
+  const css = Math.min(canvas.parentElement.clientWidth - 28 || 320, 420);
   const ratio = window.devicePixelRatio || 1;
   canvas.style.width = `${css}px`;
   canvas.style.height = `${css}px`;
@@ -341,15 +356,20 @@ function drawOverlay(result) {
     for (let t = 1; t < tokenBits.length; t++) {
       const gy = Math.floor((t - 1) / grid), gx = (t - 1) % grid;
       const share = max > min ? (tokenBits[t] - min) / (max - min) : 0.5;
-      context.fillStyle = `rgba(255, ${Math.round(200 - 170 * share)}, 0, ${0.12 + 0.6 * share})`;
+      // Magenta: unlike any easy-VQA or scenes colour, so the shape stays readable underneath.
+      context.fillStyle = `rgba(200, 0, 170, ${0.08 + 0.6 * share})`;
       context.fillRect(gx * cell, gy * cell, cell, cell);
       if (refined[t]) {
-        context.strokeStyle = "rgba(0, 200, 255, 0.95)";
-        context.lineWidth = Math.max(2, cell / 14);
-        context.strokeRect(gx * cell + 1, gy * cell + 1, cell - 2, cell - 2);
+        const width = Math.max(2, cell / 16);
+        context.lineWidth = width + 2;
+        context.strokeStyle = "rgba(0, 0, 0, 0.9)";
+        context.strokeRect(gx * cell + width, gy * cell + width, cell - 2 * width, cell - 2 * width);
+        context.lineWidth = width;
+        context.strokeStyle = "rgba(255, 255, 255, 0.95)";
+        context.strokeRect(gx * cell + width, gy * cell + width, cell - 2 * width, cell - 2 * width);
       }
       if (cell >= 28 * ratio) {
-        context.fillStyle = "rgba(0, 0, 0, 0.85)";
+        context.fillStyle = share > 0.5 ? "rgba(255, 255, 255, 0.95)" : "rgba(0, 0, 0, 0.85)";
         context.font = `${Math.round(cell / 3.2)}px system-ui, sans-serif`;
         context.textAlign = "center";
         context.textBaseline = "middle";

@@ -342,6 +342,12 @@ function prepare(b) {
   return p;
 }
 
+/** Pack a bundle's weights for the kernels now (encodeImage does it on first use otherwise). */
+export function prepareBundle(bundle) {
+  prepare(bundle);
+  return bundle;
+}
+
 /** Give back the kernel memory a bundle's prepared weights hold (it is re-prepared if used again). */
 export function disposeBundle(bundle) {
   const p = prepared.get(bundle);
