@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast lint typecheck demo clean
+.PHONY: install test test-fast lint typecheck demo clean test-web web-golden wasm wasm-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,12 +29,36 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+test: lint typecheck test-web
 	$(PY) -m pytest -q
 
 # The everyday subset (about a minute): everything but the tests marked slow.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The browser codec (edge_client/web, docs/web/README.md): its WebAssembly is reassembled from
+# kernels.wat with the wabt pinned in tools/package-lock.json and must equal the committed bytes;
+# the Python encoder writes golden files of every bundled quantizer and the LLaVA-1.5 geometry
+# (tests/web/make_golden.py, ~40 s); Node's test runner holds the JS codec to them.
+WEB_TOOLS := edge_client/web/tools
+WEB_GOLDEN := build/web-golden
+
+$(WEB_TOOLS)/node_modules/.package-lock.json: $(WEB_TOOLS)/package-lock.json
+	cd $(WEB_TOOLS) && npm ci --no-audit --no-fund --loglevel=error
+
+wasm: $(WEB_TOOLS)/node_modules/.package-lock.json
+	node $(WEB_TOOLS)/build_wasm.mjs
+
+wasm-check: $(WEB_TOOLS)/node_modules/.package-lock.json
+	node $(WEB_TOOLS)/build_wasm.mjs --check
+
+$(WEB_GOLDEN)/index.json: tests/web/make_golden.py $(wildcard edge_client/*.py models/bundled/*/manifest.json) | install
+	$(PY) -m tests.web.make_golden --bundled $(WEB_GOLDEN)
+
+web-golden: $(WEB_GOLDEN)/index.json
+
+test-web: install wasm-check web-golden
+	node --test tests/web
 
 demo: install
 	bash deploy/demo.sh
