@@ -149,6 +149,11 @@ def _read_metadata(data: bytes) -> dict[str, Any]:
     if len(data) < 8:
         raise BundleError(f"expected a safetensors blob of at least 8 bytes, got {len(data)}")
     (header_size,) = struct.unpack_from("<Q", data)
+    if data[8:9] != b"{":
+        raise BundleError(
+            "this is not an edge bundle: expected a safetensors file (an 8-byte header length, then a "
+            f"JSON header) as GET /v1/models/<name>/edge-bundle serves, got bytes starting {data[:12]!r}"
+        )
     if header_size > min(MAX_HEADER_BYTES, len(data) - 8):
         raise BundleError(
             f"expected a safetensors header of at most {min(MAX_HEADER_BYTES, len(data) - 8)} bytes, "

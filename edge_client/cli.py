@@ -60,6 +60,9 @@ def ask(
     max_new_tokens: Annotated[int, typer.Option(min=1, max=64)] = 8,
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds per HTTP attempt")] = 30.0,
     retries: Annotated[int, typer.Option(min=0, help="retries on 429/5xx/timeouts")] = 3,
+    threads: Annotated[
+        int, typer.Option(min=1, envvar="VQA_EDGE_THREADS", help="BLAS threads for the encode")
+    ] = 1,
 ) -> None:
     """Encode IMAGE at the edge (or send it whole with --cloud-only) and print the answer."""
     try:
@@ -71,6 +74,7 @@ def ask(
             cache_dir=cache_dir,
             timeout=timeout,
             retries=retries,
+            threads=threads,
         ) as client:
             result = client.ask(image, question, cloud_only=cloud_only, max_new_tokens=max_new_tokens)
     except (AlignedVQError, ValueError) as error:

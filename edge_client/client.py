@@ -33,6 +33,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
+from threadpoolctl import ThreadpoolController
 
 from .bitstream import read_header
 from .bundle import MAX_BUNDLE_BYTES, EdgeBundle
@@ -94,6 +95,7 @@ class EdgeClient:
     ``bundle`` is an :class:`EdgeBundle` or the path of a bundle file; without it the bundle is
     downloaded from the gateway on first use and cached under ``cache_dir``. ``model`` defaults to
     the bundle's model, else ``llava-mini-shapes``. ``timeout`` (seconds) bounds each HTTP attempt.
+    ``threads`` caps the BLAS threads of each encode (1 keeps it fast on a busy device).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class EdgeClient:
         *,
         backoff_s: float = 0.25,
         max_backoff_s: float = 8.0,
+        threads: int = 1,
     ) -> None:
         if "://" not in gateway_url:
             raise ValueError(
@@ -124,16 +127,18 @@ class EdgeClient:
             raise ValueError(f"expected an http(s) gateway URL, got {gateway_url!r}: {exc}") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"expected an http(s) gateway URL, got {gateway_url!r}")
-        if retries < 0 or timeout <= 0 or backoff_s < 0 or max_backoff_s < 0:
+        if retries < 0 or timeout <= 0 or backoff_s < 0 or max_backoff_s < 0 or threads < 1:
             raise ValueError(
-                f"expected retries >= 0, timeout > 0 and backoffs >= 0, "
-                f"got {retries}, {timeout}, {backoff_s}, {max_backoff_s}"
+                f"expected retries >= 0, timeout > 0, backoffs >= 0 and threads >= 1, "
+                f"got {retries}, {timeout}, {backoff_s}, {max_backoff_s}, {threads}"
             )
         self.gateway_url = gateway_url.rstrip("/")
         self.api_key = api_key
         self.timeout = httpx.Timeout(timeout)
         self.policy = RetryPolicy(self.gateway_url, retries, backoff_s, max_backoff_s, timeout)
         self.cache = BundleCache(cache_dir)
+        self.threads = threads
+        self._blas: ThreadpoolController | None = None
         if bundle is not None and not isinstance(bundle, EdgeBundle):
             bundle = EdgeBundle.load(bundle)
         self.model = model or (bundle.model if bundle is not None else DEFAULT_MODEL)
@@ -283,7 +288,13 @@ class EdgeClient:
             payload = jpeg_payload(source, encoder.bundle.image_spec.size)
             bits = 8 * len(payload)
         else:
-            payload = encoder.encode_image(source)
+            # The encode's matrices are small: on a busy device a BLAS thread pool sized to the
+            # cores spends its time waiting for them (an encode measured 30x slower under load in
+            # benchmarks/results/edge_cost.json); ``threads`` (default 1) bounds it for this call.
+            if self._blas is None:
+                self._blas = ThreadpoolController()
+            with self._blas.limit(limits=self.threads, user_api="blas"):
+                payload = encoder.encode_image(source)
             bits = 8 * (len(payload) - read_header(payload).nbytes)
         return payload, bits, (time.perf_counter() - start) * 1e3
 

@@ -52,7 +52,20 @@ def load_image(data: bytes) -> Image.Image:
     except ImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        if _truncated(data, exc):
+            raise ImageError(
+                f"image is truncated: its {len(data)} bytes end before the picture does; send the whole file"
+            ) from exc
         raise ImageError(f"image could not be decoded: {type(exc).__name__}") from exc
+
+
+def _truncated(data: bytes, error: Exception) -> bool:
+    """Pillow says "truncated" for JPEG and PNG; a WebP's RIFF header declares its full length."""
+    if "truncated" in str(error).lower():
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 8:
+        return len(data) < 8 + int.from_bytes(data[4:8], "little")
+    return False
 
 
 def on_white(image: Image.Image) -> Image.Image:

@@ -180,9 +180,10 @@ def test_altered_tensor_fails_the_hash(bundle_bytes: bytes) -> None:
     ("data", "message"),
     [
         (b"", "at least 8 bytes, got 0"),
-        (b"\xff" * 16, "header of at most 8 bytes, got a declared"),
+        (b"\xff" * 16, "this is not an edge bundle"),
+        (struct.pack("<Q", 99) + b"{}  ", "header of at most 4 bytes, got a declared 99"),
         (struct.pack("<Q", 4) + b"{}  ", "JSON 'alignedvq' entry: KeyError"),
-        (struct.pack("<Q", 4) + b"\xff\xfe{}", "JSON 'alignedvq' entry"),
+        (struct.pack("<Q", 3) + b"{\xff}", "JSON 'alignedvq' entry: UnicodeDecodeError"),
     ],
 )
 def test_garbage_is_refused(data: bytes, message: str) -> None:
@@ -199,5 +200,8 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="cannot read edge bundle .*nope.bundle"):
         EdgeBundle.load(tmp_path / "nope.bundle")
     (tmp_path / "bad.bundle").write_bytes(b"12345678")
-    with pytest.raises(BundleError, match="bad.bundle: expected a safetensors header"):
+    with pytest.raises(BundleError, match="bad.bundle: this is not an edge bundle"):
         EdgeBundle.load(tmp_path / "bad.bundle")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(60))
+    with pytest.raises(BundleError, match=r"not an edge bundle: expected a safetensors file .* b'\\xff\\xd8"):
+        EdgeBundle.load(tmp_path / "photo.jpg")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
@@ -119,6 +120,21 @@ def test_local_errors_exit_2(gateway: StubGateway, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cannot read image" in result.stderr
     result = _ask("ftp://example", tmp_path / "nope.jpg", tmp_path)
     assert result.exit_code == 2 and "expected an http(s) gateway URL" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP"])
+def test_a_truncated_image_is_called_truncated(kind: str, gateway: StubGateway, tmp_path: Path) -> None:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(out, kind)
+    path = tmp_path / f"cut.{kind.lower()}"
+    path.write_bytes(out.getvalue()[: len(out.getvalue()) // 2])
+    result = _ask(gateway.url, path, tmp_path, VQA_API_KEY="k3y")
+    assert result.exit_code == 2 and "image is truncated" in result.stderr, result.stderr
+
+
+def test_a_file_that_is_not_a_bundle_is_named(photo: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bundle-info", str(photo)])
+    assert result.exit_code == 2 and "this is not an edge bundle" in result.stderr, result.stderr
 
 
 def test_unreachable_gateway_exits_3(photo: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from edge_client.bitstream import decode_stream
 from edge_client.bundle import EdgeBundle
 from edge_client.client import EdgeClient
+from edge_client.encoder import EdgeEncoder
 from edge_client.errors import (
     BundleError,
     GatewayError,
@@ -431,3 +432,22 @@ def test_codebook_mismatch_refreshes_a_downloaded_bundle_once(
     with pytest.raises(GatewayError, match="codebook changed"):
         make_client(gateway, bundle=path).ask(image, "what shape?")
     assert len(gateway.vqa_calls) == 5
+
+
+def test_encode_runs_with_blas_capped_to_the_threads_asked(
+    gateway: StubGateway, make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from threadpoolctl import threadpool_info
+
+    seen: list[set[int]] = []
+    encode = EdgeEncoder.encode_image
+
+    def recording(self: EdgeEncoder, image: Any) -> bytes:
+        seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+        return encode(self, image)
+
+    monkeypatch.setattr(EdgeEncoder, "encode_image", recording)
+    make_client(gateway, threads=1).ask(np.zeros((32, 32, 3), np.uint8), "what shape is it?")
+    assert seen == [{1}]
+    with pytest.raises(ValueError, match="threads >= 1"):
+        make_client(gateway, threads=0)
