@@ -15,7 +15,7 @@ ignored, so every run does the same work). Variants, all in one process on one c
 - ``cloud_half``: the cloud half through the HF modules (the worker's path on CPU, and
   ``VQA_FUSED=off``): codebook gather -> the rest of the vision tower -> projector -> language
   model, prefill with last-position logits only, then a lean greedy loop with the KV cache
-  (:mod:`models.decode`).
+  (:mod:`models.generation`).
 - ``cloud_half_fused``: what the worker runs on a GPU (``VQA_FUSED=auto``; ``split_llava(...,
   fused=True)``): :class:`models.fused.FusedLlama`, the parts of a decoder layer around attention
   compiled once for all layers, q/k/v and gate/up as single GEMMs over weights the HF modules then
@@ -60,8 +60,8 @@ from benchmarks.harness.record import RESULTS, header, write_result
 from benchmarks.harness.stats import timed
 from models.architectures import llava15_geometry_config, tiny_llava_config
 from models.config import QuantizerConfig
-from models.decode import left_padded_positions
 from models.fused import FusedLlama
+from models.generation import left_padded_positions
 from models.quantizer import AlignedVQ
 from models.split import split_llava, vision_model, vision_tokens
 

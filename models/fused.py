@@ -12,7 +12,7 @@ step. Here (benchmarks/results/gpu_worker.json: GEMMs now ~80 % of a batch-64 ca
   attention kernels read and write, so no transpose is ever materialised.
 - The weights are not duplicated: each layer's q/k/v (and gate/up) weights are concatenated once
   and the Hugging Face ``nn.Linear`` modules get row views of that one tensor as their parameters,
-  so the model itself still runs (the benchmark's baseline, :class:`models.decode.HFEngine`) on
+  so the model itself still runs (the benchmark's baseline, :class:`models.generation.HFEngine`) on
   the same memory. Such a model should not be saved afterwards (safetensors refuses shared
   storage); it is a serving-only change.
 - Prefill moves each left-padded row's real tokens to the front (positions ``0..len-1`` on every
@@ -141,7 +141,7 @@ class _Graph:
 
 
 class FusedLlama:
-    """``prefill`` / ``step`` over a LLaVA's language model (see :class:`models.decode.HFEngine`).
+    """``prefill`` / ``step`` over a LLaVA's language model (see :class:`models.generation.HFEngine`).
 
     ``compile``: ``torch.compile`` the per-layer functions (a few compiles per process: the first
     shapes, then batch and length as symbols). ``cuda_graphs``: replay decode steps as

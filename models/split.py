@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import SplitSite
-from .decode import HFEngine, greedy_decode
+from .generation import HFEngine, greedy_decode
 
 
 def vision_model(model: nn.Module) -> nn.Module:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration
 
 from models.architectures import tiny_llava_config
-from models.decode import HFEngine, greedy_decode, left_padded_positions
 from models.fused import CudaGraphed, FusedLlama, StaticCache, _fp8, _linear
+from models.generation import HFEngine, greedy_decode, left_padded_positions
 from models.split import split_llava
 
 

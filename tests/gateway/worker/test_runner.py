@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from gateway.worker.runner import Prepared, Runner
-from models.decode import HFEngine
 from models.fused import FusedLlama
+from models.generation import HFEngine
 from tests.conftest import TINY_QUANTIZER
 
 

@@ -6,8 +6,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from models.architectures import tiny_llava_config
-from models.decode import HFEngine, greedy_decode, left_padded_positions
 from models.fused import FusedLlama
+from models.generation import HFEngine, greedy_decode, left_padded_positions
 from models.split import split_llava
 
 
