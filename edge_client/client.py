@@ -33,9 +33,9 @@ import msgpack
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
-from threadpoolctl import ThreadpoolController
 
 from .bitstream import read_header
+from .blas import limit_blas
 from .bundle import MAX_BUNDLE_BYTES, EdgeBundle
 from .bundle_cache import BundleCache
 from .cloud_only import ImageInput, jpeg_payload, read_image
@@ -138,7 +138,6 @@ class EdgeClient:
         self.policy = RetryPolicy(self.gateway_url, retries, backoff_s, max_backoff_s, timeout)
         self.cache = BundleCache(cache_dir)
         self.threads = threads
-        self._blas: ThreadpoolController | None = None
         if bundle is not None and not isinstance(bundle, EdgeBundle):
             bundle = EdgeBundle.load(bundle)
         self.model = model or (bundle.model if bundle is not None else DEFAULT_MODEL)
@@ -288,12 +287,7 @@ class EdgeClient:
             payload = jpeg_payload(source, encoder.bundle.image_spec.size)
             bits = 8 * len(payload)
         else:
-            # The encode's matrices are small: on a busy device a BLAS thread pool sized to the
-            # cores spends its time waiting for them (an encode measured 30x slower under load in
-            # benchmarks/results/edge_cost.json); ``threads`` (default 1) bounds it for this call.
-            if self._blas is None:
-                self._blas = ThreadpoolController()
-            with self._blas.limit(limits=self.threads, user_api="blas"):
+            with limit_blas(self.threads):  # see edge_client.blas for why one thread
                 payload = encoder.encode_image(source)
             bits = 8 * (len(payload) - read_header(payload).nbytes)
         return payload, bits, (time.perf_counter() - start) * 1e3
