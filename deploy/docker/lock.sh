@@ -23,11 +23,13 @@ trap 'rm -rf "$work"' EXIT
 # markers against the interpreter running this script, not --python-version, so it is named here.
 GATEWAY=(fastapi==0.165.0 starlette==1.10.0 "uvicorn[standard]==0.54.0" "redis[hiredis]==8.1.0"
   pydantic==2.14.4 pydantic-settings==2.16.3 prometheus-client msgpack==1.2.4 numpy==2.4.6
-  pillow==13.0.0 httpx==0.28.1 anyio==4.16.0 safetensors==0.8.0 "async-timeout>=4.0.3")
-# edge_client: numpy, pillow, httpx, msgpack, safetensors, typer, pydantic (constriction is declared
-# by pyproject.toml but imported nowhere, so the image leaves it out).
+  pillow==13.0.0 httpx==0.28.1 anyio==4.16.0 safetensors==0.8.0 "async-timeout>=4.0.3"
+  threadpoolctl==3.8.0)
+# edge_client: numpy, pillow, httpx, msgpack, safetensors, typer, pydantic, threadpoolctl (BLAS
+# threads per encode); constriction is declared by pyproject.toml but imported nowhere, so the image
+# leaves it out.
 EDGE=(numpy==2.4.6 pillow==13.0.0 httpx==0.28.1 anyio==4.16.0 msgpack==1.2.4 safetensors==0.8.0
-  typer==0.29.2 pydantic==2.14.4)
+  typer==0.29.2 pydantic==2.14.4 threadpoolctl==3.8.0)
 # The worker: `.[serve]` without torch (installed first from the CUDA index, see worker.Dockerfile).
 WORKER=("${GATEWAY[@]}" "transformers==5.24.0" "tokenizers==0.23.3" "easy-vqa==1.0" "tqdm==4.70.1"
   "matplotlib==3.11.2" "huggingface-hub==2.4.0" "constriction>=0.4" "typer==0.29.2" "threadpoolctl==3.8.0")

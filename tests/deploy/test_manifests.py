@@ -631,6 +631,7 @@ def test_dockerfile_context_is_an_allowlist(image):
 OPTIONAL_IMPORTS = {
     "click": "httpx tries `import click, pygments, rich` for its optional command line",
     "cryptography": "redis.utils tries it (OCSP); mypy's types-pyOpenSSL brings it into the dev venv",
+    "sniffio": "anyio tries it; trio (selenium, in the test extra) brings it into the dev venv",
     "pygments": "httpx's optional command line",
     "rich": "httpx's optional command line (the edge image has it anyway: typer needs it)",
     "setuptools": "_distutils_hack, imported by a .pth file of the venv",
