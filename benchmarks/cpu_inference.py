@@ -31,7 +31,7 @@ from models.prompt import encode_prompts
 from models.quantizer import AlignedVQ
 from models.registry import DEFAULT_QUANTIZER, load_model
 from models.split import split_llava
-from models.tensors import pixel_values
+from models.tensor_split import pixel_values
 
 MAX_NEW_TOKENS = 2  # single-word answers + EOS
 

@@ -28,7 +28,7 @@ from .prompt import encode_prompts
 from .quantizer import AlignedVQ
 from .registry import LoadedModel
 from .split import CloudHalf, EdgeHalf, split_llava
-from .tensors import pixel_values
+from .tensor_split import pixel_values
 
 
 def normalize_answer(text: str) -> str:

@@ -1,6 +1,6 @@
 """Training: the bundled mini LLaVA from scratch, and AlignedVQ quantizers for any LLaVA.
 
-Both loops keep the whole data set on the device as tensors (:mod:`models.tensors`), run bf16
+Both loops keep the whole data set on the device as tensors (:mod:`models.tensor_split`), run bf16
 autocast on CUDA, log JSON lines, checkpoint, and resume from their last checkpoint.
 
     alignedvq train-mini --out runs/mini --steps 11000
@@ -31,7 +31,7 @@ from .patch_loss import PatchHead, last_block_output
 from .quantizer import AlignedVQ
 from .registry import LoadedModel, save_model_dir
 from .split import split_llava, vision_model
-from .tensors import TensorSplit, pixel_values
+from .tensor_split import TensorSplit, pixel_values
 
 TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
 
