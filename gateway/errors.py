@@ -24,6 +24,7 @@ and the gateway re-raises it here (:func:`error_from_code`). Every error body is
         ├── UnsupportedMediaType        unsupported_media_type   415
         ├── StreamMismatch              stream_mismatch          422
         ├── QuestionTooLong             question_too_long        422
+        ├── UnreadableQuestion          unreadable_question      422
         ├── Overloaded                  overloaded               429 (+ Retry-After)
         ├── RateLimited                 rate_limited             429 (+ Retry-After)
         ├── WorkerError                 worker_error             500
@@ -83,6 +84,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnknownModel",
+    "UnreadableQuestion",
     "UnsupportedMediaType",
     "WorkerError",
     "error_body",
@@ -158,6 +160,12 @@ class StreamMismatch(ServerError):
 
 class QuestionTooLong(ServerError):
     code = "question_too_long"
+
+
+class UnreadableQuestion(ServerError):
+    """The model's tokenizer reads no word of the question (each would be its unknown token)."""
+
+    code = "unreadable_question"
 
 
 class Overloaded(ServerError):
@@ -239,6 +247,7 @@ HTTP_STATUS: dict[str, int] = {
     UnsupportedMediaType.code: 415,
     StreamMismatch.code: 422,
     QuestionTooLong.code: 422,
+    UnreadableQuestion.code: 422,
     Overloaded.code: 429,
     RateLimited.code: 429,
     WorkerError.code: 500,
