@@ -71,6 +71,12 @@ class Metrics:
             registry=self.registry,
         )
         self.waiting = Gauge("vqa_waiting_requests", "Requests awaiting a reply", registry=self.registry)
+        self.live_workers = Gauge(
+            "vqa_live_workers",
+            "Workers that announced themselves for a model within their liveness window (read at scrape)",
+            ["model"],
+            registry=self.registry,
+        )
         self._by_request: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
 
@@ -95,6 +101,12 @@ class Metrics:
         children[0].observe(response.queue_ms / 1000)
         children[1].observe(response.compute_ms / 1000)
         children[2].observe(response.batch_size)
+
+    def set_live_workers(self, live: dict[str, int]) -> None:
+        """The per-model worker counts as read now; models no longer served drop out."""
+        self.live_workers.clear()
+        for model, count in live.items():
+            self.live_workers.labels(model).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

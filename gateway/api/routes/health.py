@@ -64,5 +64,12 @@ async def readyz(request: Request, queue: QueueDep, registry: RegistryDep) -> Re
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(metrics: MetricsDep) -> Response:
+async def metrics(metrics: MetricsDep, queue: QueueDep, registry: RegistryDep) -> Response:
+    """Prometheus text; the per-model live-worker gauge is read from the queue at scrape time (and
+    left out while Redis is unreachable, so the scrape itself still works)."""
+    try:
+        served = await registry.all()
+        metrics.set_live_workers({m.info.name: await queue.live_workers(m.info.name) for m in served})
+    except QueueUnavailable:
+        pass
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

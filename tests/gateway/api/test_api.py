@@ -82,6 +82,7 @@ def test_health_readiness_metrics_and_docs(served, model_name, encoder) -> None:
     assert 'vqa_requests_total{code="bad_request",route="/v1/vqa",status="422"} 1.0' in text
     assert f'vqa_batch_size_count{{model="{model_name}"}} 1.0' in text
     assert "vqa_queue_wait_seconds_bucket" in text and "vqa_compute_seconds_bucket" in text
+    assert f'vqa_live_workers{{model="{model_name}"}} 1.0' in text  # per model, read at scrape
     schema = client.get("/openapi.json").json()
     assert {"/v1/vqa", "/v1/models", "/v1/models/{name}/edge-bundle", "/readyz"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
