@@ -54,7 +54,7 @@ MAX_NEW_TOKENS = 8  # the page's and EdgeClient's default
 API_KEY = "web-parity-" + uuid.uuid4().hex
 REDIS_URL = os.environ.get("VQA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 BARS = {"answer_agreement": 0.995, "token_agreement": 0.999}
-BROWSER_FIELDS = ("answer", "error", "status", "body_bytes", "edge_ms", "round_trip_ms")
+BROWSER_FIELDS = ("answer", "error", "status", "body_bytes", "edge_ms", "round_trip_ms", "retries")
 # --------------------------------------------------------------------------------------------------
 
 BROWSER_SCRIPT = """
@@ -83,12 +83,24 @@ const [items, config, done] = [arguments[0], arguments[1], arguments[arguments.l
     const body = avq.encodeRequest({ request_id: avq.newRequestId(), model: config.model,
       question: item.question, features: encoded.stream, max_new_tokens: config.maxNewTokens });
     const sent = performance.now();
-    const reply = await fetch("/v1/vqa", { method: "POST", body,
-      headers: { ...auth, "Content-Type": avq.CONTENT_TYPE, Accept: "application/json" } });
+    const headers = { ...auth, "Content-Type": avq.CONTENT_TYPE, Accept: "application/json" };
+    const init = { method: "POST", body, headers };
+    let reply;
+    let retries = 0;
+    for (;;) {
+      // A POST on a keep-alive connection the server is closing fails without an answer; the same
+      // request id makes a resend safe (the gateway answers an id once), as EdgeClient does.
+      try {
+        reply = await fetch("/v1/vqa", init);
+        break;
+      } catch (error) {
+        if (++retries > 3) throw error;
+      }
+    }
     const json = await reply.json();
     return { answer: json.answer ?? null, error: json.error ?? null, status: reply.status,
       body_bytes: body.length, stream: b64(encoded.stream), indices: Array.from(encoded.indices),
-      rgb_sha256: avq.sha256Hex(rgb), edge_ms: edgeMs, round_trip_ms: performance.now() - sent };
+      rgb_sha256: avq.sha256Hex(rgb), edge_ms: edgeMs, round_trip_ms: performance.now() - sent, retries };
   };
   const out = new Array(items.length);
   let next = 0;
@@ -282,6 +294,7 @@ def main() -> None:
         "streams_with_same_indices_but_other_bytes": same_indices_other_bytes,
         "browser_pixels_equal_pillow": pixels_same,
         "browser_errors": sum(r["browser"]["error"] is not None for r in rows),
+        "browser_resends": sum(r["browser"]["retries"] for r in rows),
         "body_bytes_equal": sum(r["browser"]["body_bytes"] == r["python"]["body_bytes"] for r in rows),
         "median_browser_body_bytes": float(np.median([r["browser"]["body_bytes"] for r in rows])),
         "median_browser_edge_ms": float(np.median([r["browser"]["edge_ms"] for r in rows])),

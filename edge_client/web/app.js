@@ -65,10 +65,16 @@ async function errorFrom(response) {
 
 async function send(url, init = {}) {
   let response;
-  try {
-    response = await fetch(url, { ...init, headers: { ...authHeaders(), ...(init.headers || {}) } });
-  } catch (error) {
-    throw new PageError("gateway_unreachable", `cannot reach the gateway: ${error.message}`);
+  for (let attempt = 1; ; attempt++) {
+    try {
+      response = await fetch(url, { ...init, headers: { ...authHeaders(), ...(init.headers || {}) } });
+      break;
+    } catch (error) {
+      // No reply at all (a keep-alive connection closing under a POST, a flaky uplink): resending is
+      // safe, the body and so its request_id are the same and the gateway answers an id once.
+      if (attempt === 3) throw new PageError("gateway_unreachable", `cannot reach the gateway: ${error.message}`);
+      await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
+    }
   }
   if (!response.ok && response.status !== 304) throw await errorFrom(response);
   return response;
