@@ -95,7 +95,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 async def require_api_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str:
     """401 unless ``Authorization: Bearer <key>`` carries a configured key (or anonymity is allowed);
-    429 instead of 401 once the address is over its failed-authentication limit.
+    429 instead of 401 for a wrong key once the address is over its failed-authentication limit.
 
     A valid key always passes, so a client is never locked out by failures of others behind the
     same address (a NAT, an ingress). Only failures are counted and, past the limit, refused with
@@ -111,7 +111,8 @@ async def require_api_key(request: Request, credentials: HTTPAuthorizationCreden
     try:
         return _client_id(app.settings, credentials)
     except Unauthorized:
-        if app.auth_failure_limiter is not None:
+        # Only a presented key that is wrong is a guess; a request without one is always plain 401.
+        if app.auth_failure_limiter is not None and credentials is not None and credentials.credentials:
             await app.auth_failure_limiter.acquire(f"authfail:ip:{client_address(request)}")
         raise
 
