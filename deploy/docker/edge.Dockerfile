@@ -9,11 +9,14 @@
 #       -e VQA_GATEWAY_URL=https://vqa.example.com -e VQA_API_KEY REGISTRY/llava-alignedvq/edge-client:0.1.0 \
 #       ask /in/red_circle.png "what color is the shape?"
 #
-# Size (estimated from the wheels, no Docker engine was available): the 22 locked wheels are 30 MB
-# compressed, 96 MB installed (numpy 57 MB, pillow 20 MB, pydantic-core 5 MB); with the
-# python:3.12-slim base (~125 MB) the image is about 230 MB unpacked, about 80 MB compressed.
+# Size: the 22 locked wheels are 30 MB compressed, 96 MB installed (numpy 57 MB, pillow 20 MB,
+# pydantic-core 5 MB); with the python:3.12-slim base (~125 MB) the image is about 230 MB unpacked,
+# about 80 MB compressed. Measured with podman on the Debian 12 test base of deploy/podman/ (171 MB,
+# apt included): 321 MB.
 
 # python:3.12.12-slim-bookworm, multi-arch index digest (verify: docker buildx imagetools inspect).
+# Any image with `python` (3.11 or 3.12: the lock file has wheels for both) and its venv module
+# will do, e.g. the Debian 12 base that deploy/podman/run.sh makes where no registry is reachable.
 ARG PYTHON_BASE=python:3.12.12-slim-bookworm@sha256:593bd06efe90efa80dc4eee3948be7c0fde4134606dd40d8dd8dbcade98e669c
 
 FROM ${PYTHON_BASE} AS build

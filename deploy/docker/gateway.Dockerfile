@@ -10,6 +10,8 @@
 # project itself is installed with --no-deps so the [serve] extra (which pulls torch) is never read.
 
 # python:3.12.12-slim-bookworm, multi-arch index digest (verify: docker buildx imagetools inspect).
+# Any image with `python` (3.11 or 3.12: the lock file has wheels for both) and its venv module
+# will do, e.g. the Debian 12 base that deploy/podman/run.sh makes where no registry is reachable.
 ARG PYTHON_BASE=python:3.12.12-slim-bookworm@sha256:593bd06efe90efa80dc4eee3948be7c0fde4134606dd40d8dd8dbcade98e669c
 
 FROM ${PYTHON_BASE} AS build

@@ -3,7 +3,7 @@
 # baked in as package data; LLaVA-1.5-7B is mounted from a Hugging Face cache at HF_HOME (see
 # deploy/k8s/overlays/gpu), or VQA_MODEL names any model directory mounted into the container.
 #
-#     docker build -f deploy/docker/worker.Dockerfile -t REGISTRY/llava-alignedvq/worker:0.1.0 .
+#     docker build -f deploy/docker/worker.Dockerfile -t REGISTRY/llava-alignedvq/worker:0.1.0-cu130 .
 #     # CPU-only variant (dev overlay, laptops): same base, CPU wheel of torch
 #     docker build -f deploy/docker/worker.Dockerfile --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu \
 #       -t REGISTRY/llava-alignedvq/worker:0.1.0-cpu .
@@ -13,6 +13,15 @@
 # runtime, cuBLAS and cuDNN as nvidia-* packages, and a -runtime base would ship a second copy
 # (~3 GB). torch 2.13.0 on the cu130 index is a CUDA 13.0 build: the node needs driver >= 580.
 # For older drivers use a cu12x index that has torch 2.13.0 and a matching nvidia/cuda:12.x base.
+#
+# Without a registry or download.pytorch.org (deploy/podman/run.sh does this): CUDA_BASE may be any
+# image with apt and a python3 that has venv (a Debian 12 made with mmdebstrap), and TORCH_INDEX a
+# file:// index of the wheels mounted for the build:
+#     podman build --format docker -f deploy/docker/worker.Dockerfile \
+#       --ignorefile deploy/docker/worker.Dockerfile.dockerignore \
+#       --build-arg CUDA_BASE=localhost/vqa-test/debian-python:3.11-bookworm \
+#       --build-arg TORCH_INDEX=file:///wheels/simple -v "$STATE/torch-index:/wheels:ro" \
+#       -t REGISTRY/llava-alignedvq/worker:0.1.0-cpu .
 
 # nvidia/cuda:13.0.2-base-ubuntu24.04, multi-arch index digest (verify: docker buildx imagetools inspect).
 ARG CUDA_BASE=nvidia/cuda:13.0.2-base-ubuntu24.04@sha256:2ab6381d970b211fb93853796dc6707eb8a72575a375c422b17cf4d8b2641701
