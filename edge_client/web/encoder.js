@@ -628,37 +628,29 @@ function computeRanks(p, indices, T) {
 
 // ---- rate-distortion optimised search (rdo.py) -------------------------------------------------
 
-/** The `low` smallest keys (distance * K + index) of a row, ascending, with their indices. */
-function cheapest(i32, rowPtr, Kc, low) {
-  const heap = new Float64Array(low); // max-heap of keys
-  let n = 0;
-  const base = rowPtr >> 2;
-  for (let j = 0; j < Kc; j++) {
-    const key = i32[base + j] * Kc + j;
-    if (n < low) {
-      let i = n++;
-      heap[i] = key;
-      while (i > 0) {
-        const parent = (i - 1) >> 1;
-        if (heap[parent] >= heap[i]) break;
-        [heap[parent], heap[i]] = [heap[i], heap[parent]];
-        i = parent;
-      }
-    } else if (key < heap[0]) {
-      heap[0] = key;
-      let i = 0;
-      for (;;) {
-        const l = 2 * i + 1, r = l + 1;
-        let top = i;
-        if (l < n && heap[l] > heap[top]) top = l;
-        if (r < n && heap[r] > heap[top]) top = r;
-        if (top === i) break;
-        [heap[top], heap[i]] = [heap[i], heap[top]];
-        i = top;
-      }
-    }
+/** The `low` smallest keys (distance * K + index) of a row, ascending: the codewords cheapest to
+ * send (rdo.py takes them with argpartition; keys are unique, so the set is the same). The
+ * `low`-th smallest distance comes from a binary search over counts (the count kernel), then one
+ * pass collects the keys below it and, lowest index first, the ties at it. */
+function cheapest(p, rowPtr, Kc, low) {
+  const Kp = p.ranking.Kp;
+  let lo = -(2 ** 24); // rank distances are integers in (-2**24, 2**24); padding holds INT32_MAX
+  let hi = 2 ** 24;
+  while (lo < hi) {
+    const mid = Math.floor((lo + hi) / 2);
+    if (K.countLt(rowPtr, Kp, mid + 1) >= low) hi = mid;
+    else lo = mid + 1;
   }
-  return heap.subarray(0, n).sort();
+  let ties = low - K.countLt(rowPtr, Kp, lo);
+  const i32 = K.views().i32;
+  const base = rowPtr >> 2;
+  const keys = new Float64Array(low);
+  let n = 0;
+  for (let j = 0; j < Kc && n < low; j++) {
+    const d = i32[base + j];
+    if (d < lo || (d === lo && ties-- > 0)) keys[n++] = d * Kc + j;
+  }
+  return keys.sort();
 }
 
 /** Indices (T, G, S) chosen for squared error + rate_lambda x coded rank bits (rdo.py). */
@@ -698,36 +690,39 @@ function searchRdo(b, p, z, T) {
                 const rowPtr = distanceRow(p, g, s, t, indices, scratch);
                 const i32 = K.views().i32;
                 f = K.views().f32;
-                const keys = cheapest(i32, rowPtr, Kc, low);
+                const keys = cheapest(p, rowPtr, Kc, low);
                 const last = keys[keys.length - 1];
-                const candidates = [i32[(pi >> 2) + i]];
-                for (const key of keys) candidates.push(((key % Kc) + Kc) % Kc);
-                if (gated) candidates.push(0);
+                const row = (pd >> 2) + i * ld;
                 let best = Infinity;
                 let pick = 0;
                 let pickRank = 0;
-                for (const c of candidates) {
-                  const key = i32[(rowPtr >> 2) + c] * Kc + c;
-                  let rank;
-                  if (key <= last) {
-                    let lo = 0, hi = keys.length; // keys below `key` among the cheapest
-                    while (lo < hi) {
-                      const mid = (lo + hi) >> 1;
-                      if (keys[mid] < key) lo = mid + 1;
-                      else hi = mid;
-                    }
-                    rank = lo;
-                  } else {
-                    rank = rankOf(p, rowPtr, c);
-                  }
-                  const dist = fround(f[(pd >> 2) + i * ld + c] + norms[c]);
-                  const cost = dist + lambda * lengths[rank];
+                const consider = (c, rank) => {
+                  const cost = fround(f[row + c] + norms[c]) + lambda * lengths[rank];
                   if (cost < best) {
                     best = cost;
                     pick = c;
                     pickRank = rank;
                   }
-                }
+                };
+                // rdo.py's candidates, in its order: the nearest codeword, the cheapest ranks, code 0
+                // of a gated stage. A key among the cheapest ranks at its place in the sorted keys
+                // (unique keys), any other is counted over the whole row.
+                const rankOfCode = (c) => {
+                  const key = i32[(rowPtr >> 2) + c] * Kc + c;
+                  if (key > last) return rankOf(p, rowPtr, c);
+                  let lo = 0;
+                  let hi = keys.length;
+                  while (lo < hi) {
+                    const mid = (lo + hi) >> 1;
+                    if (keys[mid] < key) lo = mid + 1;
+                    else hi = mid;
+                  }
+                  return lo;
+                };
+                const nearest = i32[(pi >> 2) + i];
+                consider(nearest, rankOfCode(nearest));
+                for (let r = 0; r < keys.length; r++) consider((((keys[r] % Kc) + Kc) % Kc), r);
+                if (gated) consider(0, rankOfCode(0));
                 picks.set(t, [pick, pickRank]);
               });
             } finally {
