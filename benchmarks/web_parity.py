@@ -116,6 +116,13 @@ const [items, config, done] = [arguments[0], arguments[1], arguments[arguments.l
 """
 
 
+def dumps(results: dict[str, Any]) -> str:
+    """The results as JSON, indented, with one line per question (the file stays small)."""
+    head = json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=1)
+    rows = ",\n".join(json.dumps(row, separators=(",", ":")) for row in results["rows"])
+    return f'{head[:-2]},\n "rows": [\n{rows}\n ]\n}}\n'
+
+
 def free_port() -> int:
     import socket
 
@@ -295,6 +302,7 @@ def main() -> None:
         "browser_pixels_equal_pillow": pixels_same,
         "browser_errors": sum(r["browser"]["error"] is not None for r in rows),
         "browser_resends": sum(r["browser"]["retries"] for r in rows),
+        "questions_resent": sum(r["browser"]["retries"] > 0 for r in rows),
         "body_bytes_equal": sum(r["browser"]["body_bytes"] == r["python"]["body_bytes"] for r in rows),
         "median_browser_body_bytes": float(np.median([r["browser"]["body_bytes"] for r in rows])),
         "median_browser_edge_ms": float(np.median([r["browser"]["edge_ms"] for r in rows])),
@@ -323,7 +331,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.write_text(dumps(results))
     for key in ("answer_agreement", "browser_accuracy", "python_accuracy", "token_agreement"):
         print(f"{key:<28} {100 * summary[key]:8.2f} %")
     print(f"{'streams identical':<28} {streams_same:>5} / {n}")
