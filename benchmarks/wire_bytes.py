@@ -27,6 +27,10 @@ Every size is the length of a real request body, built as ``EdgeClient`` builds 
 - ``jpeg90`` / ``jpeg75`` / ``webp80``: cloud-only ``image`` = the photo at the model's input size
   (``resize_and_crop``), encoded by Pillow. JPEG-90 is the client's own cloud-only path
   (``edge_client.cloud_only.jpeg_payload``; the script checks its own encoder gives the same bytes).
+- the low-quality sweep, same photo and size: ``jpeg50`` / ``jpeg30`` / ``jpeg10`` / ``jpeg1``,
+  ``webp50`` / ``webp20`` / ``webp0`` (Pillow's default WebP settings, as ``webp80``: lossy, method
+  4) and lossless ``png`` (``optimize=True``). Bytes only: what these pictures cost in accuracy needs
+  the real weights (``codec_accuracy.py`` measures it on the bundled models).
 
 Ratios, per photo and over the photo means: reduction vs JPEG-90 = 1 - aligned / jpeg90 (body vs
 body, and body vs the bare JPEG file); ratio vs fp16 = fp16 / aligned (request body vs request
@@ -73,6 +77,15 @@ CODECS: dict[str, tuple[str, dict[str, Any]]] = {  # cloud-only payloads (Pillow
     "jpeg90": ("JPEG", {"quality": 90}),
     "jpeg75": ("JPEG", {"quality": 75}),
     "webp80": ("WEBP", {"quality": 80}),
+    # The low-quality sweep (bytes only): how small a cloud-only picture gets before it is useless.
+    "jpeg50": ("JPEG", {"quality": 50}),
+    "jpeg30": ("JPEG", {"quality": 30}),
+    "jpeg10": ("JPEG", {"quality": 10}),
+    "jpeg1": ("JPEG", {"quality": 1}),
+    "webp50": ("WEBP", {"quality": 50}),
+    "webp20": ("WEBP", {"quality": 20}),
+    "webp0": ("WEBP", {"quality": 0}),
+    "png": ("PNG", {"optimize": True}),  # lossless
 }
 GOAL_REDUCTION_VS_JPEG90 = 0.975
 GOAL_RATIO_VS_FP16 = 1365.0
@@ -124,8 +137,7 @@ def ratios(row: dict[str, Any]) -> dict[str, float]:
         "aligned_body_bytes": body,
         "reduction_vs_jpeg90_body": 1 - body / row["jpeg90"]["body_bytes"],
         "reduction_vs_jpeg90_file": 1 - body / row["jpeg90"]["file_bytes"],
-        "reduction_vs_jpeg75_body": 1 - body / row["jpeg75"]["body_bytes"],
-        "reduction_vs_webp80_body": 1 - body / row["webp80"]["body_bytes"],
+        **{f"reduction_vs_{c}_body": 1 - body / row[c]["body_bytes"] for c in CODECS if c != "jpeg90"},
         "ratio_vs_fp16_body": row["fp16"]["body_bytes"] / body,
         "ratio_vs_fp16_tensor": row["fp16"]["tensor_bytes"] / body,
         # Paper-style, for reference only: bare tensor vs bare index payload (no header, no body).
@@ -220,6 +232,14 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{rows['jpeg75']['body_bytes']:>8.0f} {rows['webp80']['body_bytes']:>8.0f} "
                 f"{100 * r['reduction_vs_jpeg90_body']:>8.2f}% {r['ratio_vs_fp16_body']:>7.1f}"
             )
+    print("\ncloud-only codecs: mean body (file) bytes at the model's input size, and x the AlignedVQ body")
+    for geometry in results["geometries"]:
+        mean = geometry["mean"]
+        aligned = mean["ratios_of_means"]["aligned_body_bytes"]
+        print(f"{geometry['model']} {geometry['image_set']}: AlignedVQ {aligned:.1f}")
+        for name in CODECS:
+            body, file = mean[name]["body_bytes"], mean[name]["file_bytes"]
+            print(f"  {name:<7} {body:>10.1f} ({file:>9.1f})  {body / aligned:>7.1f}x AlignedVQ")
     g = results["goals_llava15"]
     print(
         f"goals (llava-1.5-7b geometry, photo means): reduction vs JPEG-90 "
