@@ -29,7 +29,10 @@ BUNDLED = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "llava-mini-shapes"
 DEFAULT_QUANTIZER = "preln-r2x4096-t12-ranked"
 LLAVA15_REPO = "llava-hf/llava-1.5-7b-hf"
-LLAVA15_PROMPT = PromptFormat(template="USER: <image>\n{question} ASSISTANT:", image_tokens=576)
+# The llava-hf chat template: each earlier answer is closed by </s>, later turns start with USER:.
+LLAVA15_PROMPT = PromptFormat(
+    template="USER: <image>\n{question} ASSISTANT:", image_tokens=576, answer=" {answer}</s>"
+)
 
 
 class ModelNotAvailable(LookupError):
@@ -98,11 +101,7 @@ def save_model_dir(
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(directory)
-    meta = {
-        "prompt": prompt.template,
-        "image_tokens": prompt.image_tokens,
-        "image_spec": image_spec.to_dict(),
-    }
+    meta = {**prompt.to_dict(), "image_spec": image_spec.to_dict()}
     (directory / "alignedvq.json").write_text(json.dumps(meta, indent=1) + "\n")
     write_manifest(directory)
 
@@ -119,7 +118,7 @@ def load_model_dir(
         name=name or directory.name,
         model=model,
         tokenizer=tokenizer,
-        prompt=PromptFormat(meta["prompt"], meta["image_tokens"]),
+        prompt=PromptFormat.from_dict(meta),
         image_spec=ImageSpec.from_dict(meta["image_spec"]),
         path=directory,
     )
