@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .generation import PrefixKV, left_padded_positions
+
 SLOT_ROUNDING = 64  # cache capacity is a multiple of this: similar prompt lengths share a graph
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 PREFILL_ROUNDING = 16  # a graphed prefill pads prompts to a multiple of this (more left padding)
@@ -236,7 +238,7 @@ class FusedLlama:
         # graph reads fixed addresses, and two mutated inputs of a compiled function that were
         # views of one buffer would alias (dynamo's slow path).
         self._buffers: list[torch.Tensor] = []
-        self._graphs: dict[tuple[str, int, int], _Graph] = {}
+        self._graphs: dict[tuple[str, int, int, int], _Graph] = {}
         self._graph_pool = None
 
     # ---------------------------------------------------------------- cache and graphs
@@ -288,26 +290,52 @@ class FusedLlama:
     # ---------------------------------------------------------------- engine API
 
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+    def prefix(self, embeds: torch.Tensor) -> PrefixKV:
+        """Prefill ``embeds`` ``(batch, tokens, dim)`` (no padding) and keep its keys and values (a
+        copy: the next prefill reuses the cache buffers)."""
+        batch, n, _ = embeds.shape
+        mask = torch.ones(batch, n, dtype=torch.long, device=embeds.device)
+        _, cache = self.prefill(embeds, mask, left_padded_positions(mask))
+        states = embeds.new_empty(len(self.weights), 2, batch, n, self.kv_heads, self.head_dim)
+        for i, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+            states[i, 0].copy_(keys[:, :n])
+            states[i, 1].copy_(values[:, :n])
+        return PrefixKV(states)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ):
         """Last real token's logits ``(batch, 1, vocab)`` and a :class:`StaticCache`.
 
         ``embeds`` ``(batch, n, dim)`` is left-padded as ``attention_mask`` says (``generate``'s
         convention; ``positions`` are then ``0..len-1`` on each row's real tokens, which is what
-        this computes after moving the padding to the end, so it is not read).
+        this computes after moving the padding to the end, so it is not read). After a ``prefix``
+        (its keys and values copied into the first slots, ``attention_mask`` covering them too),
+        the tokens take the slots and positions that follow it.
         """
+        start = 0 if prefix is None else prefix.tokens
         batch, n, dim = embeds.shape
-        lengths = attention_mask.sum(1)
-        if not (self.cuda_graphs and batch <= self.prefill_graph_batch):
-            cache = self._cache(batch, n)
-            cache.length = n
-            return self._prefill(cache, embeds, lengths), cache
-        width = -(-n // PREFILL_ROUNDING) * PREFILL_ROUNDING
-        cache = self._cache(batch, width)
-        cache.length = n
-        key = ("prefill", batch, width)
+        lengths = attention_mask[:, start:].sum(1)
+        graphed = self.cuda_graphs and batch <= self.prefill_graph_batch
+        width = -(-n // PREFILL_ROUNDING) * PREFILL_ROUNDING if graphed else n
+        cache = self._cache(batch, start + width)
+        cache.length = start + n
+        if prefix is not None:
+            for i, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+                prefix_keys, prefix_values = prefix.layer(i)
+                keys[:, :start].copy_(prefix_keys)
+                values[:, :start].copy_(prefix_values)
+        if not graphed:
+            return self._prefill(cache, embeds, lengths, start), cache
+        key = ("prefill", batch, width, start)
         if key not in self._graphs:
             static = (embeds.new_zeros(batch, width, dim), lengths.clone())
-            self._graphs[key] = self._capture(lambda e, lens: self._prefill(cache, e, lens), static)
+            self._graphs[key] = self._capture(lambda e, lens: self._prefill(cache, e, lens, start), static)
         entry = self._graphs[key]
         entry.inputs[0][:, width - n :].copy_(embeds)  # the extra width is more left padding
         entry.inputs[1].copy_(lengths)
@@ -325,7 +353,7 @@ class FusedLlama:
             self._grow(cache, cache.length)
         if not self.cuda_graphs:
             return self._decode(cache, tokens, positions), cache
-        key = ("step", tokens.shape[0], cache.capacity)
+        key = ("step", tokens.shape[0], cache.capacity, 0)
         if key not in self._graphs:
             static = (tokens.clone(), positions.clone())
             self._graphs[key] = self._capture(lambda t, p: self._decode(cache, t, p), static)
@@ -335,18 +363,31 @@ class FusedLlama:
         entry.graph.replay()
         return entry.output.clone(), cache
 
-    def _prefill(self, cache: StaticCache, embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Prefill proper (what a CUDA graph records): logits ``(batch, 1, vocab)``."""
+    def _prefill(
+        self, cache: StaticCache, embeds: torch.Tensor, lengths: torch.Tensor, start: int = 0
+    ) -> torch.Tensor:
+        """Prefill proper (what a CUDA graph records): logits ``(batch, 1, vocab)``; ``start``: the
+        prefix length already in the cache."""
         batch, n, dim = embeds.shape
         arange = torch.arange(n, device=embeds.device)
         order = (arange[None] + (n - lengths)[:, None]) % n  # real tokens first, padding last
         h = embeds.gather(1, order[..., None].expand(batch, n, dim))
-        cos, sin = (t.unsqueeze(2) for t in self.rotary(h, arange[None]))  # (1, n, 1, head_dim)
+        cos, sin = (t.unsqueeze(2) for t in self.rotary(h, (start + arange)[None]))  # (1, n, 1, head_dim)
         rows, last = torch.arange(batch, device=embeds.device), lengths - 1
+        # After a prefix, token j sees slots <= start + j: causal from the bottom right, as a mask
+        # over the whole (64-slot aligned) capacity, the layout the decode steps' kernels read.
+        slots = torch.arange(cache.capacity, device=embeds.device)
+        mask = None if not start else (slots[None] <= (start + arange)[:, None])[None, None]
         for i, (ln1, qkv, wo, ln2, gate_up, down) in enumerate(self.weights):
-            q = self.prefill_inputs(h, cos, sin, ln1, qkv, cache.keys[i], cache.values[i])
-            k, v = cache.keys[i][:, :n], cache.values[i][:, :n]
-            attn = _attention(q, k, v, None, self.gqa)
+            if not start:
+                q = self.prefill_inputs(h, cos, sin, ln1, qkv, cache.keys[i], cache.values[i])
+                k, v = cache.keys[i][:, :n], cache.values[i][:, :n]
+            else:
+                q, k, v = self.attention_inputs(h, cos, sin, ln1, qkv)
+                cache.keys[i][:, start : start + n] = k
+                cache.values[i][:, start : start + n] = v
+                k, v = cache.keys[i], cache.values[i]
+            attn = _attention(q, k, v, mask, self.gqa)
             if i == len(self.weights) - 1:  # only the last real token of each row goes on
                 h, attn = h[rows, last][:, None], attn[rows, last][:, None]
             h = self.after_attention(h, attn, wo, ln2, gate_up, down)

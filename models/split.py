@@ -8,7 +8,9 @@ tokens. :func:`split_llava` returns two modules that share the model's weights:
 - :class:`EdgeHalf`: ``pixel_values (batch, 3, H, W)`` -> ``hidden_states (batch, tokens, dim)`` at the
   split site;
 - :class:`CloudHalf`: those ``hidden_states`` (after the quantizer's round trip) -> image features,
-  merged input embeddings, logits or generated tokens.
+  merged input embeddings, logits or generated tokens; or, in two parts as the worker runs it, the
+  keys and values of the prompt prefix that holds the image (:meth:`CloudHalf.prefix`), then the
+  tokens generated after it (:meth:`CloudHalf.generate_after`).
 
 The cloud half stops at the deepest feature layer LLaVA reads, so blocks past it are never run (HF
 runs them all). A test proves ``cloud(edge(x))`` equals the unsplit model.
@@ -16,11 +18,13 @@ runs them all). A test proves ``cloud(edge(x))`` equals the unsplit model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .config import SplitSite
-from .generation import HFEngine, greedy_decode
+from .generation import HFEngine, PrefixKV, greedy_decode
 
 
 def vision_model(model: nn.Module) -> nn.Module:
@@ -161,6 +165,37 @@ class CloudHalf(nn.Module):
             max_new_tokens,
             eos_token_id=generation.eos_token_id if stop_at_eos else None,
             pad_token_id=generation.pad_token_id,
+        )
+
+    @torch.no_grad()
+    def prefix(self, hidden_states: torch.Tensor, prefix_ids: torch.Tensor) -> PrefixKV:
+        """Keys and values of the prompt prefix ``prefix_ids`` ``(prefix,)`` (BOS, template text,
+        the ``<image>`` tokens) with each row's image features from ``hidden_states``."""
+        ids = prefix_ids.expand(hidden_states.shape[0], -1)
+        return self.engine.prefix(self.inputs_embeds(ids, self.image_features(hidden_states)))
+
+    @torch.no_grad()
+    def generate_after(
+        self,
+        prefix: PrefixKV,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 8,
+        stop_at_eos: bool = True,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding of left-padded prompt tails ``input_ids`` ``(batch, n)`` after ``prefix``
+        (one row each); returns the new tokens ``(batch, new)``, ``on_token`` sees each step's."""
+        generation = self.model.generation_config
+        return greedy_decode(
+            self.engine,
+            self.model.get_input_embeddings()(input_ids),
+            attention_mask,
+            max_new_tokens,
+            eos_token_id=generation.eos_token_id if stop_at_eos else None,
+            pad_token_id=generation.pad_token_id,
+            prefix=prefix,
+            on_token=on_token,
         )
 
 

@@ -1,13 +1,15 @@
-"""The worker's greedy loop returns exactly what Hugging Face ``generate`` returns."""
+"""The worker's greedy loop, in one prefill or two (prefix, then the rest), returns exactly what
+Hugging Face ``generate`` returns for the whole prompt."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
 from models.architectures import tiny_llava_config
 from models.fused import FusedLlama
-from models.generation import HFEngine, greedy_decode, left_padded_positions
+from models.generation import HFEngine, PrefixKV, greedy_decode, left_padded_positions
 from models.split import split_llava
 
 
@@ -97,3 +99,47 @@ def test_fused_engine_matches_the_hf_modules() -> None:
         )[:, ids.shape[1] :]
         tokens = greedy_decode(fused, embeds, mask, 6, model.generation_config.eos_token_id, 0)
     assert torch.equal(tokens, reference)
+
+
+def _split(ids: torch.Tensor, mask: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left-padded tails after each row's first ``prefix`` real tokens, re-padded to the left."""
+    tails = [row[m.bool()][prefix:].tolist() for row, m in zip(ids, mask, strict=True)]
+    width = max(map(len, tails))
+    tail_ids = torch.tensor([[0] * (width - len(t)) + t for t in tails])
+    return tail_ids, (
+        torch.arange(width)[None] >= torch.tensor([width - len(t) for t in tails])[:, None]
+    ).long()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["hf-modules", "fused"])
+def test_two_prefills_return_what_generate_returns_for_the_whole_prompt(fused: bool) -> None:
+    model = _model()
+    ids, mask, pixels = _left_padded(model)
+    edge, cloud = split_llava(model, "preln", fused=fused)
+    prefix_ids = torch.tensor([2, *[model.config.image_token_id] * 16])  # every row's prompt starts so
+    tail_ids, tail_mask = _split(ids, mask, len(prefix_ids))
+    with torch.no_grad():
+        reference = model.generate(
+            input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=6, do_sample=False
+        )[:, ids.shape[1] :]
+        prefix = cloud.prefix(edge(pixels), prefix_ids)
+        assert prefix.states.shape == (2, 2, 3, 17, 4, 8)  # layers, K/V, batch, tokens, heads, head_dim
+        assert torch.equal(cloud.generate_after(prefix, tail_ids, tail_mask, max_new_tokens=6), reference)
+        # Rows cached one at a time, restacked in another order, answer the same.
+        alone = [cloud.prefix(edge(pixels[i : i + 1]), prefix_ids) for i in (2, 0, 1)]
+        assert alone[0].nbytes == prefix.nbytes // 3
+        restacked = PrefixKV.stack([alone[1], *prefix.rows()[1:2], alone[0]])
+        assert torch.equal(cloud.generate_after(restacked, tail_ids, tail_mask, max_new_tokens=6), reference)
+
+
+def test_on_token_sees_each_step_as_it_is_made() -> None:
+    model = _model()
+    ids, mask, pixels = _left_padded(model)
+    edge, cloud = split_llava(model, "preln")
+    prefix_ids = torch.tensor([2, *[model.config.image_token_id] * 16])
+    tail_ids, tail_mask = _split(ids, mask, len(prefix_ids))
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        prefix = cloud.prefix(edge(pixels), prefix_ids)
+        tokens = cloud.generate_after(prefix, tail_ids, tail_mask, 5, stop_at_eos=False, on_token=seen.append)
+    assert torch.equal(torch.stack(seen, 1), tokens) and tokens.shape == (3, 5)
