@@ -45,16 +45,18 @@ PLAYED=$STATE/dev.yaml
 STREAM=vqa:stream:llava-mini-shapes
 mkdir -p "$STATE"
 SRC=$PWD
-if [[ -n ${REV:-} ]]; then
+source_tree() {  # SRC: the work tree, or with REV the export of that commit
+  [[ -n ${REV:-} ]] || return 0
+  local commit
   commit=$(git rev-parse --verify "$REV^{commit}")
   if [[ $(cat "$STATE/src/.commit" 2>/dev/null) != "$commit" ]]; then
     rm -rf "$STATE/src" && mkdir -p "$STATE/src"
     git archive "$commit" | tar -x -C "$STATE/src"
     echo "$commit" >"$STATE/src/.commit"
+    echo "source: $(git log -1 --format='%h %s' "$commit" | cut -c1-90)"
   fi
   SRC=$STATE/src
-  echo "source: $(git log -1 --format='%h %s' "$commit" | cut -c1-90)"
-fi
+}
 
 say() { printf '\n$ %s\n' "$*"; }
 # podman 4.3 without systemd logs that it cannot schedule healthcheck timers on every container
@@ -201,12 +203,12 @@ chaos() {
   key=$(cat "$STATE/api-key")
   # Each ask is one `edge-client ask --json` process, as many edge boxes would send them.
   local asks='for i in $(seq "$1"); do (edge-client ask --json "/in/$2" "$3" >>/out/chaos.jsonl 2>&1) & done; wait'
-  podman rm -f vqa-edge >/dev/null 2>&1 || true
-  podman run -d --name vqa-edge --network host -v "$PWD/samples:/in:ro" -v "$STATE:/out" \
+  podman rm -f -t 0 vqa-edge >/dev/null 2>&1 || true
+  quiet podman run -d --name vqa-edge --network host -v "$PWD/samples:/in:ro" -v "$STATE:/out" \
     -v alignedvq-cache:/home/app/.cache/alignedvq -e VQA_GATEWAY_URL="http://127.0.0.1:$PORT" \
     -e VQA_API_KEY="$key" --entrypoint sleep "$EDGE_IMAGE" 600 >/dev/null
   say "edge-client ask x $first (concurrent) ... then SIGKILL the worker once it holds unacknowledged entries"
-  podman exec -d vqa-edge sh -c "$asks" sh "$first" blue_triangle.png "what shape is this?"
+  podman exec -d vqa-edge sh -c "$asks" sh "$first" blue_triangle.png "what shape is this?" >/dev/null
   local pending=0 t0=$SECONDS
   until ((pending > 0)); do
     pending=$(redis XPENDING "$STREAM" workers | head -1)
@@ -218,22 +220,28 @@ chaos() {
   # The container's main process gets SIGKILL from the host, as the OOM killer or a crash would
   # (exit 137): the pod's restartPolicy Always restarts it, as kubelet would. (`podman kill` counts
   # as a user stop, after which podman restarts nothing.)
+  local killed_at
+  killed_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   kill -KILL "$pid"
-  echo "killed the worker (pid $pid) at +$((SECONDS - t0)) s holding $pending unacknowledged entr$( ((pending == 1)) && echo y || echo ies)"
+  echo "$killed_at: killed the worker (pid $pid) at +$((SECONDS - t0)) s, holding $pending unacknowledged entr$( ((pending == 1)) && echo y || echo ies)"
   say redis-cli XPENDING "$STREAM" workers "; XLEN"
   redis XPENDING "$STREAM" workers | paste -sd' '
   redis XLEN "$STREAM"
   say "edge-client ask x $later while the worker is down"
-  podman exec -d vqa-edge sh -c "$asks" sh "$later" yellow_circle.png "what color is the shape?"
+  podman exec -d vqa-edge sh -c "$asks" sh "$later" yellow_circle.png "what color is the shape?" >/dev/null
   local start=$SECONDS
-  until [[ $(podman inspect "$WORKER" --format '{{.RestartCount}}') -gt $restarts ]] \
-    && podman exec "$WORKER" vqa-worker --check >/dev/null 2>&1; do sleep 1; done
-  echo "worker restarted (RestartCount $restarts -> $(podman inspect "$WORKER" --format '{{.RestartCount}}')), live again after $((SECONDS - start)) s"
+  # Live again = the new process's first "serving" line (`vqa-worker --check` would pass at once:
+  # the killed process's heartbeat lives on for VQA_HEARTBEAT_TTL_S under the same pod name).
+  until podman logs --since "$killed_at" "$WORKER" 2>&1 | grep -q ' serving '; do
+    ((SECONDS - start < 180)) || { echo "the worker did not come back" >&2; exit 1; }
+    sleep 1
+  done
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ): worker restarted by podman (RestartCount $restarts -> $(podman inspect "$WORKER" --format '{{.RestartCount}}')), serving again $((SECONDS - start)) s after the kill"
   until [[ $(grep -c . "$out") -ge $((first + later)) ]]; do
     ((SECONDS - t0 < 240)) || break
     sleep 2
   done
-  podman rm -f vqa-edge >/dev/null
+  podman rm -f -t 0 vqa-edge >/dev/null 2>&1
   say "summary of the $((first + later)) replies"
   python3 - "$out" "$((first + later))" <<'EOF'
 import collections, json, sys
@@ -252,13 +260,13 @@ EOF
   say redis-cli XPENDING "$STREAM" workers "; XLEN"
   redis XPENDING "$STREAM" workers | paste -sd' '
   redis XLEN "$STREAM"
-  say "podman logs $WORKER | grep -v DEBUG | tail"
-  podman logs --since 5m "$WORKER" 2>&1 | grep -E 'serving|claimed|reclaim|warm-up batch of 16' | tail -4
+  say "podman logs $WORKER | grep serving"
+  podman logs "$WORKER" 2>&1 | grep ' serving ' | cut -c1-150
 }
 
 down() {
   [[ -f $PLAYED ]] && quiet podman kube down "$PLAYED" >/dev/null || true
-  podman rm -f vqa-edge >/dev/null 2>&1 || true
+  podman rm -f -t 0 vqa-edge >/dev/null 2>&1 || true
   for volume in data-redis-0 redis-config gateway-tmp worker-tmp redis-tmp; do
     podman volume rm -f "$volume" >/dev/null 2>&1 || true
   done
@@ -267,6 +275,7 @@ down() {
   echo "down"
 }
 
+source_tree
 case ${1:-} in
   base | images | up | chaos | down) "$1" ;;
   ask) shift && ask "$@" ;;
