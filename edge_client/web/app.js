@@ -243,7 +243,10 @@ async function onAsk(event) {
     if (!question) throw new PageError("bad_request", "type a question first");
     button.disabled = true;
     $("results").setAttribute("aria-busy", "true");
-    $("answer").textContent = "…";
+    // #answer and the figures stay empty until this ask's reply: a reader (or a test) waiting for
+    // them never sees the previous answer or a placeholder.
+    for (const id of ["answer", "bytes", "jpeg-bytes", "bits-per-token", "edge-ms", "rtt-ms", "mode"]) $(id).textContent = "";
+    $("status").textContent = "Encoding the photo and asking…";
     const name = $("model").value;
     let result;
     try {
@@ -261,6 +264,7 @@ async function onAsk(event) {
     $("answer").textContent = "";
     showError(error);
   } finally {
+    $("status").textContent = "";
     button.disabled = false;
     $("results").removeAttribute("aria-busy");
   }

@@ -101,7 +101,7 @@ def wait_answer(driver, timeout: float = 90) -> str:
 
     def settled(d) -> bool:
         busy = d.execute_script("return document.getElementById('results').hasAttribute('aria-busy')")
-        return not busy and (text(d, "answer") not in ("", "…") or d.execute_script(ERROR_SHOWN))
+        return not busy and (text(d, "answer") != "" or d.execute_script(ERROR_SHOWN))
 
     WebDriverWait(driver, timeout).until(settled)
     error = driver.execute_script(ERROR_TEXT)
