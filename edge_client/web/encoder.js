@@ -15,52 +15,17 @@
 
 import * as K from "./kernels.js";
 import { ImageError } from "./errors.js";
+import { fround, matmul, packPanels, pad, pairwiseSum, squaredNorm, subtractCodeword } from "./float32.js";
 import { checkPixels, resizeAndCrop, roundHalfEven } from "./preprocess.js";
+import { computeRanks, prepareRanking } from "./ranking.js";
+import { searchRdo } from "./rdo.js";
 import { assemble, packIndices, ransEncode, readHeader } from "./stream.js";
 
-const fround = Math.fround;
 const STATS_EPS = fround(1e-6);
 const SEARCH_CHUNK = 64; // rows per distance block: 64 x 4096 float32 = 1 MiB
-const LOW_RANKS = 64; // edge_client.rdo.LOW_RANKS
-const INT32_MAX = 2147483647;
 const prepared = new WeakMap();
 
-// ---- float32 helpers ---------------------------------------------------------------------------
-
-/** numpy's pairwise float32 sum of a[off], a[off + stride], ... (n terms): 8 accumulators up to
- * 128 terms, halves above (numpy/_core/src/umath/loops_utils.h.src). */
-function pairwiseSum(a, off, n, stride = 1) {
-  if (n < 8) {
-    let r = 0;
-    for (let i = 0; i < n; i++) r = fround(r + a[off + i * stride]);
-    return r;
-  }
-  if (n <= 128) {
-    let r0 = a[off], r1 = a[off + stride], r2 = a[off + 2 * stride], r3 = a[off + 3 * stride];
-    let r4 = a[off + 4 * stride], r5 = a[off + 5 * stride], r6 = a[off + 6 * stride], r7 = a[off + 7 * stride];
-    let i = 8;
-    for (; i < n - (n % 8); i += 8) {
-      const p = off + i * stride;
-      r0 = fround(r0 + a[p]); r1 = fround(r1 + a[p + stride]);
-      r2 = fround(r2 + a[p + 2 * stride]); r3 = fround(r3 + a[p + 3 * stride]);
-      r4 = fround(r4 + a[p + 4 * stride]); r5 = fround(r5 + a[p + 5 * stride]);
-      r6 = fround(r6 + a[p + 6 * stride]); r7 = fround(r7 + a[p + 7 * stride]);
-    }
-    let res = fround(fround(fround(r0 + r1) + fround(r2 + r3)) + fround(fround(r4 + r5) + fround(r6 + r7)));
-    for (; i < n; i++) res = fround(res + a[off + i * stride]);
-    return res;
-  }
-  let n2 = Math.floor(n / 2);
-  n2 -= n2 % 8;
-  return fround(pairwiseSum(a, off, n2, stride) + pairwiseSum(a, off + n2 * stride, n - n2, stride));
-}
-
-/** sum of squares of a row, as einsum("td,td->t") (its own SIMD order: here exact, then rounded). */
-function squaredNorm(a, off, n) {
-  let s = 0;
-  for (let i = 0; i < n; i++) s += a[off + i] * a[off + i];
-  return fround(s);
-}
+// ---- float32 layers ----------------------------------------------------------------------------
 
 function layerNorm(x, rows, dim, weight, bias, eps) {
   const out = new Float32Array(rows * dim);
@@ -106,53 +71,6 @@ function geluTanh(x) {
   return fround(fround(0.5 * x) * fround(1 + fround(Math.tanh(inner))));
 }
 
-// ---- kernel plumbing ---------------------------------------------------------------------------
-
-const pad = (n, m) => Math.ceil(n / m) * m;
-
-/** Pack a (k x n) row-major float matrix given by `get(row, col)` into 16-column panels. */
-function packPanels(k, n, get) {
-  const panels = pad(n, 16) / 16;
-  const ptr = K.alloc(panels * k * 16 * 4);
-  const f = K.views().f32;
-  for (let p = 0; p < panels; p++) {
-    const base = (ptr >> 2) + p * k * 16;
-    for (let r = 0; r < k; r++) {
-      for (let j = 0; j < 16; j++) {
-        const col = p * 16 + j;
-        f[base + r * 16 + j] = col < n ? get(r, col) : 0;
-      }
-    }
-  }
-  return { ptr, k, n, panels };
-}
-
-/** rows x B for a packed B: `a` (Float32Array, rows x B.k) -> Float32Array rows x B.n, through the
- * gemm kernel (plus `bias` per column, rounded as numpy adds it). */
-function matmul(a, rows, packed, bias = null) {
-  const { k, n, panels } = packed;
-  const m = pad(Math.max(rows, 1), 2);
-  const ldc = panels * 16;
-  const pa = K.alloc(m * k * 4);
-  const pc = K.alloc(m * ldc * 4);
-  try {
-    let f = K.views().f32;
-    f.set(a.subarray(0, rows * k), pa >> 2);
-    K.gemm(pa, k, packed.ptr, pc, ldc, m, k, panels);
-    f = K.views().f32;
-    const out = new Float32Array(rows * n);
-    for (let r = 0; r < rows; r++) {
-      const src = (pc >> 2) + r * ldc;
-      if (bias) for (let j = 0; j < n; j++) out[r * n + j] = fround(f[src + j] + bias[j]);
-      else out.set(f.subarray(src, src + n), r * n);
-    }
-    return out;
-  } finally {
-    K.release(pa);
-    K.release(pc);
-  }
-}
-
 // ---- per-bundle preparation --------------------------------------------------------------------
 
 function transposedGetter(weight, cols) {
@@ -183,67 +101,7 @@ function prepareLayer(t, prefix, vision) {
   };
 }
 
-/** Neighbours (left, above) of each token, -1 for none (ranking.py's `neighbours`). */
-function neighbours(tokens) {
-  const grid = Math.floor(Math.sqrt(Math.max(tokens - 1, 0)));
-  const out = new Int32Array(tokens * 2).fill(-1);
-  if (tokens > 1 && grid * grid === tokens - 1) {
-    for (let p = 0; p < tokens - 1; p++) {
-      out[2 * (p + 1)] = p % grid > 0 ? p : -1;
-      out[2 * (p + 1) + 1] = p >= grid ? p + 1 - grid : -1;
-    }
-  } else {
-    for (let t = 1; t < tokens; t++) out[2 * t] = t - 1;
-  }
-  return out;
-}
-
-/** Tokens grouped so that each one's neighbours lie in earlier groups (ranking.py's `_levels`). */
-function levels(nbrs, tokens) {
-  const depth = new Int32Array(tokens);
-  let deepest = 0;
-  for (let t = 0; t < tokens; t++) {
-    let d = -1;
-    for (const n of [nbrs[2 * t], nbrs[2 * t + 1]]) if (n >= 0) d = Math.max(d, depth[n]);
-    depth[t] = d + 1;
-    deepest = Math.max(deepest, depth[t]);
-  }
-  const out = Array.from({ length: tokens ? deepest + 1 : 0 }, () => []);
-  for (let t = 0; t < tokens; t++) out[depth[t]].push(t);
-  return out.map((list) => Int32Array.from(list));
-}
-
-function prepareRanking(b, books, G, S, Kc, d) {
-  const t = b.tensors;
-  const rankBooks = t["quantizer.rank_books"];
-  const offsets = Int32Array.from(t["quantizer.rank_offsets"]);
-  const Kp = pad(Kc, 16);
-  const pairs = Math.ceil(d / 2);
-  const rows = [];
-  for (let g = 0; g < G; g++) {
-    rows.push([]);
-    for (let s = 0; s < S; s++) {
-      const base = ((g * S + s) * Kc) * d;
-      const ints = Int32Array.from(rankBooks.subarray(base, base + Kc * d));
-      const il = K.alloc(Kp * pairs * 2 * 2); // Kp/4 blocks x pairs x 8 int16
-      const norms = K.alloc(Kp * 4);
-      const { i16, i32 } = K.views();
-      for (let j = 0; j < Kp; j++) {
-        let norm = 0;
-        for (let kk = 0; kk < d; kk++) {
-          const value = j < Kc ? ints[j * d + kk] : 0;
-          norm += value * value;
-          i16[(il >> 1) + (j >> 2) * pairs * 8 + (kk >> 1) * 8 + (j & 3) * 2 + (kk & 1)] = value;
-        }
-        i32[(norms >> 2) + j] = j < Kc ? norm : INT32_MAX;
-      }
-      rows[g].push({ books: ints, il, norms, aloneRows: new Map() });
-    }
-  }
-  const nbrs = neighbours(b.tokens);
-  return { rows, offsets, nbrs, levels: levels(nbrs, b.tokens), pairs, Kp };
-}
-
+/** Everything the encoder needs from a bundle, packed once (kept in a WeakMap by bundle). */
 function prepare(b) {
   let p = prepared.get(b);
   if (p) return p;
@@ -309,7 +167,7 @@ function prepare(b) {
       freqs.lengths.push(lengths);
     }
   }
-  const ranking = b.ranked ? prepareRanking(b, books, G, S, Kc, d) : null;
+  const ranking = b.ranked ? prepareRanking(b, G, S, Kc, d) : null;
   if (ranking) {
     for (const row of ranking.rows.flat()) allocated.push(row.il, row.norms);
   }
@@ -516,10 +374,6 @@ function nearestRows(p, g, s, residual, rows, out) {
   }
 }
 
-function subtractCodeword(residual, t, book, index, d) {
-  for (let k = 0; k < d; k++) residual[t * d + k] = fround(residual[t * d + k] - book[index * d + k]);
-}
-
 /** Residual nearest-code search (encoder.py's _search): indices (T, G, S) as a flat Int32Array. */
 function searchNearest(b, p, z, T) {
   const { G, S, d } = p;
@@ -541,223 +395,6 @@ function searchNearest(b, p, z, T) {
     }
   }
   return indices;
-}
-
-// ---- neighbour ranks ---------------------------------------------------------------------------
-
-/** Twice the prediction of token t in (g, s) as packed int16 pairs, into the i32 view at `sPtr`;
- * returns whether it is the offset alone (no neighbour, or neighbours on all-zero codewords). */
-function twicePrediction(p, g, s, t, indices) {
-  const { G, S, d } = p;
-  const r = p.ranking;
-  const book = r.rows[g][s].books;
-  const left = r.nbrs[2 * t], above = r.nbrs[2 * t + 1];
-  const count = (left >= 0) + (above >= 0);
-  const weight = count === 1 ? 2 : 1;
-  const pred = new Int32Array(d);
-  let alone = true;
-  const off = ((t * G + g) * S + s) * d;
-  for (let k = 0; k < d; k++) {
-    let base = 0;
-    if (left >= 0) base += weight * book[indices[(left * G + g) * S + s] * d + k];
-    if (above >= 0) base += weight * book[indices[(above * G + g) * S + s] * d + k];
-    if (base !== 0) alone = false;
-    pred[k] = r.offsets[off + k] + base;
-  }
-  return { pred, alone };
-}
-
-function writePairs(pred, sPtr, pairs) {
-  const i32 = K.views().i32;
-  for (let kp = 0; kp < pairs; kp++) {
-    const lo = pred[2 * kp];
-    const hi = 2 * kp + 1 < pred.length ? pred[2 * kp + 1] : 0;
-    i32[(sPtr >> 2) + kp] = (lo & 0xffff) | (hi << 16);
-  }
-}
-
-/** The rank-distance row (K ints in kernel memory) of token t's prediction in (g, s). Rows of
- * tokens predicted by their offset alone are computed once per position and kept. */
-function distanceRow(p, g, s, t, indices, scratch) {
-  const r = p.ranking;
-  const row = r.rows[g][s];
-  const { pred, alone } = twicePrediction(p, g, s, t, indices);
-  if (alone && row.aloneRows.has(t)) return row.aloneRows.get(t);
-  const target = alone ? K.alloc(r.Kp * 4) : scratch.row;
-  writePairs(pred, scratch.s, r.pairs);
-  K.rankDist(row.il, row.norms, scratch.s, target, r.Kp / 4, r.pairs);
-  if (alone) row.aloneRows.set(t, target);
-  return target;
-}
-
-/** The exact rank of codeword `c` in a distance row: closer codewords, then equal ones before it. */
-function rankOf(p, rowPtr, c) {
-  const i32 = K.views().i32;
-  const mine = i32[(rowPtr >> 2) + c];
-  const Kp = p.ranking.Kp;
-  let rank = K.countLt(rowPtr, Kp, mine);
-  const ties = K.countLt(rowPtr, Kp, mine + 1) - rank;
-  if (ties > 1) for (let j = 0; j < c; j++) if (i32[(rowPtr >> 2) + j] === mine) rank++;
-  return rank;
-}
-
-function rankScratch(p) {
-  return { row: K.alloc(p.ranking.Kp * 4), s: K.alloc(p.ranking.pairs * 4 + 16) };
-}
-
-/** Indices (T, G, S) -> neighbour ranks (ranking.py's NeighbourRanks.ranks). */
-function computeRanks(p, indices, T) {
-  const { G, S } = p;
-  const ranks = new Int32Array(indices.length);
-  const scratch = rankScratch(p);
-  try {
-    for (let g = 0; g < G; g++) {
-      for (let s = 0; s < S; s++) {
-        for (let t = 0; t < T; t++) {
-          const at = (t * G + g) * S + s;
-          ranks[at] = rankOf(p, distanceRow(p, g, s, t, indices, scratch), indices[at]);
-        }
-      }
-    }
-  } finally {
-    K.release(scratch.row);
-    K.release(scratch.s);
-  }
-  return ranks;
-}
-
-// ---- rate-distortion optimised search (rdo.py) -------------------------------------------------
-
-/** The `low` smallest keys (distance * K + index) of a row, ascending: the codewords cheapest to
- * send (rdo.py takes them with argpartition; keys are unique, so the set is the same). The
- * `low`-th smallest distance comes from a binary search over counts (the count kernel), then one
- * pass collects the keys below it and, lowest index first, the ties at it. */
-function cheapest(p, rowPtr, Kc, low) {
-  const Kp = p.ranking.Kp;
-  let lo = -(2 ** 24); // rank distances are integers in (-2**24, 2**24); padding holds INT32_MAX
-  let hi = 2 ** 24;
-  while (lo < hi) {
-    const mid = Math.floor((lo + hi) / 2);
-    if (K.countLt(rowPtr, Kp, mid + 1) >= low) hi = mid;
-    else lo = mid + 1;
-  }
-  let ties = low - K.countLt(rowPtr, Kp, lo);
-  const i32 = K.views().i32;
-  const base = rowPtr >> 2;
-  const keys = new Float64Array(low);
-  let n = 0;
-  for (let j = 0; j < Kc && n < low; j++) {
-    const d = i32[base + j];
-    if (d < lo || (d === lo && ties-- > 0)) keys[n++] = d * Kc + j;
-  }
-  return keys.sort();
-}
-
-/** Indices (T, G, S) chosen for squared error + rate_lambda x coded rank bits (rdo.py). */
-function searchRdo(b, p, z, T) {
-  const { G, S, d, Kc } = p;
-  const r = p.ranking;
-  const indices = new Int32Array(T * G * S);
-  const ranks = new Int32Array(T * G * S); // exact ranks of the chosen codes, reused by the coder
-  const rankKnown = new Uint8Array(T * G * S);
-  const low = Math.min(LOW_RANKS, Kc);
-  const lambda = b.rateLambda;
-  const scratch = rankScratch(p);
-  const residual = new Float32Array(T * d);
-  try {
-    for (let g = 0; g < G; g++) {
-      for (let t = 0; t < T; t++) residual.set(z.subarray(t * G * d + g * d, t * G * d + g * d + d), t * d);
-      for (const tokens of r.levels) {
-        for (let s = 0; s < S; s++) {
-          const gated = s > 0 && b.refineThreshold > 0;
-          const live = [];
-          for (const t of tokens) if (!gated || squaredNorm(residual, t * d, d) > p.threshold) live.push(t);
-          const picks = new Map();
-          if (live.length) {
-            const { m2t, norms } = p.search[g][s];
-            const ld = m2t.panels * 16;
-            const m = pad(live.length, 2);
-            const pa = K.alloc(m * d * 4);
-            const pd = K.alloc(m * ld * 4);
-            const pi = K.alloc(m * 4);
-            try {
-              let f = K.views().f32;
-              live.forEach((t, i) => f.set(residual.subarray(t * d, t * d + d), (pa >> 2) + i * d));
-              K.gemm(pa, d, m2t.ptr, pd, ld, m, d, m2t.panels);
-              K.argminRows(pd, ld, p.search[g][s].normsPtr, ld, live.length, pi);
-              const lengths = p.freqs.lengths[g * S + s];
-              live.forEach((t, i) => {
-                const rowPtr = distanceRow(p, g, s, t, indices, scratch);
-                const i32 = K.views().i32;
-                f = K.views().f32;
-                const keys = cheapest(p, rowPtr, Kc, low);
-                const last = keys[keys.length - 1];
-                const row = (pd >> 2) + i * ld;
-                let best = Infinity;
-                let pick = 0;
-                let pickRank = 0;
-                const consider = (c, rank) => {
-                  const cost = fround(f[row + c] + norms[c]) + lambda * lengths[rank];
-                  if (cost < best) {
-                    best = cost;
-                    pick = c;
-                    pickRank = rank;
-                  }
-                };
-                // rdo.py's candidates, in its order: the nearest codeword, the cheapest ranks, code 0
-                // of a gated stage. A key among the cheapest ranks at its place in the sorted keys
-                // (unique keys), any other is counted over the whole row.
-                const rankOfCode = (c) => {
-                  const key = i32[(rowPtr >> 2) + c] * Kc + c;
-                  if (key > last) return rankOf(p, rowPtr, c);
-                  let lo = 0;
-                  let hi = keys.length;
-                  while (lo < hi) {
-                    const mid = (lo + hi) >> 1;
-                    if (keys[mid] < key) lo = mid + 1;
-                    else hi = mid;
-                  }
-                  return lo;
-                };
-                const nearest = i32[(pi >> 2) + i];
-                consider(nearest, rankOfCode(nearest));
-                for (let r = 0; r < keys.length; r++) consider((((keys[r] % Kc) + Kc) % Kc), r);
-                if (gated) consider(0, rankOfCode(0));
-                picks.set(t, [pick, pickRank]);
-              });
-            } finally {
-              K.release(pa);
-              K.release(pd);
-              K.release(pi);
-            }
-          }
-          for (const t of tokens) {
-            const at = (t * G + g) * S + s;
-            const chosen = picks.get(t);
-            indices[at] = chosen ? chosen[0] : 0;
-            if (chosen) {
-              ranks[at] = chosen[1];
-              rankKnown[at] = 1;
-            }
-            subtractCodeword(residual, t, p.books[g][s], indices[at], d);
-          }
-        }
-      }
-    }
-    // Codes sent outright (within the threshold) still need their rank in the stream.
-    for (let g = 0; g < G; g++) {
-      for (let s = 0; s < S; s++) {
-        for (let t = 0; t < T; t++) {
-          const at = (t * G + g) * S + s;
-          if (!rankKnown[at]) ranks[at] = rankOf(p, distanceRow(p, g, s, t, indices, scratch), indices[at]);
-        }
-      }
-    }
-  } finally {
-    K.release(scratch.row);
-    K.release(scratch.s);
-  }
-  return { indices, ranks };
 }
 
 // ---- streams -----------------------------------------------------------------------------------
@@ -867,5 +504,3 @@ export function encodeImageDetailed(bundle, rgb, width, height, options = {}) {
 export function encodeImage(bundle, rgb, width, height, options = {}) {
   return encodeImageDetailed(bundle, rgb, width, height, options).stream;
 }
-
-export { ImageError, pairwiseSum, neighbours, levels };
