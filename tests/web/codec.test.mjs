@@ -186,11 +186,16 @@ describe("memory", () => {
 describe("wire helpers", () => {
   test("request bodies are byte for byte edge_client.protocol.encode_request's", () => {
     const rows = JSON.parse(readFileSync(`${COMMITTED}/protocol.json`, "utf8"));
+    const pattern = (n) => Uint8Array.from({ length: n }, (_, i) => (i * 131 + 7) % 256);
     for (const row of rows) {
       const fields = { ...row.fields };
-      for (const key of row.binary) fields[key] = new Uint8Array(Buffer.from(fields[key], "base64"));
-      assert.equal(Buffer.from(avq.encodeRequest(fields)).toString("base64"), row.body);
+      for (const [key, value] of Object.entries(fields)) if (value && value.pattern) fields[key] = pattern(value.pattern);
+      const body = avq.encodeRequest(fields);
+      assert.equal(body.length, row.body_bytes);
+      assert.equal(createHash("sha256").update(body).digest("hex"), row.body_sha256);
+      if (row.body) assert.equal(Buffer.from(body).toString("base64"), row.body);
     }
+    assert.ok(rows.some((row) => row.body_bytes > 65536), "a bin32 field");
     assert.throws(() => avq.encodeRequest({ request_id: "a", model: "m", question: "q" }), /exactly one of/);
     assert.match(avq.newRequestId(), /^[A-Za-z0-9_-]{22}$/);
   });

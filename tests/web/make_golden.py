@@ -360,13 +360,15 @@ def sample_images() -> dict[str, np.ndarray]:
 
 
 def write_protocol(out: Path) -> None:
-    """Request bodies as ``edge_client.protocol.encode_request`` writes them (``protocol.json``)."""
+    """Request bodies as ``edge_client.protocol.encode_request`` writes them (``protocol.json``).
+
+    Binary fields are a pattern both sides can make, ``(i * 131 + 7) mod 256`` for byte i, given by
+    length; bodies are stored as base64 up to 2 KB, as their sha256 above (the cloud-only one is
+    over 64 KB, to reach msgpack's bin32)."""
     from edge_client.protocol import encode_request, parse_request
 
-    rng = np.random.default_rng(7)
-
     def payload(n: int) -> bytes:
-        return rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        return ((np.arange(n) * 131 + 7) % 256).astype(np.uint8).tobytes()
 
     shapes, scenes = "llava-mini-shapes", "llava-mini-scenes"
     requests = [
@@ -398,9 +400,11 @@ def write_protocol(out: Path) -> None:
     rows = []
     for fields in requests:
         body = encode_request(parse_request(fields))
-        encoded = {k: _b64(v) if isinstance(v, bytes) else v for k, v in fields.items()}
-        binary = [k for k, v in fields.items() if isinstance(v, bytes)]
-        rows.append({"fields": encoded, "binary": binary, "body": _b64(body)})
+        encoded = {k: {"pattern": len(v)} if isinstance(v, bytes) else v for k, v in fields.items()}
+        row = {"fields": encoded, "body_bytes": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
+        if len(body) <= 2048:
+            row["body"] = _b64(body)
+        rows.append(row)
     (out / "protocol.json").write_text(json.dumps(rows, separators=(",", ":")) + "\n")
 
 
