@@ -144,6 +144,10 @@ class GatewaySettings(WorkerLoopSettings):
     # Proxies whose X-Forwarded-For names the client (addresses or CIDRs); none by default, so no
     # peer, not even a local one, can choose the address that rate limits count against.
     forwarded_allow_ips: Annotated[list[str], NoDecode] = []
+    # Feature streams kept per API key, so follow-ups name them by image_ref (docs/conversations.md):
+    # how long one lives unused, and how many bytes one key may hold (0: nothing is kept).
+    image_ttl_s: Annotated[int, Field(ge=1, le=7 * 86_400)] = 900
+    image_cache_bytes: Annotated[int, Field(ge=0, le=1 << 40)] = 16 * 1024 * 1024
 
     @field_validator("api_keys", "cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ and the gateway re-raises it here (:func:`error_from_code`). Every error body is
         │   └── BundleUnavailable       bundle_unavailable       404
         ├── MethodNotAllowed            method_not_allowed       405
         ├── CodebookMismatch            codebook_mismatch        409
+        ├── ImageExpired                image_expired            410
         ├── BodyTooLarge                body_too_large           413
         ├── UnsupportedMediaType        unsupported_media_type   415
         ├── StreamMismatch              stream_mismatch          422
@@ -70,6 +71,7 @@ __all__ = [
     "DeadLettered",
     "DeadlineExceeded",
     "ErrorBody",
+    "ImageExpired",
     "MethodNotAllowed",
     "NotFound",
     "NoWorker",
@@ -136,6 +138,13 @@ class CodebookMismatch(ServerError):
     """The feature stream was encoded with another codebook than the one served."""
 
     code = "codebook_mismatch"
+
+
+class ImageExpired(ServerError):
+    """The ``image_ref`` names no feature stream this API key sent within ``VQA_IMAGE_TTL_S`` (or
+    one evicted, or another key's: the same answer, so a ref reveals nothing): send the features."""
+
+    code = "image_expired"
 
 
 class RequestIdReused(ServerError):
@@ -242,6 +251,7 @@ HTTP_STATUS: dict[str, int] = {
     BundleUnavailable.code: 404,
     MethodNotAllowed.code: 405,
     CodebookMismatch.code: 409,
+    ImageExpired.code: 410,
     RequestIdReused.code: 409,
     BodyTooLarge.code: 413,
     UnsupportedMediaType.code: 415,
@@ -288,15 +298,18 @@ class ErrorBody(BaseModel):
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
-def error_responses(*errors: type[AlignedVQError]) -> dict[int | str, dict[str, Any]]:
+def error_responses(
+    *errors: type[AlignedVQError], body: type[BaseModel] = ErrorBody
+) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI ``responses`` entry of a route that can fail with exactly ``errors``: one entry
-    per status, naming its codes, so a schema-driven client learns every status it may meet."""
+    per status, naming its codes, so a schema-driven client learns every status it may meet.
+    ``body``: the error body's schema (the OpenAI-compatible route has its own)."""
     codes: dict[int, list[str]] = {}
     for error in errors:
         codes.setdefault(HTTP_STATUS[error.code], []).append(error.code)
     return {
         status: {
-            "model": ErrorBody,
+            "model": body,
             "description": ", ".join(sorted(names))
             + (" (with Retry-After)" if status in RETRY_AFTER_STATUSES else ""),
         }
