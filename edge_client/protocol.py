@@ -1,72 +1,128 @@
 """The request/response wire format of ``POST /v1/vqa``: msgpack maps validated by pydantic.
 
-Both sides import this module. A request carries either ``features`` (an AlignedVQ bitstream, see
-:mod:`edge_client.bitstream`, whose header names model, codebook hash, split site and geometry) or
-``image`` (encoded image bytes, cloud-only mode). Nothing is ever unpickled; sizes are bounded
+Both sides import this module. A request carries ``features`` (an AlignedVQ bitstream, see
+:mod:`edge_client.bitstream`, whose header names model, codebook hash, split site and geometry),
+``image`` (encoded image bytes, cloud-only mode) or ``image_ref`` (a stream the gateway already
+holds for this API key, docs/conversations.md). Nothing is ever unpickled; sizes are bounded
 before anything is allocated.
 
 Request map (protocol version 1):
 
-================  ========  =====================================================================
-key               type      meaning
-================  ========  =====================================================================
-``v``             int       protocol version, 1
-``request_id``    str       client-chosen id (1-64 chars of ``[A-Za-z0-9_.:-]``); retries reuse it
-``model``         str       registry name, e.g. ``llava-mini-shapes``
-``question``      str       1..``MAX_QUESTION_CHARS`` characters
-``features``      bin       AlignedVQ bitstream (edge-cloud mode), or
-``image``         bin       JPEG/PNG/WebP bytes (cloud-only mode); exactly one of the two
-``max_new_tokens``int       1..64, default 8
-``timeout_ms``    int       optional budget from arrival; past it the request is dropped (504)
-================  ========  =====================================================================
+==================  ========  ===================================================================
+key                 type      meaning
+==================  ========  ===================================================================
+``v``               int       protocol version, 1
+``request_id``      str       client-chosen id (1-64 chars of ``[A-Za-z0-9_.:-]``); retries reuse it
+``model``           str       registry name, e.g. ``llava-mini-shapes``; optional with ``image_ref``
+``question``        str       1..``MAX_QUESTION_CHARS`` characters
+``features``        bin       AlignedVQ bitstream (edge-cloud mode), or
+``image``           bin       JPEG/PNG/WebP bytes (cloud-only mode), or
+``image_ref``       bin       :func:`image_ref` of features sent before; exactly one of the three
+``max_new_tokens``  int       1..512, default 8 (a worker refuses more than its model can generate)
+``timeout_ms``      int       optional budget from arrival; past it the request is dropped (504)
+``history``         [str]     optional earlier questions and answers, alternating, oldest first
+==================  ========  ===================================================================
 
-Response map: ``request_id``, ``model``, ``answer``, ``queue_ms``, ``compute_ms``, ``batch_size``.
+Response map: ``request_id``, ``model``, ``answer``, ``queue_ms``, ``compute_ms``, ``batch_size``,
+and, when not at their defaults, ``image_ref``, ``prompt_tokens``, ``completion_tokens`` and
+``unknown_words`` (question words the model's vocabulary cannot spell, answered without them).
+Fields at their defaults are left out of both maps, so a client or gateway that predates them
+reads and writes the same bytes (``tests/edge_client/test_protocol.py`` pins them).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 from typing import Annotated, Any
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from .errors import AlignedVQError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_NEW_TOKENS = 8
+MAX_NEW_TOKENS = 512
 MAX_QUESTION_CHARS = 1024
+MAX_HISTORY_TURNS = 16  # question/answer pairs: 32 strings
 MAX_FEATURE_BYTES = 4 * 1024 * 1024
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_BODY_BYTES = MAX_IMAGE_BYTES + 64 * 1024
+IMAGE_REF_BYTES = 16
 CONTENT_TYPE = "application/msgpack"
+# Reply fields added after the first release: left out of the msgpack reply at these defaults.
+_OPTIONAL_REPLY_FIELDS: dict[str, object] = {
+    "image_ref": None,
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "unknown_words": [],
+}
 
 
 class RequestError(AlignedVQError):
-    """The request body is not a valid msgpack request (field named in the message)."""
+    """The request body is not a valid request (field named in the message; ``param`` names it
+    for the OpenAI-compatible route's error objects)."""
 
     code = "bad_request"
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def image_ref(features: bytes) -> bytes:
+    """The name of a feature stream the gateway keeps: the first 16 bytes of its SHA-256.
+
+    128 bits never collide within one API key's streams; the full 32 bytes would put a short
+    follow-up over 100 bytes (docs/conversations.md).
+    """
+    return hashlib.sha256(features).digest()[:IMAGE_REF_BYTES]
+
+
+Text = Annotated[str, Field(max_length=MAX_QUESTION_CHARS)]
+
 
 class VQARequest(BaseModel):
-    """One question about one image, in edge-cloud (``features``) or cloud-only (``image``) mode."""
+    """One question about one image: edge-cloud (``features``), cloud-only (``image``), or a
+    follow-up naming features sent before (``image_ref``), with optional earlier turns."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     v: Annotated[int, Field(ge=1)] = PROTOCOL_VERSION
     request_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    model: Annotated[str, Field(min_length=1, max_length=48)]
+    # "" only when left out beside an image_ref: the stored stream's header names the model.
+    model: Annotated[str, Field(min_length=1, max_length=48)] = ""
     question: Annotated[str, Field(min_length=1, max_length=MAX_QUESTION_CHARS)]
     features: Annotated[bytes, Field(min_length=1, max_length=MAX_FEATURE_BYTES)] | None = None
     image: Annotated[bytes, Field(min_length=1, max_length=MAX_IMAGE_BYTES)] | None = None
-    max_new_tokens: Annotated[int, Field(ge=1, le=64)] = DEFAULT_MAX_NEW_TOKENS
+    image_ref: Annotated[bytes, Field(min_length=IMAGE_REF_BYTES, max_length=IMAGE_REF_BYTES)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = DEFAULT_MAX_NEW_TOKENS
     timeout_ms: Annotated[int, Field(ge=1, le=600_000)] | None = None
+    history: Annotated[list[Text], Field(max_length=2 * MAX_HISTORY_TURNS)] = []
 
     @model_validator(mode="after")
     def _one_payload(self) -> VQARequest:
-        if (self.features is None) == (self.image is None):
-            raise ValueError("exactly one of 'features' (edge-cloud) or 'image' (cloud-only) is required")
+        if sum(x is not None for x in (self.features, self.image, self.image_ref)) != 1:
+            raise ValueError(
+                "exactly one of 'features' (edge-cloud), 'image' (cloud-only) or 'image_ref' "
+                "(features sent before) is required"
+            )
+        if not self.model and self.image_ref is None:
+            raise ValueError("'model' is required unless 'image_ref' names a stored feature stream")
+        if len(self.history) % 2:
+            raise ValueError(
+                f"'history' alternates questions and answers, so its length is even; got {len(self.history)}"
+            )
         if self.v != PROTOCOL_VERSION:
             raise ValueError(f"protocol version {self.v} is not supported; expected {PROTOCOL_VERSION}")
         return self
@@ -77,6 +133,8 @@ class VQARequest(BaseModel):
 
 
 class VQAResponse(BaseModel):
+    """The answer. ``image_ref`` is 16 bytes in msgpack and 32 hex characters in JSON."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     request_id: str
@@ -85,6 +143,24 @@ class VQAResponse(BaseModel):
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     batch_size: int = 1
+    image_ref: bytes | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    unknown_words: list[str] = []
+
+    @field_validator("image_ref", mode="before")
+    @classmethod
+    def _ref_from_hex(cls, value: object) -> object:
+        if isinstance(value, str):  # a JSON reply
+            try:
+                return bytes.fromhex(value)
+            except ValueError:
+                raise ValueError(f"expected {2 * IMAGE_REF_BYTES} hex characters, got {value!r}") from None
+        return value
+
+    @field_serializer("image_ref", when_used="json")
+    def _ref_to_hex(self, value: bytes | None) -> str | None:
+        return None if value is None else value.hex()
 
 
 def new_request_id() -> str:
@@ -95,12 +171,17 @@ def new_request_id() -> str:
 def encode_request(request: VQARequest) -> bytes:
     """Serialize to the msgpack body the gateway expects.
 
-    ``None`` fields and a default ``max_new_tokens`` are left out (the gateway fills in the same
-    default): every byte counts on a thin uplink. ``v`` is always sent.
+    ``None`` fields, an absent ``model``, an empty ``history`` and a default ``max_new_tokens`` are
+    left out (the gateway fills in the same defaults): every byte counts on a thin uplink. ``v`` is
+    always sent.
     """
     fields = request.model_dump(exclude_none=True)
     if fields["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS:
         del fields["max_new_tokens"]
+    if not fields["model"]:
+        del fields["model"]
+    if not fields["history"]:
+        del fields["history"]
     body: bytes = msgpack.packb(fields, use_bin_type=True)  # msgpack ships no type hints
     return body
 
@@ -116,7 +197,7 @@ def decode_request(body: bytes) -> VQARequest:
             strict_map_key=True,
             max_bin_len=MAX_IMAGE_BYTES,
             max_str_len=4 * MAX_QUESTION_CHARS,
-            max_array_len=0,
+            max_array_len=2 * MAX_HISTORY_TURNS,
             max_map_len=16,
             max_ext_len=0,
         )
@@ -133,9 +214,13 @@ def parse_request(data: dict[str, Any]) -> VQARequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise RequestError(f"field '{where}': {first['msg']}") from None
+        raise RequestError(f"field '{where}': {first['msg']}", param=where) from None
 
 
 def encode_response(response: VQAResponse) -> bytes:
-    body: bytes = msgpack.packb(response.model_dump(), use_bin_type=True)
+    fields = response.model_dump()
+    for name, default in _OPTIONAL_REPLY_FIELDS.items():
+        if fields[name] == default:
+            del fields[name]
+    body: bytes = msgpack.packb(fields, use_bin_type=True)
     return body
