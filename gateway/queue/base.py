@@ -1,9 +1,15 @@
 """What travels through the queue (:class:`Job`, :class:`Reply`) and the two sides of its interface.
 
 - :class:`GatewayQueue` (async) is what the HTTP API uses: enqueue a validated request and await
-  its reply, read what the workers published.
+  its reply (or, streamed, read its partial text as it comes), read what the workers published.
 - :class:`WorkerQueue` (sync, bound to one model) is what the worker loop uses: read and claim
-  batches, publish the model, beat, and finish entries (reply + store + acknowledge).
+  batches, publish the model, beat, publish a streamed job's new text, and finish entries (reply
+  + store + acknowledge).
+
+A streamed request's partial stream (docs/conversations.md, "Streaming") holds
+:class:`PartialEntry` items: the text each generation step added, then one entry with the reply,
+written when the request is finished. Entry ids are Redis stream ids (``<ms>-<seq>``) in both
+implementations, so they serve as the Server-Sent Events' ids.
 
 :mod:`gateway.queue.redis_queue` implements both over Redis; :mod:`gateway.queue.memory` implements
 both in one process for a laptop without Redis. The worker loop and batching code are the same.
@@ -11,18 +17,30 @@ both in one process for a laptop without Redis. The worker loop and batching cod
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import msgpack
 
 from edge_client.errors import AlignedVQError
-from edge_client.protocol import VQARequest, VQAResponse
+from edge_client.protocol import MAX_QUESTION_CHARS, VQARequest, VQAResponse
 
 from ..errors import error_from_code
 
-__all__ = ["Claimed", "GatewayQueue", "Job", "Reply", "WorkerQueue", "now_ms"]
+__all__ = [
+    "Claimed",
+    "GatewayQueue",
+    "Job",
+    "PartialEntry",
+    "Reply",
+    "WorkerQueue",
+    "entry_key",
+    "now_ms",
+]
+
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
 def now_ms() -> int:
@@ -30,9 +48,19 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ``<ms>-<seq>`` as a sortable pair; ValueError if it is not one."""
+    match = _ENTRY_ID.fullmatch(entry_id)
+    if match is None:
+        raise ValueError(f"expected a stream entry id like 1700000000000-0, got {entry_id[:40]!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 @dataclass(frozen=True)
 class Job:
-    """One queued request as a worker sees it. ``body`` is the msgpack request the gateway accepted."""
+    """One queued request as a worker sees it. ``body`` is the msgpack request the gateway accepted
+    (always with its ``features`` or ``image``: a worker never depends on the gateway's image cache).
+    ``stream``: a client reads the answer as it is generated (:meth:`WorkerQueue.publish_partial`)."""
 
     entry_id: str
     model: str
@@ -42,10 +70,11 @@ class Job:
     enqueued_ms: int
     body: bytes
     deliveries: int = 1
+    stream: bool = False
 
     def fields(self) -> dict[str, bytes | str | int]:
-        """Stream entry fields (the entry id is the stream's own)."""
-        return {
+        """Stream entry fields (the entry id is the stream's own); ``stream`` only when set."""
+        entry: dict[str, bytes | str | int] = {
             "request_id": self.request_id,
             "model": self.model,
             "reply_to": self.reply_to,
@@ -53,6 +82,9 @@ class Job:
             "enqueued_ms": self.enqueued_ms,
             "request": self.body,
         }
+        if self.stream:
+            entry["stream"] = 1
+        return entry
 
     @classmethod
     def from_fields(cls, entry_id: str, fields: dict[bytes, bytes]) -> Job:
@@ -66,6 +98,7 @@ class Job:
                 deadline_ms=int(fields[b"deadline_ms"]),
                 enqueued_ms=int(fields[b"enqueued_ms"]),
                 body=fields[b"request"],
+                stream=fields.get(b"stream") == b"1",
             )
         except KeyError as exc:
             raise ValueError(f"stream entry {entry_id} has no field {exc.args[0]!r}") from None
@@ -75,7 +108,11 @@ class Job:
 
 @dataclass(frozen=True)
 class Reply:
-    """A worker's answer (``code`` empty) or error (``code`` set) for one request id."""
+    """A worker's answer (``code`` empty) or error (``code`` set) for one request id.
+
+    ``prompt_tokens`` and ``completion_tokens`` count the model's tokens (the chat route's
+    ``usage``); ``unknown_words`` are question words the tokenizer cannot spell.
+    """
 
     request_id: str
     model: str
@@ -85,6 +122,9 @@ class Reply:
     batch_size: int = 0
     code: str = ""
     message: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    unknown_words: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -101,11 +141,21 @@ class Reply:
 
     @classmethod
     def unpack(cls, data: bytes) -> Reply:
-        """ValueError if ``data`` is not a reply map (replies come from our own workers, still checked)."""
+        """ValueError if ``data`` is not a reply map (replies come from our own workers, still checked).
+
+        Fields this version does not know are dropped, so a newer worker's reply still reads.
+        """
         try:
-            fields = msgpack.unpackb(data, raw=False, max_map_len=16, max_array_len=0)
-            return cls(**fields)
-        except (TypeError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            packed = msgpack.unpackb(data, raw=False, max_map_len=32, max_array_len=MAX_QUESTION_CHARS)
+            return cls(**{name: value for name, value in packed.items() if name in _REPLY_FIELDS})
+        except (
+            TypeError,
+            ValueError,
+            AttributeError,
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+        ) as exc:
             raise ValueError(f"malformed reply: {type(exc).__name__}: {exc}") from None
 
     def response(self) -> VQAResponse:
@@ -119,7 +169,22 @@ class Reply:
             queue_ms=self.queue_ms,
             compute_ms=self.compute_ms,
             batch_size=self.batch_size,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            unknown_words=self.unknown_words,
         )
+
+
+_REPLY_FIELDS = frozenset(f.name for f in fields(Reply))
+
+
+@dataclass(frozen=True)
+class PartialEntry:
+    """One entry of a streamed request's partial stream: new ``text``, or (``reply`` set) the end."""
+
+    entry_id: str
+    text: str = ""
+    reply: Reply | None = None
 
 
 @dataclass
@@ -142,6 +207,19 @@ class GatewayQueue(Protocol):
 
     async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
         """Enqueue (once per request id) and wait for the reply until ``deadline_ms``."""
+
+    async def enqueue_streamed(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int
+    ) -> Reply | None:
+        """Enqueue (once per request id) a request whose answer is read with :meth:`read_partials`;
+        the stored reply if the request id already finished, else None. Joining a request queued
+        without streaming still ends its partial stream with the reply."""
+
+    async def read_partials(
+        self, model: str, request_id: str, after: str, block_ms: int
+    ) -> list[PartialEntry]:
+        """Entries of the request's partial stream after entry id ``after`` (``0-0``: all), waiting
+        at most ``block_ms`` for the first (0: no wait); empty if none came."""
 
     async def reserve_id(self, model: str, request_id: str, digest: bytes, ttl_ms: int) -> bool:
         """Bind ``request_id`` to the request ``digest`` for ``ttl_ms``; False when it is already
@@ -188,8 +266,13 @@ class WorkerQueue(Protocol):
     def claim(self, count: int) -> Claimed:
         """Take over entries idle past VQA_CLAIM_IDLE_MS; dead-letter those delivered too often."""
 
+    def publish_partial(self, job: Job, text: str) -> None:
+        """Append ``text``, the answer's newest part, to ``job``'s partial stream; nothing unless
+        ``job.stream`` (or ``text`` is empty)."""
+
     def finish(self, done: list[tuple[Job, Reply]]) -> None:
-        """Reply to every waiter, store successful results, acknowledge and delete the entries."""
+        """Reply to every waiter, store successful results, end the partial streams of streamed
+        requests with their reply, acknowledge and delete the entries."""
 
     def backlog(self) -> int: ...
 

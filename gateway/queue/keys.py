@@ -19,6 +19,10 @@ key                                type    what it holds
 ``{p}:workers:{model}``            zset    worker id -> heartbeat expiry (epoch ms): live-worker index
 ``{p}:heartbeat:{model}:{worker}`` string  JSON worker status, expires unless refreshed
 ``{p}:rate:{client}``              string  GCRA theoretical arrival time (us, Redis clock) of a client
+``{p}:partial:{model}:{rid}``      stream  a streamed request's new text per step, then its reply
+``{p}:img:{tenant}:{ref}``         string  a feature stream a client may name by ``image_ref``
+``{p}:imgs:{tenant}``              zset    ref -> last use (ms, Redis clock): the tenant's LRU order
+``{p}:imgsize:{tenant}``           hash    ref -> bytes, and ``total``: what the tenant holds
 =================================  ======  ===========================================================
 
 Stream entries are deleted (``XACK`` + ``XDEL`` in one script) as soon as they are answered, so the
@@ -36,6 +40,8 @@ __all__ = [
     "GROUP",
     "INFLIGHT_SLACK_MS",
     "MODEL_INFO_TTL_S",
+    "PARTIAL_MAXLEN",
+    "PARTIAL_TTL_MS",
     "REPLY_LIST_TTL_MS",
     "STALE_WORKER_KEEP_MS",
     "Keys",
@@ -66,6 +72,15 @@ MODEL_INFO_TTL_S = 24 * 3600
 
 # The dead-letter stream is a record for operators, not work: approximate trimming is fine there.
 DEAD_LETTER_MAXLEN = 10_000
+
+# A partial stream outlives its last write by this long: a client cut off mid-answer reconnects,
+# through any gateway replica, within it and resumes from its Last-Event-ID; later, a retry of the
+# finished request replays the stored answer (VQA_RESULT_TTL_S) as one event instead.
+PARTIAL_TTL_MS = 60_000
+
+# Longest partial stream (approximate trim): above the protocol's 512 new tokens plus the reply,
+# so it never cuts a real answer; it bounds what a runaway writer could pile up.
+PARTIAL_MAXLEN = 1_024
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
@@ -124,6 +139,18 @@ class Keys:
 
     def heartbeat(self, model: str, worker_id: str) -> str:
         return f"{self.prefix}:heartbeat:{model}:{worker_id}"
+
+    def partial(self, model: str, request_id: str) -> str:
+        return f"{self.prefix}:partial:{model}:{request_id}"
+
+    def image(self, tenant: str, ref: str) -> str:
+        return f"{self.prefix}:img:{tenant}:{ref}"
+
+    def images(self, tenant: str) -> str:
+        return f"{self.prefix}:imgs:{tenant}"
+
+    def image_sizes(self, tenant: str) -> str:
+        return f"{self.prefix}:imgsize:{tenant}"
 
     def rate(self, client_id: str) -> str:
         # TTL: until the client's bucket is full again (at most burst / rate seconds), set by the

@@ -4,8 +4,9 @@ For a laptop demo: the gateway process loads the model and runs the same worker 
 code (:mod:`gateway.worker`) in a background thread, reading from this queue. It keeps the Redis
 queue's semantics where they matter to clients: one entry per request id (retries of a finished
 request get the stored answer, retries of an in-flight one wait for it), the backlog limit, and
-deadlines. What only makes sense across processes (claiming from dead workers, dead letters) is a
-no-op: nobody else can die holding an entry.
+deadlines, and streamed requests' partial streams (kept per request id for ``PARTIAL_TTL_MS``,
+with the same entry ids and the same end-of-stream reply). What only makes sense across processes
+(claiming from dead workers, dead letters) is a no-op: nobody else can die holding an entry.
 """
 
 from __future__ import annotations
@@ -15,16 +16,28 @@ import itertools
 import threading
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass, field
 
 from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
 from ..errors import DeadlineExceeded, Overloaded
-from .base import Claimed, Job, Reply, now_ms
+from .base import Claimed, Job, PartialEntry, Reply, entry_key, now_ms
+from .keys import INFLIGHT_SLACK_MS, PARTIAL_MAXLEN, PARTIAL_TTL_MS
 
 __all__ = ["MemoryQueue", "MemoryWorkerQueue"]
 
 _REPLY_TO = "memory"
+# Partial streams are pruned of expired ones once this many are held.
+_PARTIALS_PRUNE_AT = 1_000
+
+
+@dataclass
+class _PartialStream:
+    """One request's partial stream: entries in order, expiry on the monotonic clock."""
+
+    expires: float
+    entries: list[PartialEntry] = field(default_factory=list)
 
 
 class MemoryQueue:
@@ -42,7 +55,10 @@ class MemoryQueue:
         self._info: dict[str, bytes] = {}
         self._bundles: dict[str, bytes] = {}
         self._beats: dict[tuple[str, str], float] = {}
+        self._partials: dict[tuple[str, str], _PartialStream] = {}
+        self._partial_waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = defaultdict(list)
         self._ids = itertools.count(1)
+        self._partial_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
@@ -76,33 +92,47 @@ class MemoryQueue:
                 self._reserved[model, request_id] = (time.monotonic() + ttl_ms / 1000, digest)
             return bound == digest
 
+    def _enqueue(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool
+    ) -> Reply | None:
+        """ENQUEUE's semantics (see gateway.queue.scripts); the caller holds the lock."""
+        key = (request.model, request.request_id)
+        stored = self._stored(key)
+        if stored is not None:
+            return Reply.unpack(stored)
+        if key in self._inflight:
+            if streamed and self._partial(key) is None:  # joined: FINISH must end the stream
+                ttl_ms = max(deadline_ms - now_ms(), 1) + INFLIGHT_SLACK_MS
+                self._partials[key] = _PartialStream(time.monotonic() + ttl_ms / 1000)
+            return None
+        if len(self._streams[request.model]) + self._taken[request.model] >= max_backlog:
+            raise Overloaded(
+                f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
+            )
+        job = Job(
+            entry_id=str(next(self._ids)),
+            model=request.model,
+            request_id=request.request_id,
+            reply_to=_REPLY_TO,
+            deadline_ms=deadline_ms,
+            enqueued_ms=now_ms(),
+            body=body,
+            stream=streamed,
+        )
+        self._partials.pop(key, None)  # an earlier, failed attempt's
+        self._inflight[key] = job.entry_id
+        self._streams[request.model].append(job)
+        self._cond.notify_all()
+        return None
+
     async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
         assert self._loop is not None, "MemoryQueue.start() was not called"
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = self._loop.create_future()
         with self._cond:
-            stored = self._stored(key)
+            stored = self._enqueue(request, body, deadline_ms, max_backlog, streamed=False)
             if stored is not None:
-                return Reply.unpack(stored)
-            if key not in self._inflight:
-                if len(self._streams[request.model]) + self._taken[request.model] >= max_backlog:
-                    raise Overloaded(
-                        f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); "
-                        "retry later"
-                    )
-                now = now_ms()
-                job = Job(
-                    entry_id=str(next(self._ids)),
-                    model=request.model,
-                    request_id=request.request_id,
-                    reply_to=_REPLY_TO,
-                    deadline_ms=deadline_ms,
-                    enqueued_ms=now,
-                    body=body,
-                )
-                self._inflight[key] = job.entry_id
-                self._streams[request.model].append(job)
-                self._cond.notify_all()
+                return stored
             self._waiting[key].append(future)
         try:
             budget_s = max(deadline_ms - now_ms(), 0) / 1000
@@ -116,6 +146,73 @@ class MemoryQueue:
                     futures.remove(future)
                 if not futures:
                     self._waiting.pop(key, None)
+
+    async def enqueue_streamed(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int
+    ) -> Reply | None:
+        with self._cond:
+            return self._enqueue(request, body, deadline_ms, max_backlog, streamed=True)
+
+    def _partial(self, key: tuple[str, str]) -> _PartialStream | None:
+        stream = self._partials.get(key)
+        if stream is not None and stream.expires < time.monotonic():
+            del self._partials[key]
+            return None
+        return stream
+
+    def _partials_after(self, key: tuple[str, str], after: tuple[int, int]) -> list[PartialEntry]:
+        stream = self._partial(key)
+        if stream is None:
+            return []
+        out = []
+        for entry in stream.entries:
+            if entry_key(entry.entry_id) > after:
+                out.append(entry)
+                if entry.reply is not None:
+                    break
+        return out
+
+    async def read_partials(
+        self, model: str, request_id: str, after: str, block_ms: int
+    ) -> list[PartialEntry]:
+        assert self._loop is not None, "MemoryQueue.start() was not called"
+        key, cursor = (model, request_id), entry_key(after)
+        with self._cond:
+            entries = self._partials_after(key, cursor)
+            if entries or block_ms <= 0:
+                return entries
+            future: asyncio.Future[None] = self._loop.create_future()
+            self._partial_waiters[key].append(future)
+        try:
+            await asyncio.wait_for(future, block_ms / 1000)
+        except TimeoutError:
+            pass
+        finally:
+            with self._cond:
+                waiters = self._partial_waiters.get(key, [])
+                if future in waiters:
+                    waiters.remove(future)
+                if not waiters:
+                    self._partial_waiters.pop(key, None)
+        with self._cond:
+            return self._partials_after(key, cursor)
+
+    def _append_partial(self, job: Job, text: str = "", reply: Reply | None = None) -> None:
+        """Add an entry and wake the readers (the worker thread calls this, holding the lock)."""
+        key = (job.model, job.request_id)
+        expires = time.monotonic() + PARTIAL_TTL_MS / 1000
+        stream = self._partial(key)
+        if stream is None:
+            if len(self._partials) > _PARTIALS_PRUNE_AT:
+                now = time.monotonic()
+                self._partials = {k: v for k, v in self._partials.items() if v.expires >= now}
+            stream = self._partials[key] = _PartialStream(expires)
+        stream.expires = expires
+        if len(stream.entries) < PARTIAL_MAXLEN:
+            stream.entries.append(PartialEntry(f"0-{next(self._partial_ids)}", text, reply))
+        for future in self._partial_waiters.pop(key, []):
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(_wake, future)
 
     async def backlog(self, model: str) -> int:
         with self._cond:
@@ -168,6 +265,8 @@ class MemoryQueue:
                 self._taken[job.model] = max(0, self._taken[job.model] - 1)
                 if reply.ok:
                     self._results[key] = (expires, reply.pack())
+                if job.stream or self._partial(key) is not None:
+                    self._append_partial(job, reply=reply)
                 if self._inflight.get(key) == job.entry_id:
                     del self._inflight[key]
                 for future in self._waiting.get(key, ()):
@@ -182,6 +281,11 @@ class MemoryQueue:
 def _resolve(future: asyncio.Future[Reply], reply: Reply) -> None:
     if not future.done():
         future.set_result(reply)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class MemoryWorkerQueue:
@@ -216,6 +320,11 @@ class MemoryWorkerQueue:
 
     def claim(self, count: int) -> Claimed:
         return Claimed()
+
+    def publish_partial(self, job: Job, text: str) -> None:
+        if job.stream and text:
+            with self.queue._cond:
+                self.queue._append_partial(job, text)
 
     def finish(self, done: list[tuple[Job, Reply]]) -> None:
         self.queue._finish(done)

@@ -3,12 +3,15 @@
 Gateway side (:class:`RedisGatewayQueue`, asyncio): ``submit`` runs the ENQUEUE script (stored
 result -> return it; same request id in flight -> join it; backlog full -> 429; else ``XADD``), then
 awaits an in-process future. ONE background task per gateway process pops the gateway's reply list
-(``BLMPOP``) and resolves those futures, so a waiting request holds no Redis connection.
+(``BLMPOP``) and resolves those futures, so a waiting request holds no Redis connection. A streamed
+request is enqueued by the same script and then read from its partial stream with ``XREAD BLOCK``
+(one pooled connection per streaming client while it waits, for at most a second per call).
 
 Worker side (:class:`RedisWorkerQueue`, blocking): ``XREADGROUP`` new entries, ``XAUTOCLAIM``
 entries a dead worker left pending (moving those delivered more than ``VQA_MAX_DELIVERIES`` times to
-the dead-letter stream), and FINISH each batch in one script call: reply to every waiter, store
-the results, ``XACK`` + ``XDEL``. The stream therefore holds exactly the unanswered requests and is
+the dead-letter stream), ``XADD`` each step's new text of a streamed entry to its partial stream,
+and FINISH each batch in one script call: reply to every waiter, store the results, end the
+partial streams, ``XACK`` + ``XDEL``. The stream therefore holds exactly the unanswered requests and is
 never trimmed by length.
 
 Every Redis exception is translated to :class:`~gateway.errors.QueueUnavailable` by
@@ -33,12 +36,14 @@ from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
 from ..errors import DeadLettered, DeadlineExceeded, Overloaded, QueueUnavailable
-from .base import Claimed, Job, Reply, now_ms
+from .base import Claimed, Job, PartialEntry, Reply, entry_key, now_ms
 from .keys import (
     DEAD_LETTER_MAXLEN,
     GROUP,
     INFLIGHT_SLACK_MS,
     MODEL_INFO_TTL_S,
+    PARTIAL_MAXLEN,
+    PARTIAL_TTL_MS,
     REPLY_LIST_TTL_MS,
     STALE_WORKER_KEEP_MS,
     Keys,
@@ -165,6 +170,40 @@ class RedisGatewayQueue:
         with redis_errors():
             await self.client.ping()
 
+    async def _run_enqueue(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool
+    ) -> tuple[bytes, bytes]:
+        """The ENQUEUE script: (status, value); Overloaded when the backlog is full."""
+        key = (request.model, request.request_id)
+        now = now_ms()
+        args: list[EncodableT] = [
+            self.reply_key,
+            deadline_ms,
+            max(deadline_ms - now, 1) + INFLIGHT_SLACK_MS,
+            max_backlog,
+            request.request_id,
+            now,
+            body,
+            request.model,
+            "1" if streamed else "0",
+        ]
+        with redis_errors():
+            status, value = await self._enqueue(
+                keys=[
+                    self.keys.result(*key),
+                    self.keys.inflight(*key),
+                    self.keys.waiters(*key),
+                    self.keys.stream(request.model),
+                    self.keys.partial(*key),
+                ],
+                args=args,
+            )
+        if status == Status.OVERLOADED:
+            raise Overloaded(
+                f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
+            )
+        return status, value
+
     async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -172,32 +211,9 @@ class RedisGatewayQueue:
         self._waiting.setdefault(key, []).append(future)
         try:
             now = now_ms()
-            args: list[EncodableT] = [
-                self.reply_key,
-                deadline_ms,
-                max(deadline_ms - now, 1) + INFLIGHT_SLACK_MS,
-                max_backlog,
-                request.request_id,
-                now,
-                body,
-                request.model,
-            ]
-            with redis_errors():
-                status, value = await self._enqueue(
-                    keys=[
-                        self.keys.result(*key),
-                        self.keys.inflight(*key),
-                        self.keys.waiters(*key),
-                        self.keys.stream(request.model),
-                    ],
-                    args=args,
-                )
+            status, value = await self._run_enqueue(request, body, deadline_ms, max_backlog, streamed=False)
             if status == Status.DONE:
                 return Reply.unpack(value)
-            if status == Status.OVERLOADED:
-                raise Overloaded(
-                    f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
-                )
             # A timer that fails the future itself: asyncio.wait_for would add a second future and
             # a second event-loop pass between the reply and this task.
             budget_s = max(deadline_ms - now_ms(), 0) / 1000
@@ -212,6 +228,37 @@ class RedisGatewayQueue:
                 futures.remove(future)
             if not futures:
                 self._waiting.pop(key, None)
+
+    async def enqueue_streamed(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int
+    ) -> Reply | None:
+        status, value = await self._run_enqueue(request, body, deadline_ms, max_backlog, streamed=True)
+        return Reply.unpack(value) if status == Status.DONE else None
+
+    async def read_partials(
+        self, model: str, request_id: str, after: str, block_ms: int
+    ) -> list[PartialEntry]:
+        key = self.keys.partial(model, request_id)
+        # The socket timeout allows a block of _block_s; a longer wait is the caller's loop.
+        block = min(block_ms, int(self._block_s * 1000)) or None  # None: no BLOCK (0 would be forever)
+        with redis_errors():
+            response = await self.client.xread({key: after}, count=PARTIAL_MAXLEN, block=block)
+        # [[stream name, entries]]: one stream was read.
+        entries: _Entries = cast("list[list[Any]]", response)[0][1] if response else []
+        partials = []
+        for raw_id, fields in entries:
+            if fields is None or b"open" in fields:  # the marker of a joined request: no text
+                continue
+            entry_id = raw_id.decode()
+            if b"reply" in fields:
+                try:
+                    partials.append(PartialEntry(entry_id, reply=Reply.unpack(fields[b"reply"])))
+                except ValueError as exc:
+                    log.error("dropping a malformed reply in %s: %s", key, exc)
+                    continue
+                break
+            partials.append(PartialEntry(entry_id, text=fields.get(b"t", b"").decode(errors="replace")))
+        return partials
 
     async def reserve_id(self, model: str, request_id: str, digest: bytes, ttl_ms: int) -> bool:
         key = self.keys.request(model, request_id)
@@ -397,8 +444,8 @@ class RedisWorkerQueue:
             pending = self.client.xpending_range(
                 self.stream,
                 GROUP,
-                min=min(ids, key=_id_key),
-                max=max(ids, key=_id_key),
+                min=min(ids, key=entry_key),
+                max=max(ids, key=entry_key),
                 count=len(ids) + 16,
                 consumername=self.consumer,
             )
@@ -433,21 +480,33 @@ class RedisWorkerQueue:
         self.finish(failures)
         return claimed
 
+    def publish_partial(self, job: Job, text: str) -> None:
+        if not (job.stream and text):
+            return
+        key = self.keys.partial(job.model, job.request_id)
+        with redis_errors():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(key, {"t": text}, maxlen=PARTIAL_MAXLEN, approximate=True)
+            pipe.pexpire(key, PARTIAL_TTL_MS)
+            pipe.execute()
+
     def finish(self, done: list[tuple[Job, Reply]]) -> None:
         """The whole batch in one FINISH call: one round trip between compute and the replies."""
         if not done:
             return
         result_ttl_ms = self.settings.result_ttl_s * 1000
         keys = [self.stream]
-        args: list[EncodableT] = [GROUP, REPLY_LIST_TTL_MS]
+        args: list[EncodableT] = [GROUP, REPLY_LIST_TTL_MS, PARTIAL_TTL_MS, PARTIAL_MAXLEN]
         for job, reply in done:
             keys += [
                 self.keys.result(job.model, job.request_id),
                 self.keys.inflight(job.model, job.request_id),
                 self.keys.waiters(job.model, job.request_id),
+                self.keys.partial(job.model, job.request_id),
             ]
             # Only answers are stored: a retry after an error should run again.
-            args += [job.entry_id, reply.pack(), result_ttl_ms if reply.ok else 0, job.reply_to]
+            ttl = result_ttl_ms if reply.ok else 0
+            args += [job.entry_id, reply.pack(), ttl, job.reply_to, "1" if job.stream else "0"]
         with redis_errors():
             self._finish(keys=keys, args=args)
 
@@ -457,8 +516,3 @@ def _expire(future: asyncio.Future[Reply], budget_ms: int) -> None:
         future.set_exception(
             DeadlineExceeded(f"no answer before the deadline ({budget_ms} ms after arrival)")
         )
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

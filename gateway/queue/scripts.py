@@ -5,36 +5,58 @@ Atomicity is what makes the idempotency rules hold without polling:
 - ENQUEUE checks for a stored result, joins an in-flight request (``SET NX`` semantics on the
   in-flight marker) or checks the backlog and adds the entry: a request id is never queued twice,
   and a joining gateway is registered as a waiter before the entry can finish.
-- FINISH stores the results of a batch, pushes each reply to every waiter, clears the in-flight
-  markers and acknowledges + deletes the entries: no waiter can register between a reply and the
-  cleanup.
+- FINISH stores the results of a batch, pushes each reply to every waiter, ends the partial
+  streams of streamed requests with their reply, clears the in-flight markers and acknowledges +
+  deletes the entries: no waiter can register between a reply and the cleanup.
 
 - RATE_LIMIT reads, checks and advances one client's GCRA timestamp, on Redis's own clock, so
   every gateway replica enforces one shared limit without trusting its own clock.
 
-ENQUEUE and FINISH write reply lists named in ARGV or read from a set, so they assume one Redis (or a
-Redis Cluster with every key of a prefix in one hash slot), not a sharded keyspace.
+- IMAGE_PUT and IMAGE_GET keep one tenant's image cache (:mod:`gateway.api.image_cache`): the
+  stream, its place in the tenant's LRU order and the tenant's byte total change together, so
+  concurrent requests of one API key never push it over ``VQA_IMAGE_CACHE_BYTES``.
+
+ENQUEUE and FINISH write reply lists named in ARGV or read from a set, and IMAGE_PUT deletes the
+evicted streams by name, so they assume one Redis (or a Redis Cluster with every key of a prefix in
+one hash slot), not a sharded keyspace.
 """
 
 from __future__ import annotations
 
-__all__ = ["ENQUEUE", "FINISH", "RATE_LIMIT"]
+__all__ = ["ENQUEUE", "FINISH", "IMAGE_GET", "IMAGE_PUT", "RATE_LIMIT"]
 
-# KEYS: result, inflight, waiters, stream
-# ARGV: reply_to, deadline_ms, marker_ttl_ms, max_backlog, request_id, enqueued_ms, body, model
+# A streamed request (ARGV[9] == '1') is queued with the entry field stream=1, so its worker
+# publishes partial text. One that joins a request queued without it adds an empty 'open' entry,
+# so that the partial stream exists and FINISH ends it with the reply. A new entry deletes the
+# partial stream an earlier, failed attempt of the same request id may have left.
+# KEYS: result, inflight, waiters, stream, partial
+# ARGV: reply_to, deadline_ms, marker_ttl_ms, max_backlog, request_id, enqueued_ms, body, model,
+#       streamed ('1' or '0')
 # -> {status, value}: {'done', reply} | {'joined', ''} | {'overloaded', ''} | {'queued', entry_id}
 ENQUEUE = """
 local done = redis.call('GET', KEYS[1])
 if done then return {'done', done} end
 local ttl = tonumber(ARGV[3])
+local streamed = ARGV[9] == '1'
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('SADD', KEYS[3], ARGV[1])
   if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+  if streamed and redis.call('EXISTS', KEYS[5]) == 0 then
+    redis.call('XADD', KEYS[5], '*', 'open', '')
+    redis.call('PEXPIRE', KEYS[5], ttl)
+  end
   return {'joined', ''}
 end
 if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[4]) then return {'overloaded', ''} end
-local id = redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[5], 'model', ARGV[8],
-  'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7])
+local id
+if streamed then
+  id = redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[5], 'model', ARGV[8],
+    'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7], 'stream', '1')
+else
+  id = redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[5], 'model', ARGV[8],
+    'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7])
+end
+redis.call('DEL', KEYS[5])
 redis.call('SET', KEYS[2], id, 'PX', ttl)
 redis.call('DEL', KEYS[3])
 redis.call('SADD', KEYS[3], ARGV[1])
@@ -43,20 +65,27 @@ return {'queued', id}
 """
 
 # One call finishes a whole batch: one round trip, and one RPUSH per reply list for all its replies.
-# KEYS: stream, then per entry: result, inflight, waiters
-# ARGV: group, reply_list_ttl_ms, then per entry: entry_id, reply, result_ttl_ms (0: do not store),
-#       reply_to
+# The partial stream of a streamed entry (or of one a streamed request joined: it exists) ends with
+# the reply.
+# KEYS: stream, then per entry: result, inflight, waiters, partial
+# ARGV: group, reply_list_ttl_ms, partial_ttl_ms, partial_maxlen, then per entry: entry_id, reply,
+#       result_ttl_ms (0: do not store), reply_to, streamed ('1' or '0')
 # -> number of replies pushed
 FINISH = """
-local group, list_ttl = ARGV[1], ARGV[2]
+local group, list_ttl, partial_ttl, partial_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local pushes, targets, ids = {}, {}, {}
-for i = 0, (#ARGV - 2) / 4 - 1 do
-  local result, inflight, waiters = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
-  local entry, reply, ttl = ARGV[3 + 4 * i], ARGV[4 + 4 * i], tonumber(ARGV[5 + 4 * i])
+for i = 0, (#ARGV - 4) / 5 - 1 do
+  local result, inflight = KEYS[2 + 4 * i], KEYS[3 + 4 * i]
+  local waiters, partial = KEYS[4 + 4 * i], KEYS[5 + 4 * i]
+  local entry, reply, ttl = ARGV[5 + 5 * i], ARGV[6 + 5 * i], tonumber(ARGV[7 + 5 * i])
   if ttl > 0 then redis.call('SET', result, reply, 'PX', ttl) end
+  if ARGV[9 + 5 * i] == '1' or redis.call('EXISTS', partial) == 1 then
+    redis.call('XADD', partial, 'MAXLEN', '~', partial_maxlen, '*', 'reply', reply)
+    redis.call('PEXPIRE', partial, partial_ttl)
+  end
   local seen = {}
   local members = redis.call('SMEMBERS', waiters)
-  table.insert(members, ARGV[6 + 4 * i])
+  table.insert(members, ARGV[8 + 5 * i])
   for _, target in ipairs(members) do
     if not seen[target] then
       seen[target] = true
@@ -102,4 +131,68 @@ local allow_at = next_tat - tonumber(ARGV[2]) * interval
 if allow_at > now then return {0, allow_at - now} end
 redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000))
 return {1, 0}
+"""
+
+# Stores one stream in a tenant's cache, then evicts the tenant's least recently used streams
+# until its total is within the cap. A stream larger than the whole cap is not kept. Index entries
+# unused for a whole TTL belong to streams Redis has already expired: their bytes are released
+# first (a few per call, so one call stays short).
+# KEYS: image, lru zset, sizes hash (its 'total' field holds the tenant's bytes)
+# ARGV: ref, stream, ttl_ms, cap_bytes, image key prefix (the image key without the ref)
+# -> number of streams evicted, or -1 when the stream is larger than the cap
+IMAGE_PUT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ref, ttl, cap, base = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local size = string.len(ARGV[2])
+local function forget(r)
+  local bytes = redis.call('HGET', KEYS[3], r)
+  if bytes then
+    redis.call('HINCRBY', KEYS[3], 'total', -tonumber(bytes))
+    redis.call('HDEL', KEYS[3], r)
+  end
+  redis.call('ZREM', KEYS[2], r)
+  redis.call('DEL', base .. r)
+end
+for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl, 'LIMIT', 0, 16)) do forget(r) end
+forget(ref)
+if size > cap then return -1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now, ref)
+redis.call('HSET', KEYS[3], ref, size)
+local total = redis.call('HINCRBY', KEYS[3], 'total', size)
+local evicted = 0
+while total > cap do
+  forget(redis.call('ZRANGE', KEYS[2], 0, 0)[1])
+  evicted = evicted + 1
+  total = tonumber(redis.call('HGET', KEYS[3], 'total'))
+end
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('PEXPIRE', KEYS[3], ttl)
+return evicted
+"""
+
+# Reads one stream of a tenant's cache and marks it used (its TTL and the index's restart); a
+# stream that has expired loses its index entry and bytes.
+# KEYS: image, lru zset, sizes hash
+# ARGV: ref, ttl_ms
+# -> the stream, or nil
+IMAGE_GET = """
+local data = redis.call('GET', KEYS[1])
+if not data then
+  local bytes = redis.call('HGET', KEYS[3], ARGV[1])
+  if bytes then
+    redis.call('HINCRBY', KEYS[3], 'total', -tonumber(bytes))
+    redis.call('HDEL', KEYS[3], ARGV[1])
+  end
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return false
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', now, ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return data
 """
