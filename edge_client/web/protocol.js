@@ -6,6 +6,7 @@
 
 export const PROTOCOL_VERSION = 1;
 export const DEFAULT_MAX_NEW_TOKENS = 8;
+export const MAX_NEW_TOKENS = 512;
 export const CONTENT_TYPE = "application/msgpack";
 const REQUEST_ID = /^[A-Za-z0-9_.:-]{1,64}$/;
 
@@ -77,7 +78,8 @@ export function newRequestId() {
 
 /**
  * The msgpack body of one request. `fields`: request_id, model, question, and exactly one of
- * features / image (Uint8Array); optional max_new_tokens (1..64), timeout_ms.
+ * features / image (Uint8Array); optional max_new_tokens (1..512), timeout_ms. (The page sends
+ * neither image_ref nor history, the conversation fields, so they are not written here.)
  */
 export function encodeRequest(fields) {
   const { request_id: requestId, model, question, features, image } = fields;
@@ -90,7 +92,9 @@ export function encodeRequest(fields) {
     throw new RangeError("exactly one of 'features' (edge-cloud) or 'image' (cloud-only) is required");
   }
   const maxNewTokens = fields.max_new_tokens ?? DEFAULT_MAX_NEW_TOKENS;
-  if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1 || maxNewTokens > 64) throw new RangeError("max_new_tokens: 1..64");
+  if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1 || maxNewTokens > MAX_NEW_TOKENS) {
+    throw new RangeError(`max_new_tokens: 1..${MAX_NEW_TOKENS}`);
+  }
   const entries = [
     ["v", (w) => w.uint(PROTOCOL_VERSION)],
     ["request_id", (w) => w.str(requestId)],
