@@ -378,6 +378,14 @@ def test_gpu_batch_is_the_benchmarks_best():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_orphaned_entries_are_claimed_before_their_deadline(variant):
+    """A killed worker's entries are claimed with at least half the default deadline left, not
+    dropped as expired (which only a client retry would make good)."""
+    settings = config(variant)
+    assert 2 * int(settings["VQA_CLAIM_IDLE_MS"]) <= int(settings["VQA_REQUEST_TIMEOUT_MS"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_worker_shutdown_outlasts_a_batch(variant):
     pod = one(variant, "Deployment", "worker")["spec"]["template"]["spec"]
     grace = pod["terminationGracePeriodSeconds"]
