@@ -466,11 +466,7 @@ class EdgeBundle:
             vision=vision,
             tensors=MappingProxyType(tensors),
             freqs=tensors.get("quantizer.freqs"),
-            ranking=(
-                NeighbourRanks(tensors["quantizer.rank_books"], tensors["quantizer.rank_offsets"])
-                if q["rank_tokens"]
-                else None
-            ),
+            ranking=_ranking(tensors) if q["rank_tokens"] else None,
             sha256=hashlib.sha256(data).hexdigest(),
             nbytes=len(data),
             metadata=MappingProxyType(meta),
@@ -506,3 +502,11 @@ class EdgeBundle:
             "bits_per_token": self.bits_per_token,
             "tensors": {name: [str(a.dtype), list(a.shape)] for name, a in sorted(self.tensors.items())},
         }
+
+
+def _ranking(tensors: dict[str, np.ndarray]) -> NeighbourRanks:
+    """The bundle's neighbour-rank tables, or BundleError if they do not fit its codebook."""
+    try:
+        return NeighbourRanks(tensors["quantizer.rank_books"], tensors["quantizer.rank_offsets"])
+    except ValueError as exc:
+        raise BundleError(f"the bundle's neighbour-rank tables are invalid: {exc}") from None

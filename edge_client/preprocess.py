@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import ImageError
 
@@ -48,7 +48,9 @@ def load_image(data: bytes) -> Image.Image:
                     f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted"
                 )
             probe.load()
-            return on_white(probe)
+            # Phones store portrait photos sideways with an EXIF orientation tag; browsers (and the
+            # web edge) show them upright, so the model must see them upright too.
+            return on_white(ImageOps.exif_transpose(probe))
     except ImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:

@@ -205,3 +205,13 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(60))
     with pytest.raises(BundleError, match=r"not an edge bundle: expected a safetensors file .* b'\\xff\\xd8"):
         EdgeBundle.load(tmp_path / "photo.jpg")
+
+
+def test_rank_tables_that_do_not_fit_are_a_bundle_error() -> None:
+    ranked = Path(__file__).parents[1] / "web" / "golden" / "tiny-preln-r2-gated-ranked.bundle"
+
+    def out_of_bounds(t: dict) -> None:  # int16 books too large for exact float32 distances
+        t["quantizer.rank_books"] = np.full_like(t["quantizer.rank_books"], 32000)
+
+    with pytest.raises(BundleError, match="neighbour-rank tables are invalid: expected .books."):
+        EdgeBundle.from_bytes(_rebuild(ranked.read_bytes(), out_of_bounds))
