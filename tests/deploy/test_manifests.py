@@ -687,3 +687,52 @@ def test_lock_files_cover_what_the_code_imports(image, entry_point):
     loaded -= {"llava-alignedvq"} | set(OPTIONAL_IMPORTS)
     missing = loaded - set(_lock(image))
     assert not missing, f"{image}.txt lacks {sorted(missing)}"
+
+
+# ---- deploy/podman ---------------------------------------------------------------------------
+
+
+def _kube_play():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kube_play", ROOT / "deploy" / "podman" / "kube_play.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_podman_conversion_of_the_dev_overlay():
+    """deploy/podman/kube_play.py turns the dev overlay into what podman 4.3 plays, nothing lost."""
+    kube_play = _kube_play()
+    played = kube_play.convert(
+        [json.loads(json.dumps(o)) for o in objects("dev")],
+        {"redis": "localhost/vqa-test/redis:7.0-bookworm"},
+        {"gateway": 18000},
+        {"VQA_ALLOW_ANONYMOUS": "false"},
+    )
+    assert {o["kind"] for o in played} <= kube_play.PLAYABLE
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in played}
+    # Redis: a Pod under the name VQA_REDIS_URL uses, its data on a claim named as Kubernetes would.
+    settings = by_name[("ConfigMap", "vqa-config")]["data"]
+    host = re.match(r"redis://([^:/]+)", settings["VQA_REDIS_URL"]).group(1)
+    redis = by_name[("Pod", host)]["spec"]
+    claims = {v.get("persistentVolumeClaim", {}).get("claimName") for v in redis["volumes"]} - {None}
+    assert claims == {"data-redis-0"} and ("PersistentVolumeClaim", "data-redis-0") in by_name
+    assert redis["containers"][0]["image"] == "localhost/vqa-test/redis:7.0-bookworm"
+    assert settings["VQA_ALLOW_ANONYMOUS"] == "false"
+    for obj in played:
+        pod = obj["spec"] if obj["kind"] == "Pod" else obj.get("spec", {}).get("template", {}).get("spec")
+        for container in (pod or {}).get("containers", []):
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert set(container[probe]) & {"httpGet", "tcpSocket"} == set(), container["name"]
+            for port in container.get("ports", []):
+                published = (container["name"], port["hostPort"], port["hostIP"])
+                assert published == ("gateway", 18000, "127.0.0.1")
+            # every emptyDir its own volume (podman 4.3 shares same-named ones between pods)
+            empty = [v["name"] for v in pod["volumes"] if "emptyDir" in v]
+            assert all(name.startswith(obj["metadata"]["name"] + "-") for name in empty)
+    # The security context reaches podman unchanged.
+    (gateway,) = by_name[("Deployment", "gateway")]["spec"]["template"]["spec"]["containers"]
+    (original,) = one("dev", "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    assert gateway["securityContext"] == original["securityContext"]
