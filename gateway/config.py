@@ -68,7 +68,7 @@ class QueueSettings(BaseSettings):
     max_timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 120_000
     result_ttl_s: Annotated[int, Field(ge=1)] = 600
     heartbeat_ttl_s: Annotated[float, Field(ge=0.3, le=3600)] = 10.0
-    claim_idle_ms: Annotated[int, Field(ge=1)] = 30_000
+    claim_idle_ms: Annotated[int, Field(ge=1)] = 10_000
     max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
 
     @field_validator("redis_url")
@@ -107,6 +107,8 @@ class ServingSettings(BaseSettings):
     poll_ms: Annotated[int, Field(ge=1, le=10_000)] = 500
     torch_threads: Annotated[int, Field(ge=0, le=1024)] = 0
     fused: Literal["auto", "on", "off"] = "auto"  # models.fused decoding; auto = on for CUDA devices
+    # Device memory for prompt prefixes of recent images (gateway.worker.prefix_cache); 0 = off.
+    prefix_cache_mb: Annotated[int, Field(ge=0, le=1_048_576)] = 512
 
     @field_validator("device")
     @classmethod
