@@ -22,8 +22,12 @@ step. Here (benchmarks/results/gpu_worker.json: GEMMs now ~80 % of a batch-64 ca
 - A static KV cache, ``(batch, capacity, kv_heads, head_dim)`` per layer for K and for V, written
   in place: prefill fills slots ``0..n-1``, each step scatters a row's new K/V at that row's own
   position and attends to slots ``<= position`` (slots a shorter row left to padding are masked,
-  then overwritten). ``capacity`` is the prompt width plus ``reserve`` rounded up to 64 slots, so
-  prompts of similar length share buffers; a longer decode grows it.
+  then overwritten). ``capacity`` is the prompt width plus the steps to come (at least
+  ``reserve``) rounded up to 64 slots, so prompts of similar length share buffers and a decode
+  never has to grow it (growing drops every CUDA graph).
+- After a prompt prefix whose keys and values were kept (:class:`models.generation.PrefixKV`, the
+  worker's prefix cache), they are copied into the first slots and the rest of the prompt is
+  prefilled over them with a bottom-right causal mask.
 - Attention kernels are chosen by measurement (:func:`_attention`).
 - On CUDA each decode step is a CUDA graph, captured per ``(batch, capacity)`` on first use and
   replayed afterwards, and so is the prefill of small batches (padded to a multiple of 16 tokens),
@@ -148,8 +152,8 @@ class FusedLlama:
     ``compile``: ``torch.compile`` the per-layer functions (a few compiles per process: the first
     shapes, then batch and length as symbols). ``cuda_graphs``: replay decode steps as
     CUDA graphs (default: when the model is on CUDA), and prefills of up to ``prefill_graph_batch``
-    rows too (there Python, not the GPU, sets the pace). ``reserve``: decode slots allocated
-    beyond the prompt (more are added if a decode runs longer). ``fp8``: the language model's
+    rows too (there Python, not the GPU, sets the pace). ``reserve``: the fewest decode slots
+    allocated beyond the prompt (more are added if a decode runs longer). ``fp8``: the language model's
     linears as row-wise scaled e4m3 GEMMs (Hopper/Ada; off by default: not exact, and it keeps an
     FP8 copy of those weights beside the bf16 ones).
     """
@@ -238,14 +242,15 @@ class FusedLlama:
         # graph reads fixed addresses, and two mutated inputs of a compiled function that were
         # views of one buffer would alias (dynamo's slow path).
         self._buffers: list[torch.Tensor] = []
-        self._graphs: dict[tuple[str, int, int, int], _Graph] = {}
+        self._graphs: dict[tuple[str | int, ...], _Graph] = {}
         self._graph_pool = None
 
     # ---------------------------------------------------------------- cache and graphs
 
-    def _cache(self, batch: int, width: int) -> StaticCache:
-        """Room for ``width`` prompt slots plus ``reserve``, rounded up to ``SLOT_ROUNDING``."""
-        capacity = -(-(width + self.reserve) // SLOT_ROUNDING) * SLOT_ROUNDING
+    def _cache(self, batch: int, width: int, new_tokens: int = 0) -> StaticCache:
+        """Room for ``width`` prompt slots plus ``new_tokens`` (at least ``reserve``), rounded up to
+        ``SLOT_ROUNDING``."""
+        capacity = -(-(width + max(self.reserve, new_tokens)) // SLOT_ROUNDING) * SLOT_ROUNDING
         shape = (batch, capacity, self.kv_heads, self.head_dim)
         numel, count = torch.Size(shape).numel(), 2 * len(self.weights)
         # Zeros, not empty: masked slots still meet the values in P @ V, and 0 * NaN is NaN.
@@ -268,7 +273,7 @@ class FusedLlama:
         self._buffers = []
 
     def _grow(self, cache: StaticCache, length: int) -> None:
-        """Move ``cache`` into a larger one (a decode ran past ``reserve``; rare)."""
+        """Move ``cache`` into a larger one (a decode ran past what its prefill reserved; rare)."""
         old = (*cache.keys, *cache.values)
         if self.cuda_graphs:  # the old views keep the old buffers alive until copied
             self.release()
@@ -309,8 +314,10 @@ class FusedLlama:
         attention_mask: torch.Tensor,
         positions: torch.Tensor,
         prefix: PrefixKV | None = None,
+        new_tokens: int = 0,
     ):
-        """Last real token's logits ``(batch, 1, vocab)`` and a :class:`StaticCache`.
+        """Last real token's logits ``(batch, 1, vocab)`` and a :class:`StaticCache` with room for
+        ``new_tokens`` decode steps.
 
         ``embeds`` ``(batch, n, dim)`` is left-padded as ``attention_mask`` says (``generate``'s
         convention; ``positions`` are then ``0..len-1`` on each row's real tokens, which is what
@@ -323,7 +330,7 @@ class FusedLlama:
         lengths = attention_mask[:, start:].sum(1)
         graphed = self.cuda_graphs and batch <= self.prefill_graph_batch
         width = -(-n // PREFILL_ROUNDING) * PREFILL_ROUNDING if graphed else n
-        cache = self._cache(batch, start + width)
+        cache = self._cache(batch, start + width, new_tokens)
         cache.length = start + n
         if prefix is not None:
             for i, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
@@ -332,7 +339,7 @@ class FusedLlama:
                 values[:, :start].copy_(prefix_values)
         if not graphed:
             return self._prefill(cache, embeds, lengths, start), cache
-        key = ("prefill", batch, width, start)
+        key = ("prefill", batch, width, start, cache.capacity)  # the graph holds views of this shape
         if key not in self._graphs:
             static = (embeds.new_zeros(batch, width, dim), lengths.clone())
             self._graphs[key] = self._capture(lambda e, lens: self._prefill(cache, e, lens, start), static)
@@ -353,7 +360,7 @@ class FusedLlama:
             self._grow(cache, cache.length)
         if not self.cuda_graphs:
             return self._decode(cache, tokens, positions), cache
-        key = ("step", tokens.shape[0], cache.capacity, 0)
+        key = ("step", tokens.shape[0], cache.capacity)
         if key not in self._graphs:
             static = (tokens.clone(), positions.clone())
             self._graphs[key] = self._capture(lambda t, p: self._decode(cache, t, p), static)

@@ -92,9 +92,11 @@ class HFEngine:
         attention_mask: torch.Tensor,
         positions: torch.Tensor,
         prefix: PrefixKV | None = None,
+        new_tokens: int = 0,
     ):
         """Last-position logits and the cache for ``embeds`` ``(batch, n, dim)`` after ``prefix``;
-        ``attention_mask`` covers the prefix too, ``positions`` only ``embeds``."""
+        ``attention_mask`` covers the prefix too, ``positions`` only ``embeds``. ``new_tokens``
+        (the steps to come) matters to engines that allocate their cache up front, not to this one."""
         cache = None
         if prefix is not None:
             cache = DynamicCache()
@@ -143,7 +145,7 @@ def greedy_decode(
         attention_mask = torch.cat([attention_mask.new_ones(prefix.batch, prefix.tokens), attention_mask], 1)
     # Positions count real tokens from each row's first one, the prefix's included.
     positions = left_padded_positions(attention_mask)[:, attention_mask.shape[1] - inputs_embeds.shape[1] :]
-    logits, cache = engine.prefill(inputs_embeds, attention_mask, positions, prefix)
+    logits, cache = engine.prefill(inputs_embeds, attention_mask, positions, prefix, max_new_tokens)
     token = logits[:, -1].argmax(-1)
     tokens = [token]
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=token.device).flatten()

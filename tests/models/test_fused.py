@@ -70,7 +70,17 @@ def test_static_cache_is_written_in_place_and_grows_only_past_its_capacity() -> 
         assert not torch.equal(cache.keys[0][torch.arange(2), position[:, 0]], before)  # each row's own slot
         token = logits[:, -1].argmax(-1)[:, None]
     # Past 64 slots the cache moves to a larger buffer, and decoding stays exact.
-    reference = greedy_decode(HFEngine(model), embeds, mask, 70, None, 0)
+    hf = HFEngine(model)
+    reference = greedy_decode(hf, embeds, mask, 70, None, 0)
+    _, cache = engine.prefill(embeds, mask, positions)
+    position = positions[:, -1:]
+    for step in range(69):
+        position = position + 1
+        logits, cache = engine.step(reference[:, step : step + 1], None, position, cache)
+        assert torch.equal(logits[:, -1].argmax(-1), reference[:, step + 1])
+    assert cache.capacity == 128
+    # Greedy decoding reserves the slots of all its steps at prefill: nothing grows.
+    assert engine.prefill(embeds, mask, positions, new_tokens=70)[1].capacity == 128
     assert torch.equal(greedy_decode(engine, embeds, mask, 70, None, 0), reference)
 
 
