@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from benchmarks.harness.record import header, write_result
-from edge_client.bitstream import decode_stream
 from edge_client.bundle import EdgeBundle
 from edge_client.encoder import EdgeEncoder
-from gateway.worker.runner import Prepared, Runner
+from edge_client.protocol import VQARequest
+from gateway.worker.runner import Runner
 from models.data import load_easy_vqa
 from models.registry import DEFAULT_MODEL, DEFAULT_QUANTIZER
 
@@ -40,12 +40,16 @@ def run() -> dict:
     encoder = EdgeEncoder(bundle)
     test = load_easy_vqa("test").subset(QUESTIONS)
     items = [
-        Prepared(
-            question,
-            NEW_TOKENS,
-            decode_stream(encoder.encode_image(test.images[i]), bundle.freqs, bundle.ranking).indices,
+        runners["fused"].prepare(
+            VQARequest(
+                request_id=f"q{n}",
+                model=DEFAULT_MODEL,
+                question=question,
+                features=encoder.encode_image(test.images[i]),
+                max_new_tokens=NEW_TOKENS,
+            )
         )
-        for question, i in zip(test.questions, test.image_index, strict=True)
+        for n, (question, i) in enumerate(zip(test.questions, test.image_index, strict=True))
     ]
     answers = {}
     for name, runner in runners.items():
@@ -58,7 +62,7 @@ def run() -> dict:
         torch.cuda.synchronize()
         result[f"{name}_first_batch1_ms"] = (time.perf_counter() - started) * 1e3
         result[f"accuracy_{name}"] = float(
-            np.mean([a == refs[0] for a, refs in zip(answers[name], test.answers, strict=True)])
+            np.mean([a.text == refs[0] for a, refs in zip(answers[name], test.answers, strict=True)])
         )
     pairs = zip(answers["fused"], answers["plain"], strict=True)
     result["agree"] = float(np.mean([a == b for a, b in pairs]))

@@ -47,6 +47,9 @@ class ModelInfo(BaseModel):
     bundle_sha256: str
     bundle_bytes: int
     image_size: int
+    # The most new tokens a request may ask for (a one-token question without history; longer
+    # prompts leave fewer positions). 64, the old protocol limit, for infos published without it.
+    max_new_tokens: int = 64
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()

@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings.dtype,
             settings.torch_threads,
             settings.fused,
+            settings.prefix_cache_mb,
         )
     except (LookupError, ValueError, OSError) as exc:
         print(f"vqa-worker: cannot load {settings.model} / {settings.quantizer}: {exc}", file=sys.stderr)

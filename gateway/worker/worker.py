@@ -9,8 +9,8 @@ in-process). Each step:
 2. collect a batch (:func:`~gateway.worker.batching.collect_batch`);
 3. reply ``deadline_exceeded`` to entries whose deadline has passed, without computing them;
 4. decode + check each entry (an error becomes that entry's error reply, never a crash);
-5. compute the batch in one generate call (if it fails, each entry is retried alone so one bad
-   entry cannot fail the others);
+5. compute the batch in one generation (if it fails, each entry is retried alone so one bad
+   entry cannot fail the others), publishing the new text of entries that stream after each step;
 6. finish every entry: reply, store the result, ``XACK`` + ``XDEL``.
 
 Stopping (SIGTERM, or :meth:`Worker.stop`) lets the batch in hand finish and be acknowledged, then
@@ -40,9 +40,9 @@ from .batching import collect_batch, split_expired
 
 if TYPE_CHECKING:
     from ..queue import MemoryQueue
-    from .runner import Prepared, Runner
+    from .runner import Answer, Prepared, Runner
 
-__all__ = ["Heartbeat", "InProcessWorker", "Worker", "WorkerStats", "worker_id"]
+__all__ = ["Heartbeat", "InProcessWorker", "Partial", "Worker", "WorkerStats", "worker_id"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class WorkerStats:
     rejected: int = 0  # error replies for bad entries
     expired: int = 0  # dropped unprocessed: deadline passed while queued
     failed: int = 0  # compute errors
+    cached: int = 0  # answered from a cached prompt prefix (a follow-up about a known image)
 
 
 class Heartbeat(threading.Thread):
@@ -221,38 +222,82 @@ class Worker:
                 done.append((job, Reply.failure(job, WorkerError(f"{type(exc).__name__}: {exc}"))))
         if ready:
             started = time.perf_counter()
-            answers = self._compute([prepared for _, prepared in ready])
+            partials = [Partial(self.queue, job) if job.stream else None for job, _ in ready]
+            answers = self._compute([prepared for _, prepared in ready], partials)
             compute_ms = (time.perf_counter() - started) * 1000
-            for (job, _), answer in zip(ready, answers, strict=True):
+            for (job, prepared), answer in zip(ready, answers, strict=True):
                 if isinstance(answer, AlignedVQError):
                     done.append((job, Reply.failure(job, answer)))
                     continue
                 self.stats.answered += 1
+                self.stats.cached += prepared.prefix is not None
                 done.append(
                     (
                         job,
                         Reply(
                             request_id=job.request_id,
                             model=job.model,
-                            answer=answer,
+                            answer=answer.text,
                             queue_ms=float(max(0, start_ms - job.enqueued_ms)),
                             compute_ms=compute_ms,
                             batch_size=len(ready),
+                            prompt_tokens=answer.prompt_tokens,
+                            completion_tokens=answer.completion_tokens,
+                            unknown_words=list(prepared.unknown_words),
                         ),
                     )
                 )
         return done
 
-    def _compute(self, items: list[Prepared]) -> list[str | AlignedVQError]:
+    def _compute(
+        self, items: list[Prepared], partials: list[Partial | None]
+    ) -> list[Answer | AlignedVQError]:
+        for partial in partials:
+            if partial is not None:
+                partial.restart()
+        streams = {row: partial for row, partial in enumerate(partials) if partial is not None}
         try:
-            return list(self.runner.run(items))
+            answers: list[Answer | AlignedVQError] = [*self.runner.run(items, streams)]
+            return answers
         except Exception as exc:
             if len(items) == 1:
                 log.exception("compute failed")
                 self.stats.failed += 1
                 return [WorkerError(f"compute failed: {type(exc).__name__}: {exc}")]
             log.warning("batch of %d failed (%s): retrying each entry alone", len(items), exc)
-            return [answer for item in items for answer in self._compute([item])]
+            return [
+                answer
+                for item, partial in zip(items, partials, strict=True)
+                for answer in self._compute([item], [partial])
+            ]
+
+
+class Partial:
+    """Publishes a streaming job's new text (``WorkerQueue.publish_partial``).
+
+    A job retried alone after its batch failed produces its text again from the start: what was
+    already published is not sent twice. A queue outage loses partial text, never the answer (the
+    reply carries all of it).
+    """
+
+    def __init__(self, queue: WorkerQueue, job: Job) -> None:
+        self.queue, self.job = queue, job
+        self.published = 0  # characters sent to the queue
+        self.produced = 0  # characters produced by the current attempt
+
+    def restart(self) -> None:
+        self.produced = 0
+
+    def __call__(self, text: str) -> None:
+        new = text[max(0, self.published - self.produced) :]
+        self.produced += len(text)
+        if not new:
+            return
+        try:
+            self.queue.publish_partial(self.job, new)
+        except QueueUnavailable as exc:
+            log.warning("partial text of %s not published: %s", self.job.request_id, exc.__cause__ or exc)
+        self.published += len(new)
 
 
 class InProcessWorker:
@@ -277,7 +322,9 @@ class InProcessWorker:
 
         s = self.settings
         try:
-            runner = Runner.load(s.model, s.quantizer, s.device, s.dtype, s.torch_threads, s.fused)
+            runner = Runner.load(
+                s.model, s.quantizer, s.device, s.dtype, s.torch_threads, s.fused, s.prefix_cache_mb
+            )
         except Exception as exc:
             log.exception("in-process worker could not load %s", s.model)
             self.failure = f"{type(exc).__name__}: {exc}"
