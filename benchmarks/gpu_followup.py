@@ -1,0 +1,291 @@
+"""GPU follow-ups: a first question about an image vs a follow-up answered from the prefix cache.
+
+    python -m benchmarks.gpu_followup                        # on an H100/H200, ~4 min
+    python -m benchmarks.gpu_followup --tiny --batches 1 2 --stream-tokens 8   # CPU smoke (tests)
+
+The LLaVA-1.5-7B architecture (CLIP ViT-L/14-336 + Llama-2-7B shapes) with random bf16 weights on
+the worker's GPU path (``VQA_FUSED=auto``: :class:`models.fused.FusedLlama`), computing what
+``Runner.run`` computes (:mod:`gateway.worker.runner`), minus the per-request CPU work
+(tokenizing, stream decoding) that no GPU time depends on:
+
+- **first question**: a 577-token AlignedVQ payload (12-bit indices at ``preln``) -> codebook
+  gather -> the rest of the vision tower and the projector -> prefill of the prompt prefix (BOS,
+  the 5 template tokens of ``USER:``, 576 image tokens) -> one batch-1 copy per row into the
+  prefix cache -> prefill of the rest (a question of 6-14 random tokens and the 5 of
+  ``ASSISTANT:``) over it -> greedy steps;
+- **follow-up**: the same prompts, their prefixes found in the cache: stack them, prefill the
+  rest, greedy steps.
+
+Answers are 3 new tokens (EOS ignored, so every run does the same work), as in
+``benchmarks/gpu_worker.py``. Measured: (a) batch-1 latency of both; (b) req/s by batch size, and
+each one's best; (c) streaming a long answer (``--stream-tokens``, 128) at batch 1: time to the
+first token (the ``on_token`` hook's first call, after the host sync the worker's text stream
+makes) vs the whole answer, for a first question and a follow-up. Token agreement checks that a
+follow-up answers exactly as the first question did. Median wall time over ``--repeats`` calls
+after a warm-up (which compiles and captures CUDA graphs of each new shape); CUDA synchronised.
+Raw JSON, written after every measurement, so a cut-off run keeps what it measured.
+
+Bars: follow-up batch-1 latency <= 0.4 x a first question's; follow-up throughput >= 3 x first
+questions' at each one's best batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from benchmarks.harness.record import RESULTS, describe, header, write_result
+from benchmarks.harness.stats import timed
+from gateway.worker.prefix_cache import PrefixCache
+from models.architectures import llava15_geometry_config, tiny_llava_config
+from models.config import QuantizerConfig
+from models.generation import PrefixKV
+from models.quantizer import AlignedVQ
+from models.split import CloudHalf, split_llava, vision_tokens
+
+NEW_TOKENS = 3
+TEMPLATE_TOKENS = 5  # "USER:" before the image in the LLaVA-1.5 template
+LATENCY_BAR, THROUGHPUT_BAR = 0.4, 3.0
+
+
+def build_model(tiny: bool, device: str) -> LlavaForConditionalGeneration:
+    """Random weights, built directly on the device in the serving dtype (no fp32 copy of 7B)."""
+    config = tiny_llava_config(image_size=336, patch_size=14) if tiny else llava15_geometry_config()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+class Server:
+    """The worker's compute for one batch (``Runner.prefixes_of`` + ``Runner.run``), on tensors."""
+
+    def __init__(self, cloud: CloudHalf, quantizer: AlignedVQ, prefix_ids: torch.Tensor, budget: int) -> None:
+        self.cloud, self.quantizer, self.prefix_ids = cloud, quantizer, prefix_ids
+        self.cache: PrefixCache[PrefixKV] = PrefixCache(budget)
+
+    def first(self, keys: list[bytes], indices: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **kw):
+        """New images: their prefixes computed, each row copied into the cache."""
+        prefix = self.cloud.prefix(self.quantizer.decode(indices), self.prefix_ids)
+        for key, row in zip(keys, prefix.rows(), strict=True):
+            self.cache.put(key, row)
+        return self.cloud.generate_after(prefix, ids, mask, **kw)
+
+    def followup(self, keys: list[bytes], ids: torch.Tensor, mask: torch.Tensor, **kw):
+        """Known images: their prefixes from the cache."""
+        rows = [self.cache.get(key) for key in keys]
+        if any(row is None for row in rows):
+            raise LookupError("a follow-up's image is not in the prefix cache (budget too small)")
+        prefix = PrefixKV.stack([row for row in rows if row is not None])
+        return self.cloud.generate_after(prefix, ids, mask, **kw)
+
+
+def prompt_ids(
+    config, batch: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared prefix ``(prefix,)``, and left-padded tails ``(batch, n)`` with their mask."""
+    text = config.text_config
+    words = lambda n: rng.integers(3, min(text.vocab_size, config.image_token_id), size=n).tolist()  # noqa: E731
+    image = [config.image_token_id] * (vision_tokens(config.vision_config) - 1)
+    prefix = torch.tensor([text.bos_token_id, *words(TEMPLATE_TOKENS), *image])
+    tails = [words(int(rng.integers(6, 15)) + 5) for _ in range(batch)]
+    width = max(map(len, tails))
+    ids = torch.tensor([[text.pad_token_id] * (width - len(t)) + t for t in tails])
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails])
+    return prefix, ids, mask
+
+
+def streamed(fn: Callable[..., torch.Tensor], sync: Callable[[], object] | None, repeats: int) -> dict:
+    """Time to the first token and to the whole answer, with the worker's per-step host sync."""
+    runs, marks = [], []
+
+    def on_token(token: torch.Tensor) -> None:
+        token.tolist()  # what TextStream does: the token on the host
+        marks.append(time.perf_counter())
+
+    for _ in range(repeats + 1):  # the first call warms up (compiles, captures)
+        if sync is not None:
+            sync()
+        marks.clear()
+        start = time.perf_counter()
+        fn(on_token=on_token)
+        if sync is not None:
+            sync()
+        runs.append(((marks[0] - start) * 1e3, (time.perf_counter() - start) * 1e3, len(marks)))
+    runs = runs[1:]
+    return {
+        "time_to_first_token_ms": round(statistics.median(r[0] for r in runs), 3),
+        "total_ms": round(statistics.median(r[1] for r in runs), 3),
+        "tokens": runs[0][2],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 96])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--stream-tokens", type=int, default=128)
+    parser.add_argument("--tiny", action="store_true", help="tiny random config (CPU smoke run)")
+    parser.add_argument("--budget-s", type=float, default=330, help="skip batch sizes started after this")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_followup.json")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    started = time.monotonic()
+    result = header("gpu_followup", device)
+
+    built = time.perf_counter()
+    model = build_model(args.tiny, device)
+    config = model.config
+    vq_config = QuantizerConfig(
+        dim=config.vision_config.hidden_size, split_site="preln", codebook_size=4096, code_dim=32
+    )
+    quantizer = AlignedVQ(vq_config).to(device).eval()
+    _, cloud = split_llava(model, vq_config.site, fused=True)
+    tokens = vision_tokens(config.vision_config)
+    prefix, _, _ = prompt_ids(config, 1, np.random.default_rng(0))
+    prefix = prefix.to(device)
+    text = config.text_config
+    entry = 2 * text.num_hidden_layers * len(prefix) * text.num_key_value_heads * text.head_dim
+    entry_bytes = entry * next(model.parameters()).element_size()
+    server = Server(cloud, quantizer, prefix, budget=(max(args.batches) + 1) * entry_bytes)
+    result |= {
+        "settings": {
+            "device": device,
+            "architecture": "tiny" if args.tiny else "llava-1.5-7b (random weights)",
+            "engine": type(cloud.engine).__name__,
+            "dtype": str(next(model.parameters()).dtype),
+            "payload_tokens": tokens,
+            "prefix_tokens": len(prefix),
+            "prefix_cache_entry_mib": round(entry_bytes / 2**20, 1),
+            "new_tokens": NEW_TOKENS,
+            "stream_tokens": args.stream_tokens,
+            "batches": args.batches,
+            "repeats": args.repeats,
+            "build_s": round(time.perf_counter() - built, 1),
+        },
+        "notes": __doc__,
+        "runs": [],
+        "token_agreement": [],
+    }
+
+    def save() -> None:
+        write_result(result, args.out, started)
+
+    def measure(kind: str, fn, batch: int) -> None:
+        try:
+            samples = timed(fn, args.repeats, sync)
+        except Exception as exc:  # noqa: BLE001 - one failure (OOM, compile) must not lose the rest
+            result["runs"].append({"kind": kind, "batch": batch, "error": repr(exc)[:500]})
+            print(f"{kind} batch {batch}: {exc!r}"[:300], flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            save()
+            return
+        median = statistics.median(samples)
+        run = {
+            "kind": kind,
+            "batch": batch,
+            "median_ms": round(median, 3),
+            "req_per_s": round(batch / median * 1000, 2),
+            "samples_ms": [round(s, 3) for s in samples],
+        }
+        if device == "cuda":
+            run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+        result["runs"].append(run)
+        print(f"{kind:9s} batch {batch:4d}: {median:9.2f} ms  {run['req_per_s']:8.2f} req/s", flush=True)
+        save()
+
+    def batch_runs(batch: int) -> None:
+        """(a) and (b): first questions, then follow-ups about the same images; their agreement."""
+        rng = np.random.default_rng(batch)
+        _, ids, mask = (t.to(device) for t in prompt_ids(config, batch, rng))
+        indices = torch.randint(0, vq_config.codebook_size, (batch, tokens, 1, 1), device=device)
+        keys = [f"{batch}-{i}".encode() for i in range(batch)]
+        short = dict(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+        first = partial(server.first, keys, indices, ids, mask, **short)
+        follow_up = partial(server.followup, keys, ids, mask, **short)
+        measure("first", first, batch)
+        measure("follow_up", follow_up, batch)
+        try:
+            same = first() == follow_up()
+            result["token_agreement"].append({"batch": batch, "agreement": float(same.float().mean())})
+        except Exception as exc:  # noqa: BLE001
+            result["token_agreement"].append({"batch": batch, "error": repr(exc)[:500]})
+        server.cache.clear()
+        save()
+
+    def streaming() -> None:
+        """(c): a long answer at batch 1, first question and follow-up."""
+        _, ids, mask = (t.to(device) for t in prompt_ids(config, 1, np.random.default_rng(1)))
+        indices = torch.randint(0, vq_config.codebook_size, (1, tokens, 1, 1), device=device)
+        long = dict(max_new_tokens=args.stream_tokens, stop_at_eos=False)
+        result["streaming"] = {}
+        for kind, fn in (
+            ("first", partial(server.first, [b"s"], indices, ids, mask, **long)),
+            ("follow_up", partial(server.followup, [b"s"], ids, mask, **long)),
+        ):
+            try:
+                result["streaming"][kind] = streamed(fn, sync, args.repeats)
+                unstreamed = statistics.median(timed(fn, args.repeats, sync))
+                result["streaming"][kind]["unstreamed_total_ms"] = round(unstreamed, 3)
+            except Exception as exc:  # noqa: BLE001
+                result["streaming"][kind] = {"error": repr(exc)[:500]}
+            save()
+        server.cache.clear()
+
+    # The smallest batch and streaming first: a run cut short by --budget-s still answers (a), (c).
+    with torch.inference_mode():
+        for step in [args.batches[0], streaming, *args.batches[1:]]:
+            if time.monotonic() - started > args.budget_s:
+                result.setdefault("skipped", []).append(step if isinstance(step, int) else "streaming")
+            elif isinstance(step, int):
+                batch_runs(step)
+            else:
+                step()
+    result["summary"] = summarize(result["runs"])
+    save()
+    print(describe(result))
+    for name, value in result["summary"].items():
+        print(f"{name:36s} {value}")
+    for kind, stream in result.get("streaming", {}).items():
+        print(f"streaming {kind:9s} {stream}")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Batch-1 latency and best req/s of each kind, their ratios and the bars."""
+    out: dict = {}
+    for kind in ("first", "follow_up"):
+        done = [r for r in runs if r["kind"] == kind and "median_ms" in r]
+        one = next((r for r in done if r["batch"] == 1), None)
+        best = max(done, key=lambda r: r["req_per_s"], default=None)
+        out[f"{kind}_batch1_ms"] = one["median_ms"] if one else None
+        out[f"{kind}_best_req_per_s"] = best["req_per_s"] if best else None
+        out[f"{kind}_best_batch"] = best["batch"] if best else None
+    if out["first_batch1_ms"] and out["follow_up_batch1_ms"]:
+        out["latency_ratio"] = round(out["follow_up_batch1_ms"] / out["first_batch1_ms"], 3)
+        out["latency_bar_met"] = out["latency_ratio"] <= LATENCY_BAR
+    if out["first_best_req_per_s"] and out["follow_up_best_req_per_s"]:
+        out["throughput_ratio"] = round(out["follow_up_best_req_per_s"] / out["first_best_req_per_s"], 2)
+        out["throughput_bar_met"] = out["throughput_ratio"] >= THROUGHPUT_BAR
+    return out
+
+
+if __name__ == "__main__":
+    main()
