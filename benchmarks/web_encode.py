@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import os
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-for _var in THREAD_VARS:  # must precede the first numpy import
-    os.environ[_var] = "1"
+from benchmarks.harness.record import ONE_THREAD
+
+os.environ.update(ONE_THREAD)  # must precede the first numpy import
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import http.server  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -46,17 +43,19 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks.harness.browser import chromium, flags  # noqa: E402
+from benchmarks.harness.browser import versions as browser_versions  # noqa: E402
+from benchmarks.harness.record import ROOT, describe, header, write_result  # noqa: E402
+from benchmarks.harness.stats import percentile  # noqa: E402
+
 # ---- settings -----------------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "results" / "raw" / "web_encode.json"
-WEB_DIR = REPO / "edge_client" / "web"
+OUT = ROOT / "benchmarks" / "results" / "raw" / "web_encode.json"
+WEB_DIR = ROOT / "edge_client" / "web"
 WARMUP = 10
 RUNS = 100
 SHAPES_IMAGES, SHAPES_SEED = 16, 7  # generated easy-VQA-style images, as serving_load.py's
@@ -68,88 +67,10 @@ GEOMETRIES = {  # name -> how the bundle is made (in a child process: torch neve
     "llava-1.5-geometry": ("llava15", None),
 }
 BARS_MS = {"llava-mini-shapes": 5.0, "llava-1.5-geometry": 200.0}
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--js-flags=--single-threaded",
-)
 # --------------------------------------------------------------------------------------------------
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _version(command: list[str]) -> str | None:
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-    except OSError:
-        return None
-    return (out.stdout or out.stderr).strip().splitlines()[-1] if (out.stdout or out.stderr) else None
-
-
-def machine_info() -> dict[str, Any]:
-    """Where and with what this ran: CPU, cores, browser and driver, Node, numpy, git commit."""
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    versions = {}
-    for dist in ("numpy", "selenium", "pillow"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    commit = _version(["git", "-C", str(REPO), "rev-parse", "HEAD"])
-    dirty = bool(
-        subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True
-        ).stdout
-    )
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu or platform.processor(),
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "versions": versions,
-        "chromium": _version([shutil.which("chromium") or "chromium", "--version"]),
-        "chromedriver": _version([shutil.which("chromedriver") or "chromedriver", "--version"]),
-        "node": _version(["node", "--version"]),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "env": {k: os.environ.get(k) for k in (*THREAD_VARS, "OPENBLAS_CORETYPE")},
-    }
-
-
 # ---- browser ------------------------------------------------------------------------------------
-
-
-def chromium(extra_flags: tuple[str, ...] = ()):
-    """Headless Debian Chromium under chromedriver (selenium)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in (*CHROMIUM_FLAGS, *extra_flags):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(
-        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
-    )
-    driver.set_script_timeout(1800)
-    return driver
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -261,7 +182,7 @@ def _write_bundles(folder: Path) -> None:
         "        data = llava15_bundle()\n"
         "    (out / f'{name}.bundle').write_bytes(data)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, check=True)
 
 
 def _images(name: str) -> np.ndarray:
@@ -276,15 +197,11 @@ def _images(name: str) -> np.ndarray:
 
 
 def _stats(samples: list[float]) -> dict[str, Any]:
-    return {
-        "runs": len(samples),
-        "median_ms": statistics.median(samples),
-        "p90_ms": float(np.percentile(samples, 90)),
-        "min_ms": min(samples),
-        "mean_ms": statistics.fmean(samples),
-        "max_ms": max(samples),
-        "samples_ms": [round(s, 4) for s in samples],
-    }
+    """Runs, median / p90 / min / mean / max ms and every sample (edge_cost's row fields)."""
+    ms = dict(median=percentile(samples, 50), p90=percentile(samples, 90), min=min(samples),
+              mean=statistics.fmean(samples), max=max(samples))  # fmt: skip
+    rounded = [round(s, 4) for s in samples]
+    return {"runs": len(samples)} | {f"{k}_ms": v for k, v in ms.items()} | {"samples_ms": rounded}
 
 
 def numpy_times(
@@ -305,9 +222,9 @@ def numpy_times(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=RUNS)
-    parser.add_argument("--warmup", type=int, default=WARMUP)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--runs", type=int, default=RUNS, help=f"timed calls per row (default {RUNS})")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help=f"untimed rounds first (default {WARMUP})")
+    parser.add_argument("--out", type=Path, default=OUT, help="the JSON result (default: the raw file)")
     args = parser.parse_args()
 
     from threadpoolctl import threadpool_info
@@ -316,9 +233,9 @@ def main() -> None:
     from edge_client.encoder import EdgeEncoder
     from tests.web.make_golden import smooth_images
 
-    started = now()
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
+    result = header("web_encode")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as profile:
         folder = Path(tmp)
         _write_bundles(folder)
         inputs: dict[str, np.ndarray] = {}
@@ -340,14 +257,11 @@ def main() -> None:
                          height=PHOTO_SIZE[1], entropy=True))  # fmt: skip
 
         encoders = {f"{n}.bundle": EdgeEncoder(EdgeBundle.load(folder / f"{n}.bundle")) for n in GEOMETRIES}
-        with serve(folder) as url:
-            driver = chromium()
-            try:
-                driver.get(f"{url}/")
-                config = {"rows": rows, "runs": args.runs, "warmup": args.warmup}
-                browser = driver.execute_async_script(BROWSER_SCRIPT, config)
-            finally:
-                driver.quit()
+        with serve(folder) as url, chromium(Path(profile), single_threaded=True) as driver:
+            driver.set_script_timeout(1800)
+            driver.get(f"{url}/")
+            config = {"rows": rows, "runs": args.runs, "warmup": args.warmup}
+            browser = driver.execute_async_script(BROWSER_SCRIPT, config)
         if "error" in browser:
             raise SystemExit(f"the browser failed: {browser['error']}")
         numpy_samples = numpy_times(rows, encoders, inputs, args.runs, args.warmup)
@@ -362,21 +276,15 @@ def main() -> None:
             parity[r["name"]] = {"streams": len(same), "identical": sum(same)}
         bundle_bytes = {n: (folder / f"{n}.bundle").stat().st_size for n in GEOMETRIES}
 
-    results = {
-        "benchmark": "web_encode",
-        "started": started,
-        "finished": now(),
-        "command": "python -m benchmarks.web_encode " + " ".join(sys.argv[1:]),
-        "machine": machine_info(),
+    result["versions"] |= browser_versions()
+    result |= {
         "blas": [
             {k: i.get(k) for k in ("internal_api", "num_threads", "version")} for i in threadpool_info()
         ],
-        "chromium_flags": list(CHROMIUM_FLAGS),
+        "chromium_flags": flags(single_threaded=True),
         "browser": {
             k: browser[k] for k in ("backend", "crossOriginIsolated", "userAgent", "hardwareConcurrency")
         },
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
         "settings": {"runs": args.runs, "warmup": args.warmup, "geometries": GEOMETRIES, "bars_ms": BARS_MS},
         "bundle_bytes": bundle_bytes,
         "bundle_load_ms_browser": {r["name"]: r["loadMs"] for r in browser["rows"]},
@@ -387,7 +295,7 @@ def main() -> None:
                 "browser": _stats(got["samples"]),
                 "numpy": _stats(numpy_samples[r["name"]]),
                 "browser_stages_median_ms": {
-                    k: statistics.median(v) for k, v in browser["stages"][r["name"]].items()
+                    k: percentile(v, 50) for k, v in browser["stages"][r["name"]].items()
                 },
                 "parity": parity[r["name"]],
             }
@@ -395,21 +303,19 @@ def main() -> None:
         },
     }
     for name, bar in BARS_MS.items():
-        median = results["rows"][f"{name} entropy"]["browser"]["median_ms"]
-        results.setdefault("bars", {})[name] = {"median_ms": median, "bar_ms": bar, "met": median <= bar}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+        median = result["rows"][f"{name} entropy"]["browser"]["median_ms"]
+        result.setdefault("bars", {})[name] = {"median_ms": median, "bar_ms": bar, "met": median <= bar}
+    write_result(result, args.out, started)
 
     print(f"{'row':<62} {'browser ms':>11} {'numpy ms':>9} {'p90 br':>7} {'identical':>9}")
-    for name, row in results["rows"].items():
+    for name, row in result["rows"].items():
         p = row["parity"]
         print(
             f"{name:<62} {row['browser']['median_ms']:>11.2f} {row['numpy']['median_ms']:>9.2f} "
             f"{row['browser']['p90_ms']:>7.2f} {p['identical']:>4}/{p['streams']:<4}"
         )
-    load = f"load {load_before[0]:.2f} -> {results['loadavg_after'][0]:.2f}"
-    isolated = browser["crossOriginIsolated"]
-    print(f"backend {browser['backend']}, isolated {isolated}; {results['machine']['cpu']}; {load}")
+    print(f"backend {browser['backend']}, isolated {browser['crossOriginIsolated']}")
+    print(describe(result))
     print(f"raw JSON: {args.out}")
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,11 +40,14 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.web_encode import chromium, machine_info, now
+from benchmarks.harness.browser import chromium, flags
+from benchmarks.harness.browser import versions as browser_versions
+from benchmarks.harness.record import ROOT, describe, header, write_result
+from benchmarks.harness.stack import free_port, redis_version
+from benchmarks.harness.stats import percentile
 
 # ---- settings -----------------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "results" / "raw" / "web_parity.json"
+OUT = ROOT / "benchmarks" / "results" / "raw" / "web_parity.json"
 MODEL = "llava-mini-shapes"
 QUANTIZER = "preln-r2x4096-t12-ranked"  # what the gateway serves by default (README)
 QUESTIONS = 1000  # the first questions of easy-VQA's test split, in its file order
@@ -116,19 +120,11 @@ const [items, config, done] = [arguments[0], arguments[1], arguments[arguments.l
 """
 
 
-def dumps(results: dict[str, Any]) -> str:
+def dumps(result: dict[str, Any]) -> str:
     """The results as JSON, indented, with one line per question (the file stays small)."""
-    head = json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=1)
-    rows = ",\n".join(json.dumps(row, separators=(",", ":")) for row in results["rows"])
+    head = json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)
+    rows = ",\n".join(json.dumps(row, separators=(",", ":")) for row in result["rows"])
     return f'{head[:-2]},\n "rows": [\n{rows}\n ]\n}}\n'
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -158,7 +154,7 @@ def stack(logs: Path) -> Iterator[str]:
         for name, cmd in (("gateway", gateway_cmd), ("worker", worker_cmd)):
             with (logs / f"{name}.log").open("wb") as log:
                 processes.append(
-                    subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                    subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
                 )
         deadline = time.monotonic() + 120
         while True:
@@ -219,25 +215,28 @@ def ask_python(url: str, items: list[dict[str, Any]], cache: Path) -> list[dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--questions", type=int, default=QUESTIONS)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--questions", type=int, default=QUESTIONS, help=f"the first N test questions (default {QUESTIONS})"
+    )
+    parser.add_argument("--out", type=Path, default=OUT, help="the JSON result (default: the raw file)")
     args = parser.parse_args()
 
     from edge_client.bundle import EdgeBundle
     from edge_client.encoder import EdgeEncoder
     from models.evaluate import normalize_answer
 
-    started = now()
+    result = header("web_parity")
+    started = time.monotonic()
     items = questions(args.questions)
     logs = Path("/tmp") / f"web_parity_logs_{os.getpid()}"
-    with stack(logs) as url:
+    with stack(logs) as url, tempfile.TemporaryDirectory() as profile:
         reply = httpx.get(
             f"{url}/v1/models/{MODEL}/edge-bundle", headers={"Authorization": f"Bearer {API_KEY}"}
         )
         encoder = EdgeEncoder(EdgeBundle.from_bytes(reply.content))
-        driver = chromium()
         browser: list[dict[str, Any]] = []
-        try:
+        with chromium(Path(profile), single_threaded=True) as driver:
+            driver.set_script_timeout(1800)
             driver.get(f"{url}/")
             config = {"key": API_KEY, "model": MODEL, "inFlight": IN_FLIGHT, "maxNewTokens": MAX_NEW_TOKENS}
             start = time.perf_counter()
@@ -255,8 +254,6 @@ def main() -> None:
             csp_errors = [
                 e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]
             ]
-        finally:
-            driver.quit()
         start = time.perf_counter()
         python = ask_python(url, items, logs / "cache")
         python_s = time.perf_counter() - start
@@ -304,20 +301,16 @@ def main() -> None:
         "browser_resends": sum(r["browser"]["retries"] for r in rows),
         "questions_resent": sum(r["browser"]["retries"] > 0 for r in rows),
         "body_bytes_equal": sum(r["browser"]["body_bytes"] == r["python"]["body_bytes"] for r in rows),
-        "median_browser_body_bytes": float(np.median([r["browser"]["body_bytes"] for r in rows])),
-        "median_browser_edge_ms": float(np.median([r["browser"]["edge_ms"] for r in rows])),
+        "median_browser_body_bytes": percentile([r["browser"]["body_bytes"] for r in rows], 50),
+        "median_browser_edge_ms": percentile([r["browser"]["edge_ms"] for r in rows], 50),
         "browser_seconds": browser_s,
         "python_seconds": python_s,
         "csp_violations": csp_errors,
     }
     summary["bars"] = {k: {"bar": v, "value": summary[k], "met": summary[k] >= v} for k, v in BARS.items()}
     summary["bars"]["bytes_identical_whenever_indices_are"] = {"met": same_indices_other_bytes == 0}
-    results = {
-        "benchmark": "web_parity",
-        "started": started,
-        "finished": now(),
-        "command": "python -m benchmarks.web_parity " + " ".join(sys.argv[1:]),
-        "machine": machine_info(),
+    result["versions"] |= browser_versions() | {"redis_server": redis_version(REDIS_URL)}
+    result |= {
         "settings": {
             "model": MODEL,
             "quantizer": QUANTIZER,
@@ -326,18 +319,20 @@ def main() -> None:
             "python_threads": PYTHON_THREADS,
             "max_new_tokens": MAX_NEW_TOKENS,
             "kernels": backend,
+            "chromium_flags": flags(single_threaded=True),
         },  # fmt: skip
         "summary": summary,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(dumps(results))
+    write_result(result, args.out, started)
+    args.out.write_text(dumps(result))  # the same JSON, one line per question
     for key in ("answer_agreement", "browser_accuracy", "python_accuracy", "token_agreement"):
         print(f"{key:<28} {100 * summary[key]:8.2f} %")
     print(f"{'streams identical':<28} {streams_same:>5} / {n}")
     print(f"{'pixels equal to Pillow':<28} {pixels_same:>5} / {n}")
     print(f"{'bodies of equal length':<28} {summary['body_bytes_equal']:>5} / {n}")
     print(f"browser {browser_s:.0f} s, python {python_s:.0f} s; raw JSON: {args.out}")
+    print(describe(result))
 
 
 if __name__ == "__main__":

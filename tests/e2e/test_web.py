@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.harness.browser import chromium, installed
 from models.registry import BUNDLED
 from tests.gateway.helpers import API_KEY
 
@@ -33,8 +33,6 @@ REPO = Path(__file__).parents[2]
 SAMPLES = next(
     p for p in (REPO / "edge_client" / "samples", REPO / "samples") if (p / "red_circle.png").exists()
 )
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 PHONE = (390, 844)
 ERROR_TEXT = "const e = document.getElementById('error'); return e.hidden ? '' : e.textContent"
 ERROR_SHOWN = "return !document.getElementById('error').hidden"
@@ -43,36 +41,11 @@ DESKTOP = (1280, 900)
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[object]:
-    """Headless Chromium under chromedriver (Debian's packages: apt-get install chromium chromium-driver)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    assert Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file(), (
-        "the web e2e test needs Debian's chromium and chromium-driver (.ci/run installs them)"
-    )
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    """Headless Chromium under chromedriver, launched as the web benchmarks launch it."""
+    assert installed(), "the web e2e test needs Debian's chromium and chromium-driver (.ci/run installs them)"
+    with chromium(tmp_path / "chromium") as driver:
+        driver.set_page_load_timeout(30)
         yield driver
-    finally:
-        driver.quit()
 
 
 def viewport(driver, width: int, height: int, mobile: bool) -> None:
