@@ -117,12 +117,10 @@ class TextStream:
         limits: Sequence[int],
         publish: Mapping[int, Callable[[str], None]],
     ) -> None:
-        self.tokenizer, self.eos_token_id, self.limits, self.publish = (
-            tokenizer,
-            eos_token_id,
-            limits,
-            publish,
-        )
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.limits = limits
+        self.publish = publish
         self.tokens: dict[int, list[int]] = {row: [] for row in publish}
         self.sent = dict.fromkeys(publish, "")
         self.done: set[int] = set()
@@ -247,7 +245,8 @@ class Runner:
         payload = request.features if request.features is not None else request.image
         if payload is None:
             raise RequestError(
-                "the queued request carries no 'features' or 'image' (an 'image_ref' is the gateway's to resolve)"
+                "the queued request carries no 'features' or 'image' "
+                "(an 'image_ref' is the gateway's to resolve)"
             )
         key = hashlib.sha256(payload).digest()
         item = Prepared(prompt, request.max_new_tokens, key, unknown_words=tuple(unknown))
