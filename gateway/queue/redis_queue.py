@@ -103,6 +103,7 @@ class RedisGatewayQueue:
         self._client: aioredis.Redis | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[tuple[str, str], list[asyncio.Future[Reply]]] = {}
+        self._closing = False
 
     @property
     def client(self) -> aioredis.Redis:
@@ -122,6 +123,10 @@ class RedisGatewayQueue:
         self._reader = asyncio.create_task(self._read_replies(), name=f"vqa-replies-{self.gateway_id}")
 
     async def close(self) -> None:
+        # The reader also stops by itself at its next turn: redis-py (8.1, Python 3.11) can swallow
+        # a cancel that lands in a blocking read, which then returns as a timeout, and the loop
+        # would go on (a shutdown that never ended).
+        self._closing = True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,7 +141,7 @@ class RedisGatewayQueue:
     async def _read_replies(self) -> None:
         """The one consumer of this gateway's reply list; survives Redis outages with a backoff."""
         delay = 0.05
-        while True:
+        while not self._closing:
             try:
                 popped = await self.client.blmpop(
                     self._block_s, 1, self.reply_key, direction="LEFT", count=256

@@ -133,6 +133,19 @@ redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((nex
 return {1, 0}
 """
 
+# The LRU order's scores: Redis's clock in microseconds, and always above the last use (two uses in
+# one microsecond, or a clock step back, must still order). Doubles hold them exactly (< 2^53).
+_USE_SCORE = """
+local function now_us()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+local function use_score(lru)
+  local last = redis.call('ZRANGE', lru, -1, -1, 'WITHSCORES')[2]
+  return math.max(now_us(), last and tonumber(last) + 1 or 0)
+end
+"""
+
 # Stores one stream in a tenant's cache, then evicts the tenant's least recently used streams
 # until its total is within the cap. A stream larger than the whole cap is not kept. Index entries
 # unused for a whole TTL belong to streams Redis has already expired: their bytes are released
@@ -140,9 +153,7 @@ return {1, 0}
 # KEYS: image, lru zset, sizes hash (its 'total' field holds the tenant's bytes)
 # ARGV: ref, stream, ttl_ms, cap_bytes, image key prefix (the image key without the ref)
 # -> number of streams evicted, or -1 when the stream is larger than the cap
-IMAGE_PUT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+IMAGE_PUT = _USE_SCORE + """
 local ref, ttl, cap, base = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local size = string.len(ARGV[2])
 local function forget(r)
@@ -154,11 +165,12 @@ local function forget(r)
   redis.call('ZREM', KEYS[2], r)
   redis.call('DEL', base .. r)
 end
-for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl, 'LIMIT', 0, 16)) do forget(r) end
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_us() - ttl * 1000, 'LIMIT', 0, 16)
+for _, r in ipairs(stale) do forget(r) end
 forget(ref)
 if size > cap then return -1 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-redis.call('ZADD', KEYS[2], now, ref)
+redis.call('ZADD', KEYS[2], use_score(KEYS[2]), ref)
 redis.call('HSET', KEYS[3], ref, size)
 local total = redis.call('HINCRBY', KEYS[3], 'total', size)
 local evicted = 0
@@ -177,7 +189,7 @@ return evicted
 # KEYS: image, lru zset, sizes hash
 # ARGV: ref, ttl_ms
 # -> the stream, or nil
-IMAGE_GET = """
+IMAGE_GET = _USE_SCORE + """
 local data = redis.call('GET', KEYS[1])
 if not data then
   local bytes = redis.call('HGET', KEYS[3], ARGV[1])
@@ -188,10 +200,8 @@ if not data then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return false
 end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', now, ARGV[1])
+redis.call('ZADD', KEYS[2], 'XX', use_score(KEYS[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -85,3 +86,34 @@ def test_memory_mode_rate_limits_in_process(memory_client) -> None:
         assert refused.json()["error"]["code"] == "rate_limited" and refused.headers["retry-after"] == "2"
     finally:
         app.state.limiter = generous
+
+
+def test_memory_mode_streams_and_keeps_features_for_follow_ups(memory_client) -> None:
+    """The in-process queue and image cache behave as Redis's do: tokens then done, a follow-up
+    by image_ref, a resume after an event id."""
+    from edge_client.protocol import VQARequest, encode_request
+    from edge_client.sse import EventParser
+    from gateway.api.image_cache import MemoryImageCache
+
+    assert isinstance(memory_client.app.state.images, MemoryImageCache)
+    (entry,) = memory_client.get("/v1/models").json()["models"]
+    encoder = EdgeEncoder(
+        EdgeBundle.from_bytes(memory_client.get(f"/v1/models/{entry['name']}/edge-bundle").content)
+    )
+    content = body(entry["name"], features=encoder.encode_image(png(seed=33)), max_new_tokens=5)
+    stream = {**MSGPACK, "Accept": "text/event-stream"}
+    parser = EventParser()
+    reply = memory_client.post("/v1/vqa", content=content, headers=stream)
+    events = [e for e in map(parser.feed, reply.text.split("\n")) if e is not None]
+    assert [e.event for e in events][-1] == "done" and events[0].event == "token", reply.text
+    done = json.loads(events[-1].data)
+    resumed = memory_client.post(
+        "/v1/vqa", content=content, headers={**stream, "Last-Event-ID": events[0].id}
+    )
+    assert resumed.text.count("event: token") == len(events) - 2
+
+    follow_up = VQARequest(
+        request_id="mem-follow-up", question="and its color ?", image_ref=bytes.fromhex(done["image_ref"])
+    )
+    again = memory_client.post("/v1/vqa", content=encode_request(follow_up), headers=MSGPACK)
+    assert again.status_code == 200 and again.json()["model"] == entry["name"], again.text

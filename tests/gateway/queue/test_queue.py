@@ -98,7 +98,9 @@ def test_an_unanswered_request_ends_at_its_timeout(
     # Above VQA_MAX_TIMEOUT_MS a timeout is refused (test_openapi); at it, it is what the client waits.
     client = open_client(gateway_settings(redis_url, prefix, request_timeout_ms=300, max_timeout_ms=400))
     start = time.monotonic()
-    reply = client.post("/v1/vqa", content=body(model_name, features=features, timeout_ms=400), headers=HEADERS)
+    reply = client.post(
+        "/v1/vqa", content=body(model_name, features=features, timeout_ms=400), headers=HEADERS
+    )
     assert reply.status_code == 504 and time.monotonic() - start < 3
 
 
