@@ -27,6 +27,7 @@ from ..metrics import Metrics
 from ..queue import GatewayQueue
 from ..rate_limit import RateLimiter
 from ..served_models import Registry
+from .image_cache import ImageCache
 
 if TYPE_CHECKING:
     from ..worker.worker import InProcessWorker
@@ -54,6 +55,7 @@ class AppState(Protocol):
     metrics: Metrics
     queue: GatewayQueue
     registry: Registry
+    images: ImageCache
     limiter: RateLimiter | None
     auth_failure_limiter: RateLimiter | None  # None: anonymous, or VQA_AUTH_FAILURES_PER_MINUTE=0
     in_process: InProcessWorker | None
@@ -154,11 +156,11 @@ Authorized = Depends(authorize)
 AUTH_ERRORS = (Unauthorized, RateLimited, QueueUnavailable)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, media_type: str = CONTENT_TYPE) -> bytes:
     """The request body, refused with 415/413 before it is read in full (streamed, capped at ``limit``)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != CONTENT_TYPE:
-        raise UnsupportedMediaType(f"expected Content-Type {CONTENT_TYPE}, got {kind or 'none'}")
+    if kind != media_type:
+        raise UnsupportedMediaType(f"expected Content-Type {media_type}, got {kind or 'none'}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body is {int(declared)} bytes (Content-Length); at most {limit} are accepted")

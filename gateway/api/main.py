@@ -7,7 +7,8 @@ The lifespan builds the queue (Redis, or in-process with the worker loop in a th
 registry of served models and the reply reader; nothing heavy happens at import time, and this
 module never imports torch (only ``VQA_QUEUE=memory`` loads the model, inside the lifespan). One
 exception handler maps every :class:`~edge_client.errors.AlignedVQError` to its HTTP status and
-``{"error": {"code", "message"}}``; FastAPI's and Starlette's own errors get the same body, and an
+``{"error": {"code", "message"}}`` (on ``/v1/chat/completions``, the same code and status as an
+OpenAI error object); FastAPI's and Starlette's own errors get the same body, and an
 unexpected exception is logged and answered with a bare 500 ``server_error``, never a traceback.
 The ``/v1`` routes check the API key, then the client's rate limit (:mod:`gateway.rate_limit`),
 then read the body; CORS headers are sent only to ``VQA_CORS_ORIGINS`` (none by default).
@@ -35,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from edge_client.errors import AlignedVQError
+from edge_client.protocol import RequestError
 
 from ..config import GatewaySettings
 from ..errors import HTTP_STATUS, ServerError, error_body, http_status
@@ -42,7 +44,9 @@ from ..metrics import Metrics
 from ..queue import MemoryQueue, RedisGatewayQueue
 from ..rate_limit import RateLimit, limiter_for
 from ..served_models import Registry
-from .routes import health_router, models_router, vqa_router
+from .image_cache import image_cache_for
+from .openai_chat import CHAT_PATH, error_object
+from .routes import chat_router, health_router, models_router, vqa_router
 from .routes.web import router as web_router
 
 __all__ = ["create_app", "run"]
@@ -93,6 +97,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else None
     )
     app.state.queue = queue
+    app.state.images = image_cache_for(queue, settings.image_ttl_s, settings.image_cache_bytes)
     app.state.in_process = in_process
     app.state.registry = Registry(queue, settings.registry_ttl_ms)
     try:
@@ -110,15 +115,19 @@ def _respond(
     message: str,
     retry_after: int | None = None,
     headers: Mapping[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     """The JSON error reply, with the headers its status promises (RFC 9110: ``Allow`` on 405,
-    ``WWW-Authenticate`` on 401; ours: ``Retry-After`` on 429 and 503)."""
+    ``WWW-Authenticate`` on 401; ours: ``Retry-After`` on 429 and 503). On the OpenAI-compatible
+    route, an OpenAI error object (``param``: the field at fault, when known)."""
     request.state.error_code = code
     headers = dict(headers or {})
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if status in (429, 503):
         headers["Retry-After"] = str(retry_after or request.app.state.settings.retry_after_s)
+    if request.url.path == CHAT_PATH:
+        return JSONResponse(error_object(status, code, message, param), status_code=status, headers=headers)
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
@@ -130,7 +139,8 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
         log.warning(
             "%s %s -> %d %s: %s%s", request.method, request.url.path, status, exc.code, exc.message, cause
         )
-    return _respond(request, status, exc.code, exc.message, getattr(exc, "retry_after", None))
+    param = exc.param if isinstance(exc, RequestError) else None
+    return _respond(request, status, exc.code, exc.message, getattr(exc, "retry_after", None), param=param)
 
 
 async def _handle_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -195,6 +205,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.limiter = None  # set by the lifespan when VQA_RATE_LIMIT_PER_S > 0
     app.state.auth_failure_limiter = None  # set by the lifespan unless anonymous or turned off
     app.include_router(vqa_router)
+    app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(health_router)
     app.include_router(web_router)  # GET /: the web edge page (edge_client/web)

@@ -1,17 +1,25 @@
-"""``POST /v1/vqa``: decode, check against the served codebook, enqueue, await, respond.
+"""``POST /v1/vqa``: decode, admit, then answer, as one reply or (``Accept: text/event-stream``) streamed.
 
 The hot path: it reads the app's state directly instead of through dependencies (see
-:mod:`gateway.api.deps`); :func:`~gateway.api.deps.authorize` still runs first, as a router dependency.
+:mod:`gateway.api.deps`); :func:`~gateway.api.deps.authorize` still runs first, as a router
+dependency. Everything between decoding and formatting is :mod:`gateway.api.pipeline`, shared with
+the OpenAI-compatible route. Streamed events (docs/conversations.md): ``token`` with
+``{"text"}``, then ``done`` with the reply as JSON, or ``error`` with ``{"error": {"code",
+"message"}, "status"}`` (the HTTP status the error has elsewhere); ``id`` is the partial stream's
+entry id, which ``Last-Event-ID`` resumes after (an error has none: a resume meets it again).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from edge_client.errors import (
+    AlignedVQError,
     CorruptStreamError,
     EntropyModelError,
     ImageError,
@@ -27,6 +35,8 @@ from edge_client.protocol import (
     decode_request,
     encode_response,
 )
+from edge_client.sse import MEDIA_TYPE as EVENT_STREAM
+from edge_client.sse import format_event
 
 from ...errors import (
     BodyTooLarge,
@@ -34,19 +44,22 @@ from ...errors import (
     CodebookMismatch,
     DeadLettered,
     DeadlineExceeded,
+    ImageExpired,
     NoWorker,
     Overloaded,
     QuestionTooLong,
     RequestIdReused,
     StreamMismatch,
     UnknownModel,
+    UnreadableQuestion,
     UnsupportedMediaType,
+    error_body,
     error_responses,
+    http_status,
 )
-from ...queue import now_ms
-from ...validation import check_request
-from ..deps import AUTH_ERRORS, Authorized, read_body, state
-from ..idempotency import request_digest, scoped_request
+from ...queue import Reply, now_ms
+from .. import pipeline
+from ..deps import AUTH_ERRORS, AppState, Authorized, read_body, state
 
 router = APIRouter(prefix="/v1", tags=["vqa"], dependencies=[Authorized])
 
@@ -58,6 +71,7 @@ VQA_ERRORS = (
     UnsupportedMediaType,
     RequestError,
     QuestionTooLong,
+    UnreadableQuestion,
     StreamMismatch,
     ImageError,
     TruncatedStreamError,
@@ -68,6 +82,7 @@ VQA_ERRORS = (
     UnknownModel,
     BundleUnavailable,
     CodebookMismatch,
+    ImageExpired,
     RequestIdReused,
     Overloaded,
     NoWorker,
@@ -76,6 +91,9 @@ VQA_ERRORS = (
 )
 # The msgpack request and reply as schemas, so schema-driven tools can build and serialise them.
 _REPLY_SCHEMA = {"$ref": "#/components/schemas/VQAResponse"}
+# Streamed replies must reach the client as they are written: no caching, no proxy buffering.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it
 
 
 @router.post(
@@ -83,12 +101,16 @@ _REPLY_SCHEMA = {"$ref": "#/components/schemas/VQAResponse"}
     response_model=VQAResponse,
     responses={
         200: {
-            "description": "The answer, as JSON or (with Accept: application/msgpack) as a msgpack map",
-            "content": {CONTENT_TYPE: {"schema": _REPLY_SCHEMA}},
+            "description": "The answer, as JSON or (with Accept: application/msgpack) as a msgpack map; "
+            "with Accept: text/event-stream, as Server-Sent Events (token, done or error)",
+            "content": {
+                CONTENT_TYPE: {"schema": _REPLY_SCHEMA},
+                EVENT_STREAM: {"schema": {"type": "string"}},
+            },
         },
         **error_responses(*VQA_ERRORS),
     },
-    summary="Answer a question about an image (AlignedVQ features or a cloud-only image)",
+    summary="Answer a question about an image (AlignedVQ features, a cloud-only image or an image_ref)",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -99,43 +121,41 @@ _REPLY_SCHEMA = {"$ref": "#/components/schemas/VQAResponse"}
     },
 )
 async def ask(
-    request: Request, accept: Annotated[str, Header()] = "application/json"
+    request: Request,
+    accept: Annotated[str, Header()] = "application/json",
+    last_event_id: Annotated[
+        str | None, Header(description="Resume a stream after this event id (with text/event-stream)")
+    ] = None,
 ) -> VQAResponse | Response:
     app = state(request)
-    settings = app.settings
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, app.settings.max_body_bytes)
     arrived = now_ms()
-    vqa = decode_request(body)
-    if vqa.timeout_ms is not None and vqa.timeout_ms > settings.max_timeout_ms:
-        raise RequestError(
-            f"field 'timeout_ms': expected at most {settings.max_timeout_ms} on this gateway "
-            f"(VQA_MAX_TIMEOUT_MS), got {vqa.timeout_ms}"
-        )
-    served = await app.registry.get(vqa.model)
-    limits = dict(max_question_chars=settings.max_question_chars, max_image_pixels=settings.max_image_pixels)
-    if vqa.image is None:
-        # A feature stream decodes in well under a millisecond (even rANS at LLaVA-1.5 geometry) and
-        # holds the GIL throughout: a worker thread would add a hand-off and gain no parallelism.
-        check_request(vqa, served.streams, **limits)
-    else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
-        await run_in_threadpool(check_request, vqa, served.streams, **limits)
-    budget = vqa.timeout_ms or settings.request_timeout_ms
-    if not await app.queue.worker_seen_within(vqa.model, settings.no_worker_grace_ms):
-        raise NoWorker(
-            f"no worker of model {vqa.model} has been live for {settings.no_worker_grace_ms} ms "
-            "(VQA_NO_WORKER_GRACE_MS); the request was not queued, retry once a worker is up"
-        )
-    scoped, scoped_body = scoped_request(vqa, request.state.client_id)
-    binding_ms = settings.result_ttl_s * 1000 + settings.max_timeout_ms  # outlives the stored result
-    if not await app.queue.reserve_id(vqa.model, scoped.request_id, request_digest(vqa), binding_ms):
-        raise RequestIdReused(
-            f"request_id {vqa.request_id!r} was already used for a different request; "
-            "use a new id for a new question (retries must repeat the same request)"
-        )
-    with app.metrics.waiting.track_inprogress():
-        reply = await app.queue.submit(scoped, scoped_body, arrived + budget, settings.max_backlog)
-    response = reply.response().model_copy(update={"request_id": vqa.request_id})
-    app.metrics.observe_answer(response)
+    admitted = await pipeline.admit(app, decode_request(body), request.state.client_id, arrived)
+    if EVENT_STREAM in accept:
+        after = pipeline.last_event_id(last_event_id)
+        admitted, stored = await pipeline.enqueue_streamed(app, admitted)
+        events = _events(request, app, admitted, stored, after)
+        return StreamingResponse(events, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
+    response = await pipeline.answer(app, admitted)
     if CONTENT_TYPE in accept:
         return Response(encode_response(response), media_type=CONTENT_TYPE)
     return response
+
+
+async def _events(
+    request: Request, app: AppState, admitted: pipeline.Admitted, stored: Reply | None, after: str | None
+) -> AsyncIterator[bytes]:
+    try:
+        async for entry in pipeline.partials(app, admitted, stored, after):
+            if entry is None:
+                yield KEEPALIVE
+            elif entry.reply is None:
+                yield format_event(json.dumps({"text": entry.text}), "token", entry.entry_id)
+            else:
+                done = pipeline.respond(app, admitted, entry.reply)
+                yield format_event(done.model_dump_json(), "done", entry.entry_id)
+    except AlignedVQError as exc:
+        # No id: a client that resumes from the last token's id meets the same end again.
+        request.state.error_code = exc.code  # the status went out as 200; the metrics keep the code
+        data = {**error_body(exc.code, exc.message), "status": http_status(exc)}
+        yield format_event(json.dumps(data), "error")

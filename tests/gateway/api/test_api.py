@@ -22,8 +22,20 @@ def test_features_request_is_answered(served, model_name, encoder) -> None:
     )
     assert reply.status_code == 200, reply.text
     data = reply.json()
-    assert set(data) == {"request_id", "model", "answer", "queue_ms", "compute_ms", "batch_size"}
+    assert set(data) == {
+        "request_id",
+        "model",
+        "answer",
+        "queue_ms",
+        "compute_ms",
+        "batch_size",
+        "image_ref",
+        "prompt_tokens",
+        "completion_tokens",
+        "unknown_words",
+    }
     assert data["request_id"] == request_id and data["model"] == model_name
+    assert data["image_ref"] == hashlib.sha256(features).hexdigest()[:32]  # what a follow-up names
     assert isinstance(data["answer"], str) and data["batch_size"] >= 1 and data["compute_ms"] > 0
     assert worker.worker.stats.answered == 1
 

@@ -19,7 +19,10 @@ def test_vqa_route_still_documents_auth_accept_and_body(redis_url, prefix) -> No
     schema = create_app(gateway_settings(redis_url, prefix)).openapi()
     post = schema["paths"]["/v1/vqa"]["post"]
     assert post["security"] == [{"HTTPBearer": []}]
-    assert [(p["in"], p["name"]) for p in post["parameters"]] == [("header", "accept")]
+    assert [(p["in"], p["name"]) for p in post["parameters"]] == [
+        ("header", "accept"),
+        ("header", "last-event-id"),
+    ]
     assert CONTENT_TYPE in post["requestBody"]["content"]
     assert post["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/VQAResponse"

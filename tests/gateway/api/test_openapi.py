@@ -24,7 +24,14 @@ def test_each_route_lists_only_its_own_error_statuses(redis_url, prefix) -> None
     assert statuses(schema, "/readyz") == statuses(schema, "/readyz/gateway") == {200, 503}
     assert statuses(schema, "/v1/models") == {200, 401, 429, 503}
     assert statuses(schema, "/v1/models/{name}/edge-bundle") == {200, 304, 401, 404, 429, 503}
-    assert statuses(schema, "/v1/vqa", "post") == {200, 401, 404, 409, 413, 415, 422, 429, 502, 503, 504}
+    every = {200, 401, 404, 409, 410, 413, 415, 422, 429, 502, 503, 504}
+    assert statuses(schema, "/v1/vqa", "post") == every
+    assert statuses(schema, "/v1/chat/completions", "post") == every
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert chat["409"]["description"] == "codebook_mismatch"  # chat requests never reuse an id
+    assert chat["410"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/OpenAIErrorBody"
+    }
     vqa = schema["paths"]["/v1/vqa"]["post"]["responses"]
     assert "codebook_mismatch" in vqa["409"]["description"] and "Retry-After" in vqa["503"]["description"]
 
@@ -33,7 +40,7 @@ def test_msgpack_request_and_reply_are_schemas_a_tool_can_fill(redis_url, prefix
     schema = create_app(gateway_settings(redis_url, prefix)).openapi()
     post = schema["paths"]["/v1/vqa"]["post"]
     request = post["requestBody"]["content"][CONTENT_TYPE]["schema"]
-    assert request["required"] == ["request_id", "model", "question"]
+    assert request["required"] == ["request_id", "question"]  # model may be left out with an image_ref
     assert request["properties"]["features"]["anyOf"][0]["format"] == "binary"
     example = {"request_id": "r1", "model": "tiny", "question": "what shape is it?", "timeout_ms": 500}
     jsonschema.validate(example, request)  # what a schema-driven tool would generate, then msgpack
