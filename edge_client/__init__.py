@@ -6,8 +6,9 @@
 Layers, lowest first: ``errors``; ``bitpack``/``entropy``/``ranking``/``bitstream`` (the feature
 stream); ``preprocess``; ``protocol`` (the msgpack request); ``bundle`` (edge weights + codebook);
 ``rdo`` (rate-distortion optimised index choice); ``encoder`` (the edge half in numpy);
-``bundle_cache`` and ``cloud_only`` (the JPEG baseline); ``transport`` (retrying sans-I/O HTTP);
-``client`` (the API); ``cli`` (``edge-client``). Names resolve lazily (PEP 562):
+``bundle_cache`` and ``cloud_only`` (the JPEG baseline); ``sse`` (Server-Sent Events) and
+``transport`` (retrying sans-I/O HTTP); ``chat`` (the content part of the OpenAI-compatible
+route); ``client`` (the API); ``cli`` (``edge-client``). Names resolve lazily (PEP 562):
 ``import edge_client.bitpack`` loads the codec alone, without the HTTP stack, Pillow or pydantic.
 """
 
@@ -30,6 +31,9 @@ _EXPORTS = {
     "VisionSpec": "bundle",
     "Answer": "client",
     "BundleCache": "bundle_cache",
+    "chat_part": "chat",
+    "chat_ref_part": "chat",
+    "Conversation": "client",
     "EdgeClient": "client",
     "EdgeEncoder": "encoder",
     "normalize_freqs": "entropy",
@@ -56,6 +60,7 @@ _EXPORTS = {
     "VQAResponse": "protocol",
     "decode_request": "protocol",
     "encode_request": "protocol",
+    "image_ref": "protocol",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -3,7 +3,10 @@
 Each operation is a generator ("flow") that yields what it needs done (an ``httpx.Request`` to
 send, or a :class:`Sleep`) and receives the response; :func:`run_sync` and :func:`run_async` are
 the only code that differs between ``httpx.Client`` and ``httpx.AsyncClient`` (the pattern of h11
-and httpcore).
+and httpcore). A streamed reply (Server-Sent Events) takes two more steps: :class:`OpenStream`
+sends a request and returns its response with the body unread, and :class:`ReadLine` returns the
+body's next line, so the flow parses events (:mod:`edge_client.sse`) as they arrive and the drivers
+only move bytes. Responses a flow leaves open are closed when it ends.
 
 Retries (:func:`exchange`): connection failures, timeouts and HTTP 429/502/503/504 are retried up to
 ``policy.retries`` times, honouring ``Retry-After`` and otherwise backing off exponentially (with
@@ -17,7 +20,7 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -30,6 +33,8 @@ from .errors import GatewayError, GatewayTimeoutError, GatewayUnreachableError
 __all__ = [
     "RETRY_STATUSES",
     "Flow",
+    "OpenStream",
+    "ReadLine",
     "RetryPolicy",
     "Sleep",
     "error_from_response",
@@ -50,7 +55,22 @@ class Sleep:
     seconds: float
 
 
-Flow = Generator["httpx.Request | Sleep", "httpx.Response | None", T]
+@dataclass(frozen=True)
+class OpenStream:
+    """A step of a flow: send ``request``; the response comes back with its body unread (an error
+    reply is read in full, so it can be reported)."""
+
+    request: httpx.Request
+
+
+@dataclass(frozen=True)
+class ReadLine:
+    """A step of a flow: the next line of an opened ``response`` (None at its end)."""
+
+    response: httpx.Response
+
+
+Flow = Generator["httpx.Request | Sleep | OpenStream | ReadLine", "httpx.Response | str | None", T]
 
 
 @dataclass(frozen=True)
@@ -102,15 +122,19 @@ def error_from_response(response: httpx.Response) -> GatewayError:
 
 
 def exchange(
-    request: httpx.Request, policy: RetryPolicy, accept: frozenset[int] = frozenset()
+    request: httpx.Request, policy: RetryPolicy, accept: frozenset[int] = frozenset(), *, stream: bool = False
 ) -> Flow[httpx.Response]:
-    """Send with retries; returns a 2xx (or ``accept``-ed) response, else raises GatewayError."""
+    """Send with retries; returns a 2xx (or ``accept``-ed) response, else raises GatewayError.
+    ``stream``: the 2xx response comes back with its body unread (read it with :class:`ReadLine`)."""
     target = f"{request.method} {request.url}"
+    step = OpenStream(request) if stream else request
     for attempt in range(policy.retries + 1):
         final = attempt == policy.retries
         response = None
         try:
-            response = yield request
+            sent = yield step
+            assert isinstance(sent, httpx.Response)  # a driver answers a send with a response
+            response = sent
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             if final:
                 raise GatewayUnreachableError(
@@ -143,37 +167,67 @@ def exchange(
 
 def run_sync(http: httpx.Client, flow: Flow[T]) -> T:
     """Drive ``flow`` on a blocking client."""
-    reply: httpx.Response | None = None
+    reply: httpx.Response | str | None = None
     error: Exception | None = None
-    while True:
-        try:
-            step = flow.throw(error) if error is not None else flow.send(reply)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        reply, error = None, None
-        if isinstance(step, Sleep):
-            time.sleep(step.seconds)
-            continue
-        try:
-            reply = http.send(step)
-        except httpx.TransportError as exc:
-            error = exc
+    lines: dict[httpx.Response, Iterator[str]] = {}
+    try:
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            reply, error = None, None
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                continue
+            try:
+                if isinstance(step, ReadLine):
+                    reply = next(lines[step.response], None)
+                elif isinstance(step, OpenStream):
+                    reply = http.send(step.request, stream=True)
+                    if reply.is_success:
+                        lines[reply] = reply.iter_lines()
+                    else:
+                        reply.read()
+                        reply.close()
+                else:
+                    reply = http.send(step)
+            except httpx.TransportError as exc:
+                error = exc
+    finally:
+        for response in lines:
+            response.close()
 
 
 async def run_async(http: httpx.AsyncClient, flow: Flow[T]) -> T:
     """Drive ``flow`` on an async client (the same steps as :func:`run_sync`)."""
-    reply: httpx.Response | None = None
+    reply: httpx.Response | str | None = None
     error: Exception | None = None
-    while True:
-        try:
-            step = flow.throw(error) if error is not None else flow.send(reply)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        reply, error = None, None
-        if isinstance(step, Sleep):
-            await anyio.sleep(step.seconds)
-            continue
-        try:
-            reply = await http.send(step)
-        except httpx.TransportError as exc:
-            error = exc
+    lines: dict[httpx.Response, AsyncIterator[str]] = {}
+    try:
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            reply, error = None, None
+            if isinstance(step, Sleep):
+                await anyio.sleep(step.seconds)
+                continue
+            try:
+                if isinstance(step, ReadLine):
+                    reply = await anext(lines[step.response], None)
+                elif isinstance(step, OpenStream):
+                    reply = await http.send(step.request, stream=True)
+                    if reply.is_success:
+                        lines[reply] = reply.aiter_lines()
+                    else:
+                        await reply.aread()
+                        await reply.aclose()
+                else:
+                    reply = await http.send(step)
+            except httpx.TransportError as exc:
+                error = exc
+    finally:
+        for response in lines:
+            await response.aclose()

@@ -1,4 +1,5 @@
-"""``edge-client`` against the stub gateway: output formats, environment, exit codes."""
+"""``edge-client`` against the stub gateway: output formats, environment, exit codes, streamed
+answers, the unknown-words note and the ``chat`` loop."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from edge_client.cli import app
+from edge_client.protocol import decode_request
 from tests.edge_client.test_client import StubGateway, export_tiny_bundle
 
 runner = CliRunner()
@@ -207,3 +209,46 @@ def test_transparent_pixels_are_composited_on_white(tmp_path: Path) -> None:
     pixels = np.asarray(load_image(path.read_bytes()))
     assert (pixels[:4] == (255, 0, 0)).all() and (pixels[4:] == 255).all()
     assert (resize_and_crop(Image.fromarray(rgba, "RGBA"), 8)[4:] == 255).all()
+
+
+def test_ask_stream_prints_the_answer_as_it_comes(gateway: StubGateway, photo: Path, tmp_path: Path) -> None:
+    result = _ask(gateway.url, photo, tmp_path, "--stream", VQA_API_KEY="k3y")
+    assert result.exit_code == 0, result.output
+    answer, summary = result.stdout.splitlines()
+    assert answer.startswith("features 17 tokens") and summary.startswith("  [llava-tiny, features")
+    assert gateway.vqa_calls[0][0]["accept"] == "text/event-stream"
+
+
+def test_unknown_words_are_noted_on_stderr_and_in_json(
+    gateway: StubGateway, photo: Path, tmp_path: Path
+) -> None:
+    gateway.unknown_words = ["zorp"]
+    result = _ask(gateway.url, photo, tmp_path, "--json", VQA_API_KEY="k3y")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["unknown_words"] == ["zorp"]
+    assert "does not know 'zorp'" in result.stderr
+    plain = _ask(gateway.url, photo, tmp_path, VQA_API_KEY="k3y")
+    assert "does not know 'zorp'" in plain.stderr and "zorp" not in plain.stdout
+
+
+def test_chat_sends_the_features_once(gateway: StubGateway, photo: Path, tmp_path: Path) -> None:
+    args = ["chat", str(photo), "--model", "llava-tiny", "--cache-dir", str(tmp_path / "c")]
+    env = {"VQA_GATEWAY_URL": gateway.url, "VQA_API_KEY": "k3y"}
+    result = runner.invoke(app, args, input="what shape?\n\nand its color?\n", env=env)
+    assert result.exit_code == 0, result.output
+    first, second = result.stdout.splitlines()
+    assert first == second and first.startswith("features 17 tokens")
+    assert "(features)" in result.stderr and "(image_ref)" in result.stderr
+    follow_up = decode_request(gateway.vqa_calls[1][1])
+    assert follow_up.features is None and follow_up.history == ["what shape?", first]
+
+
+def test_chat_reports_a_failed_question_and_goes_on(
+    gateway: StubGateway, photo: Path, tmp_path: Path
+) -> None:
+    args = ["chat", str(photo), "--model", "llava-tiny", "--cache-dir", str(tmp_path / "c")]
+    gateway.script = [(422, {"error": {"code": "question_too_long", "message": "too long"}}, {})]
+    env = {"VQA_GATEWAY_URL": gateway.url, "VQA_API_KEY": "k3y"}
+    result = runner.invoke(app, args, input="x\nwhat shape?\n", env=env)
+    assert "question_too_long" in result.stderr and "features 17 tokens" in result.stdout
+    assert result.exit_code == 2  # not every question was answered

@@ -1,9 +1,13 @@
-"""EdgeClient against a real local HTTP server (uvicorn in a thread) that mimics the gateway's routes."""
+"""EdgeClient against a real local HTTP server (uvicorn in a thread) that mimics the gateway's routes:
+single questions, conversations (features once, then image_ref; a 410 re-sends them) and streamed
+answers (token events, a cut stream resumed with Last-Event-ID, error events)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
 import socket
 import threading
 import time
@@ -15,7 +19,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from edge_client.bitstream import decode_stream
 from edge_client.bundle import EdgeBundle
@@ -29,7 +33,8 @@ from edge_client.errors import (
     ImageError,
 )
 from edge_client.preprocess import load_image
-from edge_client.protocol import RequestError, VQARequest, decode_request
+from edge_client.protocol import RequestError, VQARequest, decode_request, image_ref
+from edge_client.sse import format_event
 from tests.conftest import TINY_QUANTIZER
 
 
@@ -50,7 +55,11 @@ class StubGateway:
     """The gateway's two client-facing routes, answering from the decoded request.
 
     ``script`` holds canned replies (status, JSON body or text, headers) that ``/v1/vqa`` returns,
-    one per call, before it starts answering for real; ``delay_s`` stalls every answer.
+    one per call, before it starts answering for real; ``delay_s`` stalls every answer. Feature
+    streams are kept under their ``image_ref`` in ``refs`` (410 for one it does not hold). A
+    streamed answer comes a word per event; ``cut_after`` ends a fresh stream after that many
+    words (no ``done``), ``stream_error`` sends that error event instead of ``done``. Replies
+    report ``unknown_words``.
     """
 
     def __init__(self, bundle_bytes: bytes, api_key: str | None = None) -> None:
@@ -60,6 +69,10 @@ class StubGateway:
         self.codebook_hash_header = self.bundle.codebook_hash
         self.script: list[tuple[int, Any, dict[str, str]]] = []
         self.delay_s = 0.0
+        self.refs: dict[bytes, bytes] = {}
+        self.cut_after: int | None = None
+        self.stream_error: dict[str, Any] | None = None
+        self.unknown_words: list[str] = []
         self.vqa_calls: list[tuple[dict[str, str], bytes]] = []
         self.bundle_calls: list[dict[str, str]] = []
         self.app = self._build_app()
@@ -103,18 +116,46 @@ class StubGateway:
                 vqa_request = decode_request(body)
             except RequestError as exc:
                 return _error(400, exc.code, exc.message)
-            return JSONResponse(
-                {
-                    "request_id": vqa_request.request_id,
-                    "model": vqa_request.model,
-                    "answer": self.answer(vqa_request),
-                    "queue_ms": 1.5,
-                    "compute_ms": 2.5,
-                    "batch_size": 1,
-                }
-            )
+            if vqa_request.image_ref is not None:
+                if vqa_request.image_ref not in self.refs:
+                    return _error(410, "image_expired", "no stream under that image_ref")
+                features = self.refs[vqa_request.image_ref]
+                vqa_request = vqa_request.model_copy(
+                    update={"features": features, "model": self.bundle.model}
+                )
+            ref = None
+            if vqa_request.features is not None:
+                ref = image_ref(vqa_request.features)
+                self.refs[ref] = vqa_request.features
+            reply = {
+                "request_id": vqa_request.request_id,
+                "model": vqa_request.model,
+                "answer": self.answer(vqa_request),
+                "queue_ms": 1.5,
+                "compute_ms": 2.5,
+                "batch_size": 1,
+                "image_ref": ref.hex() if ref is not None else None,
+                "unknown_words": self.unknown_words,
+            }
+            if "text/event-stream" in request.headers.get("accept", ""):
+                events = self._events(reply, request.headers.get("last-event-id"))
+                return StreamingResponse(events, media_type="text/event-stream")
+            return JSONResponse(reply)
 
         return app
+
+    async def _events(self, reply: dict[str, Any], last_event_id: str | None):
+        words = re.findall(r"\S+\s*", reply["answer"])
+        after = int(last_event_id.split("-")[0]) if last_event_id else -1
+        for i, word in enumerate(words):
+            if self.cut_after is not None and last_event_id is None and i == self.cut_after:
+                return  # the connection ends mid-answer
+            if i > after:
+                yield format_event(json.dumps({"text": word}), "token", f"{i}-0")
+        if self.stream_error is not None:
+            yield format_event(json.dumps(self.stream_error), "error")
+            return
+        yield format_event(json.dumps(reply), "done", f"{len(words)}-0")
 
     def answer(self, request: VQARequest) -> str:
         """What the fake model says: what arrived, so tests can check it."""
@@ -451,3 +492,81 @@ def test_encode_runs_with_blas_capped_to_the_threads_asked(
     assert seen == [{1}]
     with pytest.raises(ValueError, match="threads >= 1"):
         make_client(gateway, threads=0)
+
+
+def test_a_conversation_sends_the_features_once_then_names_them(
+    gateway: StubGateway, make_client: Any, image: bytes
+) -> None:
+    with make_client(gateway) as client:
+        chat = client.conversation(image)
+        first = chat.ask("what shape?")
+        second = chat.ask("and its color?")
+    sent = [decode_request(body) for _, body in gateway.vqa_calls]
+    assert sent[0].features is not None and first.image_ref == image_ref(sent[0].features).hex()
+    assert (sent[1].features, sent[1].model, sent[1].image_ref) == (None, "", image_ref(sent[0].features))
+    assert sent[1].history == ["what shape?", first.answer]
+    assert second.answer == first.answer  # the same features, resolved by the gateway
+    # 90 B for the follow-up itself (test_protocol pins it), 11 B of history keys and tags, its text.
+    assert second.request_bytes == len(gateway.vqa_calls[1][1]) == 90 + 11 + len("what shape?" + first.answer)
+    assert (second.bits_per_token, second.edge_ms) == (0.0, 0.0)
+    assert chat.history == ["what shape?", first.answer, "and its color?", second.answer]
+
+
+def test_an_expired_ref_is_answered_by_sending_the_features_again_once(
+    gateway: StubGateway, make_client: Any, image: bytes
+) -> None:
+    with make_client(gateway) as client:
+        chat = client.conversation(image)
+        first = chat.ask("what shape?")
+        gateway.refs.clear()  # the gateway's TTL ran out
+        second = chat.ask("and its color?", request_id="follow-up")
+    sent = [decode_request(body) for _, body in gateway.vqa_calls]
+    assert [r.image_ref is not None for r in sent] == [False, True, False]
+    assert sent[2].features == sent[0].features and sent[2].request_id == "follow-up"
+    assert second.answer == first.answer and second.image_ref == first.image_ref
+
+
+def test_a_streamed_answer_comes_as_it_is_generated(
+    gateway: StubGateway, make_client: Any, image: bytes
+) -> None:
+    tokens: list[str] = []
+    with make_client(gateway) as client:
+        answer = client.ask(image, "what shape?", on_token=tokens.append)
+    assert len(tokens) > 2 and "".join(tokens) == answer.answer
+    assert answer.first_token_ms is not None and 0 < answer.first_token_ms <= answer.latency_ms
+    assert gateway.vqa_calls[0][0]["accept"] == "text/event-stream"
+
+
+def test_a_cut_stream_resumes_after_the_last_event(
+    gateway: StubGateway, make_client: Any, image: bytes
+) -> None:
+    gateway.cut_after = 2
+    tokens: list[str] = []
+    with make_client(gateway) as client:
+        answer = client.ask(image, "what shape?", on_token=tokens.append)
+    assert "".join(tokens) == answer.answer  # every word once, none repeated
+    (first, _), (second, body) = gateway.vqa_calls
+    assert "last-event-id" not in first and second["last-event-id"] == "1-0"
+    assert body == gateway.vqa_calls[0][1]  # the same request, so the gateway joins it
+
+
+def test_an_error_event_is_raised_with_its_status(
+    gateway: StubGateway, make_client: Any, image: bytes
+) -> None:
+    gateway.stream_error = {"error": {"code": "deadline_exceeded", "message": "too slow"}, "status": 504}
+    with pytest.raises(GatewayError, match="too slow") as info:
+        make_client(gateway).ask(image, "what shape?", on_token=lambda _: None)
+    assert (info.value.code, info.value.status) == ("deadline_exceeded", 504)
+
+
+def test_async_conversation_streams_too(gateway: StubGateway, make_client: Any, image: bytes) -> None:
+    async def run() -> tuple[list[str], Any, Any]:
+        tokens: list[str] = []
+        async with make_client(gateway) as client:
+            chat = client.conversation(image)
+            first = await chat.aask("what shape?", on_token=tokens.append)
+            second = await chat.aask("and its color?", on_token=tokens.append)
+        return tokens, first, second
+
+    tokens, first, second = asyncio.run(run())
+    assert "".join(tokens) == first.answer + second.answer and second.bits_per_token == 0.0
