@@ -1,5 +1,7 @@
 """Full-stack fixtures: a real uvicorn gateway subprocess and real ``vqa-worker`` subprocesses on
-the tiny model, over the real Redis, each test under its own key prefix."""
+the tiny model, over the real Redis, each test under its own key prefix. Two API keys are
+configured (``API_KEY`` and ``OTHER_API_KEY``: tenants that must not see each other's data); a test
+may start more gateways on the same prefix (:meth:`Stack.gateway`), with settings of their own."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tests.gateway.helpers import API_KEY, delete_prefix, free_port, wait_for
 
 REDIS_URL = os.environ.get("VQA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REPO = Path(__file__).parents[2]
+OTHER_API_KEY = "other-test-key-0123456789"
 
 
 @dataclass
@@ -55,6 +58,33 @@ class Stack:
         base = ["-m", "gateway.worker", "--redis-url", REDIS_URL, "--model", model or str(self.model_dir)]
         base += ["--quantizer", quantizer, "--device", "cpu"]
         return self.spawn("worker", *base, *args, **env)
+
+    def gateway(self, **env: str) -> str:
+        """A ``vqa-gateway`` subprocess on a free port, healthy; its base URL. ``env`` adds settings."""
+        port = free_port()
+        process = self.spawn(
+            "gateway",
+            "-c",
+            "from gateway.api.main import run; run()",  # what the vqa-gateway entry point runs
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--redis-url",
+            REDIS_URL,
+            **env,
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert process.poll() is None, self.log_text()
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout=30, interval=0.1, what="gateway /healthz")
+        return url
 
     def live_workers(self, model: str | None = None) -> int:
         key = f"{self.prefix}:workers:{model or self.model}"
@@ -104,7 +134,7 @@ def stack(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "VQA_KEY_PREFIX": prefix,
-        "VQA_API_KEYS": API_KEY,
+        "VQA_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
         "VQA_REDIS_TIMEOUT_S": "1",
         "VQA_REGISTRY_TTL_MS": "200",
         "VQA_HEARTBEAT_TTL_S": "1.5",
@@ -113,31 +143,11 @@ def stack(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Stack]:
         "VQA_LOG_LEVEL": "warning",
     }
     client = redis.Redis.from_url(REDIS_URL)
-    port = free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
-    stack = Stack(prefix, f"http://127.0.0.1:{port}", env, logs, client, tiny_model_dir)
-    gateway = stack.spawn(
-        "gateway",
-        "-c",
-        "from gateway.api.main import run; run()",  # what the vqa-gateway entry point runs
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--redis-url",
-        REDIS_URL,
-    )
-
-    def healthy() -> bool:
-        assert gateway.poll() is None, stack.log_text()
-        try:
-            return httpx.get(f"{stack.url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(healthy, timeout=30, interval=0.1, what="gateway /healthz")
+    stack = Stack(prefix, "", env, logs, client, tiny_model_dir)
     try:
+        stack.url = stack.gateway()
         yield stack
     finally:
         for process in reversed(stack.processes):
