@@ -221,7 +221,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Accept", "If-None-Match"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "If-None-Match", "Last-Event-ID"],
             expose_headers=["Retry-After", "ETag", "X-Codebook-Hash"],
             max_age=600,
         )

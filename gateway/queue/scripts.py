@@ -153,7 +153,9 @@ end
 # KEYS: image, lru zset, sizes hash (its 'total' field holds the tenant's bytes)
 # ARGV: ref, stream, ttl_ms, cap_bytes, image key prefix (the image key without the ref)
 # -> number of streams evicted, or -1 when the stream is larger than the cap
-IMAGE_PUT = _USE_SCORE + """
+IMAGE_PUT = (
+    _USE_SCORE
+    + """
 local ref, ttl, cap, base = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local size = string.len(ARGV[2])
 local function forget(r)
@@ -183,13 +185,16 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
 return evicted
 """
+)
 
 # Reads one stream of a tenant's cache and marks it used (its TTL and the index's restart); a
 # stream that has expired loses its index entry and bytes.
 # KEYS: image, lru zset, sizes hash
 # ARGV: ref, ttl_ms
 # -> the stream, or nil
-IMAGE_GET = _USE_SCORE + """
+IMAGE_GET = (
+    _USE_SCORE
+    + """
 local data = redis.call('GET', KEYS[1])
 if not data then
   local bytes = redis.call('HGET', KEYS[3], ARGV[1])
@@ -206,3 +211,4 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return data
 """
+)
