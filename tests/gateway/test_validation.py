@@ -129,7 +129,7 @@ def test_body_too_large_streamed_without_length(env) -> None:
                     "model": "m",
                     "question": "q",
                     "image": b"x",
-                    "max_new_tokens": 65,
+                    "max_new_tokens": 513,
                 }
             ),
             "max_new_tokens",
