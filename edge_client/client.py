@@ -456,9 +456,12 @@ class EdgeClient:
                     continue
                 # The gateway serves a newer codebook than our bundle: fetch it, re-encode, send once
                 # more (features it held were encoded with the old one).
-                if error.code != CODEBOOK_MISMATCH or conversation.cloud_only or refreshed:
-                    raise
-                if not self._downloaded:
+                if (
+                    error.code != CODEBOOK_MISMATCH
+                    or conversation.cloud_only
+                    or refreshed
+                    or not self._downloaded
+                ):
                     raise
                 refreshed, self._encoder, conversation.image_ref = True, None, None
         latency_ms = (time.perf_counter() - start) * 1e3

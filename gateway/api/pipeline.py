@@ -170,8 +170,10 @@ async def partials(
         while True:
             left = admitted.deadline_ms - now_ms()
             if left <= 0:
-                raise DeadlineExceeded("no answer before the deadline")
-            entries = await queue.read_partials(model, rid, cursor, left)
+                raise DeadlineExceeded(
+                    "no answer before the request's deadline (its timeout_ms, else VQA_REQUEST_TIMEOUT_MS)"
+                )
+            entries = await queue.read_partials(model, rid, cursor, min(left, KEEPALIVE_S * 1000))
             if not entries and now_ms() - quiet_since >= KEEPALIVE_S * 1000:
                 quiet_since = now_ms()
                 yield None
