@@ -130,9 +130,11 @@ async def ask(
     app = state(request)
     body = await read_body(request, app.settings.max_body_bytes)
     arrived = now_ms()
-    admitted = await pipeline.admit(app, decode_request(body), request.state.client_id, arrived)
-    if EVENT_STREAM in accept:
-        after = pipeline.last_event_id(last_event_id)
+    vqa = decode_request(body)
+    streamed = EVENT_STREAM in accept
+    after = pipeline.last_event_id(last_event_id) if streamed else None
+    admitted = await pipeline.admit(app, vqa, request.state.client_id, arrived)
+    if streamed:
         admitted, stored = await pipeline.enqueue_streamed(app, admitted)
         events = _events(request, app, admitted, stored, after)
         return StreamingResponse(events, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
