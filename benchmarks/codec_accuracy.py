@@ -34,7 +34,7 @@ from edge_client.preprocess import resize_and_crop
 from models.config import SplitSite
 from models.evaluate import evaluate, load_dataset
 from models.quantizer import AlignedVQ
-from models.registry import load_model
+from models.store import load_model
 
 
 def codecs(size: int) -> dict[str, tuple[str, int, dict[str, Any]]]:

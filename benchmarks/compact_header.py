@@ -413,7 +413,7 @@ def bundle_bytes(model: str, quantizer: str) -> bytes:
         return mini_bundle(quantizer)
     from models.export import export_edge_bundle
     from models.quantizer import AlignedVQ
-    from models.registry import load_model
+    from models.store import load_model
 
     loaded = load_model(model)
     return export_edge_bundle(loaded, AlignedVQ.load(loaded.quantizer_path(quantizer)))

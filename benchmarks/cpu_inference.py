@@ -29,8 +29,8 @@ from models.data import load_easy_vqa
 from models.export import export_edge_bundle
 from models.prompt import encode_prompts
 from models.quantizer import AlignedVQ
-from models.registry import DEFAULT_QUANTIZER, load_model
 from models.split import split_llava
+from models.store import DEFAULT_QUANTIZER, load_model
 from models.tensor_split import pixel_values
 
 MAX_NEW_TOKENS = 2  # single-word answers + EOS

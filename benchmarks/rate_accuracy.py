@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.harness.record import RESULTS, header, write_result
 from models.evaluate import evaluate, load_dataset
 from models.quantizer import AlignedVQ
-from models.registry import load_model
+from models.store import load_model
 
 
 def run(model: str, limit: int | None, device: str, dataset: str = "easy-vqa") -> dict:

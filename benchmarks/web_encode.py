@@ -171,7 +171,7 @@ def _write_bundles(folder: Path) -> None:
         "from tests.web.make_golden import llava15_bundle\n"
         "from models.export import export_edge_bundle\n"
         "from models.quantizer import AlignedVQ\n"
-        "from models.registry import load_model\n"
+        "from models.store import load_model\n"
         f"geometries = {GEOMETRIES!r}\n"
         "out = pathlib.Path(sys.argv[1])\n"
         "loaded = load_model('llava-mini-shapes')\n"

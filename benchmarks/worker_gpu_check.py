@@ -24,7 +24,7 @@ from edge_client.encoder import EdgeEncoder
 from edge_client.protocol import VQARequest
 from gateway.worker.runner import Runner
 from models.data import load_easy_vqa
-from models.registry import DEFAULT_MODEL, DEFAULT_QUANTIZER
+from models.store import DEFAULT_MODEL, DEFAULT_QUANTIZER
 
 QUESTIONS, BATCH, NEW_TOKENS = 256, 16, 3
 

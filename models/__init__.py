@@ -1,4 +1,4 @@
-"""Model side (torch): AlignedVQ, the edge/cloud split of any HF LLaVA, registry, training, evaluation.
+"""Model side (torch): AlignedVQ, the edge/cloud split of any HF LLaVA, the model store, training, evaluation.
 
 The edge never imports this package; the gateway's worker is its only serving-time user. Names are
 resolved lazily (PEP 562), so ``models.data`` (the data sets and the shape generator, numpy only)
@@ -17,11 +17,11 @@ _EXPORTS = {
     "write_edge_bundle": "export",
     "AlignedVQ": "quantizer",
     "QuantizerFileError": "quantizer",
-    "DEFAULT_MODEL": "registry",
-    "DEFAULT_QUANTIZER": "registry",
-    "LoadedModel": "registry",
-    "ModelNotAvailable": "registry",
-    "load_model": "registry",
+    "DEFAULT_MODEL": "store",
+    "DEFAULT_QUANTIZER": "store",
+    "LoadedModel": "store",
+    "ModelNotAvailable": "store",
+    "load_model": "store",
     "CloudHalf": "split",
     "EdgeHalf": "split",
     "split_llava": "split",

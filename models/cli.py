@@ -24,7 +24,7 @@ QuantizerName = Annotated[str, typer.Option(help="quantizer name in the model fo
 def _load(model: str, quantizer: str):
     """A registry model and one of its quantizers (by name, or any quantizer file)."""
     from .quantizer import AlignedVQ
-    from .registry import load_model
+    from .store import load_model
 
     loaded = load_model(model)
     path = Path(quantizer) if Path(quantizer).is_file() else loaded.quantizer_path(quantizer)
@@ -167,7 +167,7 @@ def refine_cmd(
     """Add a variable-rate, neighbour-ranked two-stage quantizer (recipe step 4) to a model folder."""
     from .data import VQASplit, generate_shapes, load_easy_vqa
     from .recipe import refine_quantizers
-    from .registry import load_model, write_manifest
+    from .store import load_model, write_manifest
 
     loaded = load_model(model, device=_device(device))
     train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(generated_images, seed=11)])
@@ -193,8 +193,8 @@ def rank_cmd(
     """Add a neighbour-ranked (optionally rate-distortion optimised) copy of a trained quantizer."""
     from .evaluate import load_dataset
     from .recipe import ranked_quantizer
-    from .registry import load_model, write_manifest
     from .scenes import load_scenes
+    from .store import load_model, write_manifest
 
     loaded = load_model(model, device=_device(device))
     if dataset == "scenes":
@@ -242,8 +242,8 @@ def train_cmd(
     from .config import QuantizerConfig, SplitSite
     from .data import VQASplit, generate_shapes
     from .evaluate import load_dataset
-    from .registry import load_model, save_model_dir
     from .split import vision_tokens
+    from .store import load_model, save_model_dir
     from .train import train_quantizers
 
     split_site = SplitSite.parse(site)

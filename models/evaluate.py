@@ -26,8 +26,8 @@ from .config import SplitSite
 from .data import VQASplit, load_easy_vqa, load_json_vqa
 from .prompt import encode_prompts
 from .quantizer import AlignedVQ
-from .registry import LoadedModel
 from .split import CloudHalf, EdgeHalf, split_llava
+from .store import LoadedModel
 from .tensor_split import pixel_values
 
 

@@ -37,8 +37,8 @@ from edge_client.bundle import (
 from edge_client.entropy import normalize_freqs
 
 from .quantizer import AlignedVQ
-from .registry import LoadedModel
 from .split import vision_model
+from .store import LoadedModel
 
 __all__ = ["export_edge_bundle", "write_edge_bundle"]
 

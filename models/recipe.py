@@ -36,8 +36,8 @@ from .data import VQASplit, generate_shapes, load_easy_vqa, shapes_training_spli
 from .evaluate import evaluate
 from .mini import SHAPES
 from .quantizer import AlignedVQ
-from .registry import LoadedModel, load_model_dir, save_model_dir, write_manifest
 from .split import split_llava, vision_tokens
+from .store import LoadedModel, load_model_dir, save_model_dir, write_manifest
 from .train import collect_features, train_mini, train_quantizers
 
 # (split site, groups, stages, codebook size, code dim per group); the default comes first.

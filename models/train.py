@@ -29,8 +29,8 @@ from .data import VQASplit
 from .mini import SHAPES, MiniSpec
 from .patch_loss import PatchHead, last_block_output
 from .quantizer import AlignedVQ
-from .registry import LoadedModel, save_model_dir
 from .split import split_llava, vision_model
+from .store import LoadedModel, save_model_dir
 from .tensor_split import TensorSplit, pixel_values
 
 TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")

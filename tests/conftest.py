@@ -40,8 +40,8 @@ def build_tiny_model_dir(
     from models.mini import SHAPES
     from models.prompt import IMAGE_PLACEHOLDER, PromptFormat
     from models.quantizer import AlignedVQ
-    from models.registry import save_model_dir, write_manifest
     from models.split import split_llava
+    from models.store import save_model_dir, write_manifest
 
     torch.manual_seed(seed)
     tokenizer = SHAPES.build_tokenizer()

@@ -37,7 +37,7 @@ def llava15_bundle(seed: int = SEED) -> bytes:
     from models.config import QuantizerConfig
     from models.export import export_edge_bundle
     from models.quantizer import AlignedVQ
-    from models.registry import LLAVA15_PROMPT, LoadedModel
+    from models.store import LLAVA15_PROMPT, LoadedModel
 
     torch.manual_seed(seed)
     config = llava15_geometry_config(vision_layers=1, text_layers=1)
@@ -76,7 +76,7 @@ def mini_bundle(quantizer: str = MINI_QUANTIZER) -> bytes:
     gateway serves)."""
     from models.export import export_edge_bundle
     from models.quantizer import AlignedVQ
-    from models.registry import load_model
+    from models.store import load_model
 
     loaded = load_model(MINI_NAME)
     return export_edge_bundle(loaded, AlignedVQ.load(loaded.quantizer_path(quantizer)))

@@ -37,8 +37,8 @@ from models.export import export_edge_bundle
 from models.generation import PrefixKV
 from models.prompt import PromptIds, left_pad, split_prompt, unknown_words
 from models.quantizer import AlignedVQ
-from models.registry import LoadedModel, load_model
 from models.split import split_llava
+from models.store import LoadedModel, load_model
 
 from ..errors import UnknownModel, UnreadableQuestion
 from ..served_models import ModelInfo

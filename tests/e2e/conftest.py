@@ -163,7 +163,7 @@ def encoder(tiny_model_dir: Path):
     from edge_client.encoder import EdgeEncoder
     from models.export import export_edge_bundle
     from models.quantizer import AlignedVQ
-    from models.registry import load_model
+    from models.store import load_model
 
     loaded = load_model(str(tiny_model_dir))
     quantizer = AlignedVQ.load(loaded.quantizer_path(TINY_QUANTIZER))

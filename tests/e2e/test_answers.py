@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_client.client import EdgeClient
-from models.registry import BUNDLED
+from models.store import BUNDLED
 from tests.gateway.helpers import API_KEY
 
 MODEL = os.environ.get("VQA_TEST_MINI_MODEL", "llava-mini-shapes")

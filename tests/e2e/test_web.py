@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.harness.browser import chromium, installed
-from models.registry import BUNDLED
+from models.store import BUNDLED
 from tests.gateway.helpers import API_KEY
 
 MODEL_DIR = BUNDLED / "llava-mini-shapes"

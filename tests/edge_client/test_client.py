@@ -41,7 +41,7 @@ from tests.conftest import TINY_QUANTIZER
 def export_tiny_bundle(model_dir: Path) -> bytes:
     from models.export import export_edge_bundle
     from models.quantizer import AlignedVQ
-    from models.registry import load_model
+    from models.store import load_model
 
     loaded = load_model(str(model_dir))
     return export_edge_bundle(loaded, AlignedVQ.load(loaded.quantizer_path(TINY_QUANTIZER)))

@@ -39,7 +39,7 @@ def _case(loaded: object, quantizer: AlignedVQ) -> Case:
 
 @pytest.fixture(scope="module")
 def cases(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
-    from models.registry import load_model
+    from models.store import load_model
 
     out = {}
     for site in SITES:
@@ -136,7 +136,7 @@ def test_llava15_geometry_stream_size() -> None:
     from models.architectures import llava15_geometry_config
     from models.config import QuantizerConfig
     from models.export import export_edge_bundle
-    from models.registry import LLAVA15_PROMPT, LoadedModel
+    from models.store import LLAVA15_PROMPT, LoadedModel
 
     torch.manual_seed(0)
     config = llava15_geometry_config(vision_layers=1, text_layers=1)
@@ -176,7 +176,7 @@ def test_variable_rate_ranked_bundle_matches_torch_and_decodes(tiny_model_dir: P
     as torch, a ranked stream, exact decode."""
     from edge_client.preprocess import preprocess
     from models.config import QuantizerConfig
-    from models.registry import load_model
+    from models.store import load_model
 
     loaded = load_model(str(tiny_model_dir))
     edge, _ = split_llava(loaded.model, "preln")

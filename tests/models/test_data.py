@@ -9,7 +9,7 @@ import pytest
 
 from models.data import ANSWERS, TEMPLATES, generate_shapes, load_easy_vqa
 from models.mini import SHAPES
-from models.registry import ModelNotAvailable, load_model_dir, write_manifest
+from models.store import ModelNotAvailable, load_model_dir, write_manifest
 
 
 def test_holdout_is_carved_from_train_and_test_is_separate() -> None:
@@ -125,7 +125,7 @@ def test_alignedvq_train_on_a_json_dataset(tiny_model_dir: Path, tmp_path: Path)
 
 def test_bundled_tokenizers_read_any_case() -> None:
     """Questions are normalised as the training data was written (NFKC, lower case)."""
-    from models.registry import load_model
+    from models.store import load_model
 
     for name in ("llava-mini-shapes", "llava-mini-scenes"):
         tok = load_model(name).tokenizer

@@ -15,7 +15,7 @@ from edge_client.bitstream import StreamHeader, encode_stream
 from models.architectures import llava15_geometry_config
 from models.evaluate import evaluate, normalize_answer, vqa_score
 from models.quantizer import AlignedVQ
-from models.registry import ModelNotAvailable, load_model
+from models.store import ModelNotAvailable, load_model
 
 RECORD_KEYS = {
     "model",

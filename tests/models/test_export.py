@@ -18,8 +18,8 @@ from edge_client.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from models.config import QuantizerConfig
 from models.export import LAYER_TENSORS, export_edge_bundle, write_edge_bundle
 from models.quantizer import AlignedVQ
-from models.registry import LoadedModel, load_model
 from models.split import vision_model
+from models.store import LoadedModel, load_model
 from tests.conftest import TINY_QUANTIZER, build_tiny_model_dir
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from models.mini import SHAPES
 from models.prompt import IMAGE_PLACEHOLDER, PromptFormat, encode_prompts, split_prompt, unknown_words
-from models.registry import BUNDLED, LLAVA15_PROMPT
 from models.scenes import TURN_SEPARATOR
+from models.store import BUNDLED, LLAVA15_PROMPT
 
 MINI = SHAPES.prompt
 

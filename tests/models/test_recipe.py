@@ -11,7 +11,7 @@ import torch
 
 from models.quantizer import AlignedVQ
 from models.recipe import refine_quantizers
-from models.registry import load_model
+from models.store import load_model
 from tests.conftest import TINY_QUANTIZER
 
 
@@ -44,7 +44,7 @@ def test_scenes_recipe_runs_both_qat_stages_on_cpu(tmp_path: Path) -> None:
     """CPU smoke of ``alignedvq train-scenes``: base training with the per-patch loss and plain QAT,
     then the gated stage started from a k-means refinement of the first one's 4096-codebook."""
     from models.recipe import ranked_quantizer, run_scenes_recipe
-    from models.registry import load_model_dir
+    from models.store import load_model_dir
 
     small = dict(budget_s=600, device="cpu", qat_steps=2, train_images=64, holdout_images=4, batch_size=4)
     assert run_scenes_recipe(tmp_path / "a", base_steps=2, **small)

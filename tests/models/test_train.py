@@ -11,8 +11,8 @@ import torch
 from models.config import QuantizerConfig
 from models.data import generate_shapes, shapes_training_splits
 from models.quantizer import AlignedVQ
-from models.registry import load_model, load_model_dir
 from models.split import vision_model
+from models.store import load_model, load_model_dir
 from models.train import train_mini, train_quantizers
 
 

@@ -172,7 +172,7 @@ def _vision_only(config):
 def _loaded(name: str, config):
     from edge_client.preprocess import ImageSpec
     from models.prompt import PromptFormat
-    from models.registry import LoadedModel
+    from models.store import LoadedModel
 
     size = config.vision_config.image_size
     tokens = (size // config.vision_config.patch_size) ** 2
@@ -425,8 +425,8 @@ def write_bundled(out: Path) -> list[dict]:
     from models.data import generate_shapes
     from models.export import export_edge_bundle
     from models.quantizer import AlignedVQ
-    from models.registry import BUNDLED, load_model
     from models.scenes import load_scenes
+    from models.store import BUNDLED, load_model
 
     out.mkdir(parents=True, exist_ok=True)
     samples = sample_images()

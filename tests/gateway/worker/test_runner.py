@@ -21,7 +21,7 @@ from models.data import generate_shapes
 from models.fused import FusedLlama
 from models.generation import HFEngine
 from models.quantizer import AlignedVQ
-from models.registry import DEFAULT_QUANTIZER, load_model
+from models.store import DEFAULT_QUANTIZER, load_model
 from tests.conftest import TINY_QUANTIZER
 
 
