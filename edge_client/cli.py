@@ -78,7 +78,10 @@ def _print_token(text: str) -> None:
 def _note_unknown(answer: Answer) -> None:
     if answer.unknown_words:
         words = ", ".join(repr(word) for word in answer.unknown_words)
-        typer.echo(f"edge-client: note: the model does not know {words}; it answered without them", err=True)
+        them = "it" if len(answer.unknown_words) == 1 else "them"
+        typer.echo(
+            f"edge-client: note: the model does not know {words}; it answered without {them}", err=True
+        )
 
 
 def _client(
