@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import sys
 import time
@@ -231,18 +232,28 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document without the 422 it adds to every route with parameters: ours are strings
-    that cannot fail validation (a route that can answer 422 declares it, with our error body)."""
+    """FastAPI's document, made self-consistent for schema-driven tools:
+
+    - without the 422 FastAPI adds to every route with parameters: ours are strings that cannot
+      fail validation (a route that can answer 422 declares it, with our error body);
+    - request bodies given as pydantic schemas (the msgpack and chat bodies) keep their nested
+      models under ``components/schemas``, where their references point, not under a ``$defs``
+      that a body schema inside ``paths`` cannot be referenced at.
+    """
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for operations in schema["paths"].values():
             for operation in operations.values():
                 framework = operation["responses"].get("422", {}).get("content", {})
                 if "HTTPValidationError" in str(framework):
                     del operation["responses"]["422"]
+                for content in operation.get("requestBody", {}).get("content", {}).values():
+                    body = content.get("schema", {})
+                    components.update(body.pop("$defs", {}))
         for name in ("HTTPValidationError", "ValidationError"):
-            schema["components"]["schemas"].pop(name, None)
-        app.openapi_schema = schema
+            components.pop(name, None)
+        app.openapi_schema = json.loads(json.dumps(schema).replace('"#/$defs/', '"#/components/schemas/'))
     return app.openapi_schema
 
 

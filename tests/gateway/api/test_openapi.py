@@ -4,6 +4,9 @@ that is enforced, not silently clamped."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import jsonschema
 import msgpack
 
@@ -55,3 +58,11 @@ def test_timeout_above_the_gateway_cap_is_refused_not_clamped(redis_url, prefix,
     assert reply.status_code == 422, reply.text
     assert reply.json()["error"]["code"] == "bad_request"
     assert "timeout_ms" in reply.json()["error"]["message"] and "5000" in reply.json()["error"]["message"]
+
+
+def test_every_reference_resolves_inside_the_document(redis_url, prefix) -> None:
+    schema = create_app(gateway_settings(redis_url, prefix)).openapi()
+    text = json.dumps(schema)
+    assert "#/$defs/" not in text
+    for ref in set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text)):
+        assert ref in schema["components"]["schemas"], ref
