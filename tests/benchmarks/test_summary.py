@@ -18,6 +18,8 @@ REQUIRED = (
     "edge_encode_ms_llava15",
     "gpu_req_per_s",
     "gpu_batch1_ms",
+    "gpu_followup_req_per_s",
+    "gpu_followup_batch1_ms",
     "gpu_card",
     "gateway_overhead_p99_ms",
     "e2e_speedup_0_1mbps",
