@@ -40,7 +40,7 @@ def run() -> dict:
     encoder = EdgeEncoder(bundle)
     test = load_easy_vqa("test").subset(QUESTIONS)
     items = [
-        runners["fused"].prepare(
+        runners["fused"].prepare_request(
             VQARequest(
                 request_id=f"q{n}",
                 model=DEFAULT_MODEL,

@@ -246,7 +246,7 @@ class WorkerQueue(Protocol):
     model: str
     consumer: str
 
-    def prepare(self) -> None:
+    def ensure_group(self) -> None:
         """Create the consumer group if it is missing (first worker, or a Redis that lost its data)."""
 
     def publish(self, info: bytes, bundle: bytes, sha256: str) -> None: ...

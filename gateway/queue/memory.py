@@ -296,7 +296,7 @@ class MemoryWorkerQueue:
         self.model = model
         self.consumer = consumer
 
-    def prepare(self) -> None:
+    def ensure_group(self) -> None:
         return None
 
     def publish(self, info: bytes, bundle: bytes, sha256: str) -> None:

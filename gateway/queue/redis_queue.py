@@ -320,7 +320,7 @@ class RedisWorkerQueue:
     def close(self) -> None:
         self.client.close()
 
-    def prepare(self) -> None:
+    def ensure_group(self) -> None:
         with redis_errors():
             try:
                 # From id 0: entries added before the group existed are work too.
@@ -353,7 +353,7 @@ class RedisWorkerQueue:
             if not (info_alive and bundle_alive):  # Redis lost its data (restart without persistence)
                 log.warning("model info or bundle of %s missing in Redis: republishing", self.model)
                 self.publish(info, bundle, sha256)
-                self.prepare()
+                self.ensure_group()
 
     def leave(self) -> None:
         with redis_errors():
@@ -387,7 +387,7 @@ class RedisWorkerQueue:
                 if "NOGROUP" not in str(exc):
                     raise
                 log.warning("consumer group missing on %s: recreating it", self.stream)
-                self.prepare()
+                self.ensure_group()
                 return []
         # [[stream name, entries]]: one stream was read.
         entries: _Entries = cast("list[list[Any]]", response)[0][1] if response else []
@@ -439,7 +439,7 @@ class RedisWorkerQueue:
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                self.prepare()
+                self.ensure_group()
                 return Claimed()
             self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
             entries = [(raw_id, fields) for raw_id, fields in entries if fields is not None]

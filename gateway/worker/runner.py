@@ -1,6 +1,6 @@
 """The model side of a worker: cloud half, codebook, prefix cache, batched generation (imports torch).
 
-A :class:`Runner` holds one model cut at its quantizer's split site. ``prepare`` turns a request
+A :class:`Runner` holds one model cut at its quantizer's split site. ``prepare_request`` turns a request
 into model inputs: the prompt's token ids (refused when the model reads none of the question's
 words, or has no room for the new tokens asked for), and either the cached keys and values of the
 image's prompt prefix or what computes them (the feature stream decoded and checked against the
@@ -227,7 +227,7 @@ class Runner:
             )
         return ids
 
-    def prepare(self, request: VQARequest) -> Prepared:
+    def prepare_request(self, request: VQARequest) -> Prepared:
         """Decode one request into model inputs, with the checks of :mod:`gateway.validation` (which
         say why the worker repeats none of them needlessly); raises the same 4xx as the gateway.
 

@@ -119,7 +119,7 @@ class Worker:
 
     def _announce(self) -> None:
         """Consumer group, model info + bundle, first heartbeat: what makes the worker visible."""
-        self.queue.prepare()
+        self.queue.ensure_group()
         self.queue.publish(self.info_json, self.runner.bundle, self.runner.info.bundle_sha256)
         self.heartbeat.beat()
 
@@ -212,7 +212,7 @@ class Worker:
                         f"entry says {job.model}/{job.request_id}, "
                         f"body says {request.model}/{request.request_id}"
                     )
-                ready.append((job, self.runner.prepare(request)))
+                ready.append((job, self.runner.prepare_request(request)))
             except AlignedVQError as exc:
                 self.stats.rejected += 1
                 done.append((job, Reply.failure(job, exc)))

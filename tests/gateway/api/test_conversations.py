@@ -39,7 +39,7 @@ def follow_up(question: str, ref: bytes, **fields) -> bytes:
 def published(redis_url, prefix, runner):
     """The tiny model published with a live heartbeat, but no worker reading: requests wait."""
     queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "publisher")
-    queue.prepare()
+    queue.ensure_group()
     queue.publish(runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
     queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
     yield queue

@@ -37,7 +37,7 @@ def run(request, redis_url, prefix) -> Callable[[Scenario], None]:
                 memory = MemoryQueue(gateway_settings(redis_url, prefix, queue="memory"))
                 gateway, worker = memory, memory.for_worker(MODEL, "w-1")
             await gateway.start()
-            worker.prepare()
+            worker.ensure_group()
             try:
                 await scenario(gateway, worker)
             finally:

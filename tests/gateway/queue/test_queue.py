@@ -29,7 +29,7 @@ def published(redis_url, prefix, runner):
     """The tiny model's info and bundle in Redis and a live heartbeat, but nothing consuming its
     stream (a stalled worker): requests queue and wait."""
     queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "publisher")
-    queue.prepare()
+    queue.ensure_group()
     queue.publish(runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
     queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
     yield queue
@@ -77,7 +77,7 @@ def test_no_live_worker_is_refused_at_once_with_503(
 ) -> None:
     """A model whose workers are all gone (past VQA_NO_WORKER_GRACE_MS) is refused, not queued."""
     queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "departed")
-    queue.prepare()
+    queue.ensure_group()
     queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
     queue.leave()  # left just now: within the grace a request still queues
     client = open_client(gateway_settings(redis_url, prefix, no_worker_grace_ms=300, retry_after_s=2))

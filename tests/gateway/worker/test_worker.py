@@ -83,7 +83,8 @@ def test_streamed_jobs_publish_their_text_and_every_reply_counts_its_tokens(cach
     assert streamed.answer and "".join(p.text for p in partials[streamed.request_id]) == streamed.answer
     assert not partials[plain.request_id]  # not asked to stream
     for reply, job in ((streamed, jobs[0]), (plain, jobs[1])):
-        assert reply.ok and reply.prompt_tokens == len(runner.prepare(decode_request(job.body)).prompt)
+        prompt = runner.prepare_request(decode_request(job.body)).prompt
+        assert reply.ok and reply.prompt_tokens == len(prompt)
         assert 1 <= reply.completion_tokens <= (6 if reply is streamed else 3)
     assert plain.unknown_words == ["Xyzzy"] and streamed.unknown_words == []
     assert (unreadable.code, too_long.code) == ("unreadable_question", "bad_request")
