@@ -69,6 +69,7 @@ __all__ = [
     "StreamHeader",
     "decode_stream",
     "encode_stream",
+    "header_bytes",
     "read_header",
 ]
 
@@ -192,8 +193,8 @@ def _stats_size(header: StreamHeader) -> int:
     return packed_size(header.tokens * 2, header.stat_bits) if header.stat_bits else 0
 
 
-def _header_bytes(header: StreamHeader, payload: bytes) -> bytes:
-    """The header for `payload`, CRC included."""
+def header_bytes(header: StreamHeader, payload: bytes) -> bytes:
+    """The header for `payload`, CRC included (public so tools and tests can frame a payload they built)."""
     name = header.model.encode("utf-8")
     kind, k = _parse_split_site(header.split_site)
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(name)) + name
@@ -327,7 +328,7 @@ def encode_stream(
         if len(coded) < len(index_bytes):
             index_bytes, coder = coded, "rans" if ranking is None else "ranked"
     payload = index_bytes + stats_bytes
-    return _header_bytes(replace(header, coder=coder), payload) + payload
+    return header_bytes(replace(header, coder=coder), payload) + payload
 
 
 def _encode_stats(header: StreamHeader, stats: np.ndarray | None) -> bytes:

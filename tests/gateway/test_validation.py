@@ -19,7 +19,7 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from edge_client.bitstream import _header_bytes, decode_stream, encode_stream
+from edge_client.bitstream import decode_stream, encode_stream, header_bytes
 from edge_client.protocol import CONTENT_TYPE
 from gateway.api.main import create_app
 from gateway.queue import Keys
@@ -214,7 +214,7 @@ def test_geometry_mismatch_names_field_expected_got(
 def test_corrupt_rans_section_with_valid_crc_is_decoded_and_refused(env, model_name, stream) -> None:
     header = replace(decode_stream(stream).header, coder="rans")
     payload = b"\xff" * 7  # fewer bytes than packing (9): a legal rANS length, but garbage
-    forged = _header_bytes(header, payload) + payload
+    forged = header_bytes(header, payload) + payload
     check_error(post(env[0], body(model_name, features=forged)), 422, "corrupt_stream", "rANS")
 
 
