@@ -602,7 +602,6 @@ def main() -> None:
     }
     write_result(results, args.out, started)
     print_table(results)
-    print(f"raw JSON: {args.out}")
 
 
 if __name__ == "__main__":

@@ -40,13 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlavaForConditionalGeneration
 
+from benchmarks.harness.gpu import build_model, device_and_sync, timed_batch
 from benchmarks.harness.record import RESULTS, describe, header, write_result
 from benchmarks.harness.stats import timed
 from gateway.worker.prefix_cache import PrefixCache
-from models.architectures import llava15_geometry_config, tiny_llava_config
-from models.config import QuantizerConfig
 from models.generation import PrefixKV
 from models.quantizer import AlignedVQ
 from models.split import CloudHalf, split_llava, vision_tokens
@@ -54,21 +52,6 @@ from models.split import CloudHalf, split_llava, vision_tokens
 NEW_TOKENS = 3
 TEMPLATE_TOKENS = 5  # "USER:" before the image in the LLaVA-1.5 template
 LATENCY_BAR, THROUGHPUT_BAR = 0.4, 3.0
-
-
-def build_model(tiny: bool, device: str) -> LlavaForConditionalGeneration:
-    """Random weights, built directly on the device in the serving dtype (no fp32 copy of 7B)."""
-    config = tiny_llava_config(image_size=336, patch_size=14) if tiny else llava15_geometry_config()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
 
 
 class Server:
@@ -143,19 +126,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=330, help="skip batch sizes started after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_followup.json")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else None
-    torch.backends.cuda.matmul.allow_tf32 = True
+    device, sync = device_and_sync()
     started = time.monotonic()
     result = header("gpu_followup", device)
 
     built = time.perf_counter()
-    model = build_model(args.tiny, device)
+    model, quantizer = build_model(args.tiny, device)
     config = model.config
-    vq_config = QuantizerConfig(
-        dim=config.vision_config.hidden_size, split_site="preln", codebook_size=4096, code_dim=32
-    )
-    quantizer = AlignedVQ(vq_config).to(device).eval()
+    vq_config = quantizer.config
     _, cloud = split_llava(model, vq_config.site, fused=True)
     tokens = vision_tokens(config.vision_config)
     prefix, _, _ = prompt_ids(config, 1, np.random.default_rng(0))
@@ -188,28 +166,12 @@ def main() -> None:
         write_result(result, args.out, started)
 
     def measure(kind: str, fn, batch: int) -> None:
-        try:
-            samples = timed(fn, args.repeats, sync)
-        except Exception as exc:  # noqa: BLE001 - one failure (OOM, compile) must not lose the rest
-            result["runs"].append({"kind": kind, "batch": batch, "error": repr(exc)[:500]})
-            print(f"{kind} batch {batch}: {exc!r}"[:300], flush=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            save()
-            return
-        median = statistics.median(samples)
-        run = {
-            "kind": kind,
-            "batch": batch,
-            "median_ms": round(median, 3),
-            "req_per_s": round(batch / median * 1000, 2),
-            "samples_ms": [round(s, 3) for s in samples],
-        }
-        if device == "cuda":
-            run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats()
+        run = {"kind": kind, **timed_batch(fn, batch, args.repeats, sync, device)}
         result["runs"].append(run)
-        print(f"{kind:9s} batch {batch:4d}: {median:9.2f} ms  {run['req_per_s']:8.2f} req/s", flush=True)
+        if "error" in run:
+            print(f"{kind} batch {batch}: {run['error']}"[:300], flush=True)
+        else:
+            print(f"{kind:9s} batch {batch:4d}: {run['median_ms']:9.2f} ms  {run['req_per_s']:8.2f} req/s")
         save()
 
     def batch_runs(batch: int) -> None:

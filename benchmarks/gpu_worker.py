@@ -56,13 +56,11 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from benchmarks.harness.gpu import build_model, device_and_sync, timed_batch
 from benchmarks.harness.record import RESULTS, header, write_result
 from benchmarks.harness.stats import timed
-from models.architectures import llava15_geometry_config, tiny_llava_config
-from models.config import QuantizerConfig
 from models.fused import FusedLlama
 from models.generation import left_padded_positions
-from models.quantizer import AlignedVQ
 from models.split import split_llava, vision_model, vision_tokens
 
 NEW_TOKENS = 3
@@ -75,21 +73,6 @@ VARIANTS = (
 )
 FP8 = "cloud_half_fused_fp8"  # opt-in: Hopper/Ada only, and not exact
 COMPILED = "cloud_half_compiled"  # measured in a second pass: compiling changes the model in place
-
-
-def build_model(tiny: bool, device: str) -> LlavaForConditionalGeneration:
-    """Random weights, built directly on the device in the serving dtype (no fp32 copy of 7B)."""
-    config = tiny_llava_config(image_size=336, patch_size=14) if tiny else llava15_geometry_config()
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
 
 
 def prompts(config, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,19 +202,14 @@ def main() -> None:
     parser.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64], help="CUDA only")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_worker.json")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None  # count queued GPU work
-    torch.backends.cuda.matmul.allow_tf32 = True
+    device, sync = device_and_sync()
     started = time.monotonic()
     result = header("gpu_worker", device)
 
     built = time.perf_counter()
-    model = build_model(args.tiny, device)
+    model, quantizer = build_model(args.tiny, device)
     config = model.config
-    vq_config = QuantizerConfig(
-        dim=config.vision_config.hidden_size, split_site="preln", codebook_size=4096, code_dim=32
-    )
-    quantizer = AlignedVQ(vq_config).to(device).eval()
+    vq_config = quantizer.config
     edge, cloud = split_llava(model, vq_config.site)
     wanted = {"cloud_half_fused", "cloud_only"} & set(args.variants)
     fused = split_llava(model, vq_config.site, fused=True)[1] if wanted else None
@@ -266,30 +244,14 @@ def main() -> None:
         write_result(result, args.out, started)
 
     def measure(name: str, fn, batch: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        try:
-            samples = timed(fn, args.repeats, sync)
-        except Exception as exc:  # noqa: BLE001 - one failed variant (OOM, compile) must not lose the rest
-            result["runs"].append({"variant": name, "batch": batch, "error": repr(exc)[:500]})
-            print(f"{name} batch {batch}: {exc!r}"[:300], flush=True)
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            save()
-            return
-        median = statistics.median(samples)
-        run = {
-            "variant": name,
-            "batch": batch,
-            "median_ms": round(median, 3),
-            "req_per_s": round(batch / median * 1000, 2),
-            "samples_ms": [round(s, 3) for s in samples],
-            "prompt_tokens": ids.shape[1],
-            "padding_fraction": round(1 - float(mask.float().mean()), 4),
-        }
-        if device.startswith("cuda"):
-            run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats()
+        run = {"variant": name, **timed_batch(fn, batch, args.repeats, sync, device)}
         result["runs"].append(run)
-        print(f"{name:22s} batch {batch:4d}: {median:9.2f} ms  {run['req_per_s']:8.2f} req/s", flush=True)
+        if "error" in run:
+            print(f"{name} batch {batch}: {run['error']}"[:300], flush=True)
+        else:
+            run["prompt_tokens"] = ids.shape[1]
+            run["padding_fraction"] = round(1 - float(mask.float().mean()), 4)
+            print(f"{name:22s} batch {batch:4d}: {run['median_ms']:9.2f} ms  {run['req_per_s']:8.2f} req/s")
         save()
 
     def inputs(batch: int) -> tuple[torch.Tensor, ...]:

@@ -316,7 +316,6 @@ def main() -> None:
         )
     print(f"backend {browser['backend']}, isolated {browser['crossOriginIsolated']}")
     print(describe(result))
-    print(f"raw JSON: {args.out}")
 
 
 if __name__ == "__main__":

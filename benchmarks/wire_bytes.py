@@ -309,7 +309,6 @@ def main() -> None:
     results["goals_llava15"] = goals(geometries[0])
     write_result(results, args.out, started)
     print_table(results)
-    print(f"raw JSON: {args.out}")
 
 
 def _pillow_feature(name: str) -> str | None:

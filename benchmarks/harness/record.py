@@ -139,11 +139,12 @@ def header(benchmark: str, device: str = "cpu") -> dict[str, Any]:
 
 def write_result(result: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
     """Close ``result`` (end load average, wall seconds since the ``time.monotonic()`` value
-    ``started``) and write it as JSON; sets become sorted lists."""
+    ``started``) and write it as JSON, saying where; sets become sorted lists."""
     result["loadavg_end"] = loadavg()
     result["wall_s"] = round(time.monotonic() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=sorted) + "\n")
+    print(f"raw JSON: {out}")
     return result
 
 
