@@ -99,7 +99,7 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VQA_", env_file=".env", extra="ignore", frozen=True)
 
     model: Annotated[str, Field(min_length=1)] = "llava-mini-shapes"
-    quantizer: Annotated[str, Field(min_length=1)] = "preln-r2x4096-t12-ranked"
+    quantizer: str = ""  # empty: the model's own default (its alignedvq.json), see .env.example
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16

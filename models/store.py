@@ -47,8 +47,12 @@ class LoadedModel:
     prompt: PromptFormat
     image_spec: ImageSpec
     path: Path
+    # The quantizer served when none is named: a model folder's alignedvq.json may say which.
+    default_quantizer: str = DEFAULT_QUANTIZER
 
-    def quantizer_path(self, name: str = DEFAULT_QUANTIZER) -> Path:
+    def quantizer_path(self, name: str = "") -> Path:
+        """The file of quantizer ``name`` (empty: the model's default)."""
+        name = name or self.default_quantizer
         path = self.path / "quantizers" / f"{name}.safetensors"
         if not path.is_file():
             available = sorted(p.stem for p in (self.path / "quantizers").glob("*.safetensors"))
@@ -121,6 +125,7 @@ def load_model_dir(
         prompt=PromptFormat.from_dict(meta),
         image_spec=ImageSpec.from_dict(meta["image_spec"]),
         path=directory,
+        default_quantizer=meta.get("default_quantizer", DEFAULT_QUANTIZER),
     )
 
 

@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings.prefix_cache_mb,
         )
     except (LookupError, ValueError, OSError) as exc:
-        print(f"vqa-worker: cannot load {settings.model} / {settings.quantizer}: {exc}", file=sys.stderr)
+        quantizer = settings.quantizer or "its default quantizer"
+        print(f"vqa-worker: cannot load {settings.model} / {quantizer}: {exc}", file=sys.stderr)
         return 2
     # Warm-up batches before announcing: first-batch costs (allocator, kernels; with fused decoding
     # the compile and CUDA-graph capture of each batch size, seconds each) are paid here, so a

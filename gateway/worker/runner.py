@@ -200,7 +200,8 @@ class Runner:
         fused: str = "auto",
         prefix_cache_mb: int = 0,
     ) -> Runner:
-        """Load ``model`` (registry name or directory) and its quantizer ``quantizer`` (file stem).
+        """Load ``model`` (registry name or directory) and its quantizer ``quantizer`` (file stem;
+        empty: the one the model folder names as its default).
 
         ``fused``: ``auto`` decodes with :mod:`models.fused` on CUDA devices, ``on``/``off`` force it.
         """
@@ -211,6 +212,7 @@ class Runner:
         threadpool_limits(limits=1, user_api="blas")
         device = resolve_device(device)
         loaded = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
+        quantizer = quantizer or loaded.default_quantizer
         vq = AlignedVQ.load(loaded.quantizer_path(quantizer), map_location=device)
         use_fused = fused == "on" or (fused == "auto" and device.startswith("cuda"))
         return cls(loaded, vq, quantizer, device, fused=use_fused, prefix_cache_mb=prefix_cache_mb)
