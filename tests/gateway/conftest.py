@@ -67,6 +67,18 @@ def encoder(runner) -> EdgeEncoder:
     return EdgeEncoder(EdgeBundle.from_bytes(runner.bundle))
 
 
+@pytest.fixture
+def published(redis_url: str, prefix: str, runner) -> Iterator[RedisWorkerQueue]:
+    """The tiny model's info and bundle in Redis and a live heartbeat, but nothing consuming its
+    stream (a stalled worker): requests queue and wait."""
+    queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "publisher")
+    queue.ensure_group()
+    queue.publish(runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
+    queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
+    yield queue
+    queue.close()
+
+
 def gateway_settings(url: str, prefix: str, **overrides) -> GatewaySettings:
     fields = dict(redis_url=url, key_prefix=prefix, api_keys=API_KEY, redis_timeout_s=0.5)
     return GatewaySettings(_env_file=None, **{**fields, **overrides})

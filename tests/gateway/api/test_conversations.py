@@ -17,7 +17,7 @@ import redis
 from edge_client import chat_part, chat_ref_part
 from edge_client.protocol import VQARequest, encode_request, image_ref
 from edge_client.sse import EventParser, ServerEvent
-from gateway.queue import Keys, RedisWorkerQueue
+from gateway.queue import Keys
 
 from ..conftest import gateway_settings, worker_settings
 from ..helpers import API_KEY, AUTH, HEADERS, body, png, queue_id, rid, wait_for
@@ -33,17 +33,6 @@ def events(text: str) -> list[ServerEvent]:
 
 def follow_up(question: str, ref: bytes, **fields) -> bytes:
     return encode_request(VQARequest(request_id=rid(), question=question, image_ref=ref, **fields))
-
-
-@pytest.fixture
-def published(redis_url, prefix, runner):
-    """The tiny model published with a live heartbeat, but no worker reading: requests wait."""
-    queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "publisher")
-    queue.ensure_group()
-    queue.publish(runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
-    queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
-    yield queue
-    queue.close()
 
 
 @pytest.fixture

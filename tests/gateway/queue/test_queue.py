@@ -25,18 +25,6 @@ def r(redis_url):
 
 
 @pytest.fixture
-def published(redis_url, prefix, runner):
-    """The tiny model's info and bundle in Redis and a live heartbeat, but nothing consuming its
-    stream (a stalled worker): requests queue and wait."""
-    queue = RedisWorkerQueue(worker_settings(redis_url, prefix), runner.info.name, "publisher")
-    queue.ensure_group()
-    queue.publish(runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
-    queue.beat(b"{}", 600, runner.info.to_json(), runner.bundle, runner.info.bundle_sha256)
-    yield queue
-    queue.close()
-
-
-@pytest.fixture
 def features(encoder) -> bytes:
     return encoder.encode_image(png(seed=11))
 
