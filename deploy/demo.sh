@@ -3,6 +3,8 @@
 #
 # Uses the Redis on VQA_REDIS_URL if one answers; else starts redis-server if installed; else runs
 # gateway + worker in one process with the in-memory queue. Everything listens on 127.0.0.1.
+# With Redis there is a worker per bundled model: llava-mini-shapes answers one-word questions,
+# llava-mini-scenes streams a sentence and answers a follow-up that names the features sent once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,20 +41,27 @@ elif command -v redis-server >/dev/null; then
   for _ in $(seq 50); do redis_up && break; sleep 0.1; done
 fi
 
+models=(llava-mini-shapes)
 if redis_up; then
   export VQA_QUEUE=redis
-  "$BIN/vqa-worker" --model llava-mini-shapes &
-  pids+=($!)
+  models+=(llava-mini-scenes)  # its default quantizer is named in its alignedvq.json
+  for model in "${models[@]}"; do
+    "$BIN/vqa-worker" --model "$model" &
+    pids+=($!)
+  done
 else
-  echo "demo: no Redis available, using the in-process memory queue"
+  echo "demo: no Redis available, using the in-process memory queue (llava-mini-shapes only)"
   export VQA_QUEUE=memory
 fi
 "$BIN/vqa-gateway" --host 127.0.0.1 --port "$PORT" &
 pids+=($!)
 
-echo -n "demo: waiting for the gateway to be ready"
+echo -n "demo: waiting for the gateway and a live worker of ${models[*]}"
 for _ in $(seq 240); do
-  if "$BIN/python" -c "import httpx, sys; sys.exit(httpx.get('$GATEWAY/readyz', timeout=1).status_code != 200)" 2>/dev/null; then
+  if "$BIN/python" -c "
+import httpx, sys
+r = httpx.get('$GATEWAY/readyz', timeout=1)
+sys.exit(r.status_code != 200 or not set(sys.argv[1:]) <= set(r.json()['live_workers']))" "${models[@]}" 2>/dev/null; then
     break
   fi
   echo -n .; sleep 0.5
@@ -76,3 +85,46 @@ for image in samples/red_circle.png samples/blue_triangle.png samples/teal_recta
 done
 echo "baseline, same image sent as JPEG-90 (cloud-only mode):"
 ask samples/red_circle.png "what color is the shape?" --cloud-only
+
+converse() {  # image question... : one `edge-client chat` with llava-mini-scenes, questions fed one by one
+  "$BIN/python" - "$BIN/edge-client" "$GATEWAY" "$@" <<'PY'
+import subprocess
+import sys
+
+client, gateway, image, *questions = sys.argv[1:]
+argv = [client, "chat", image, "--model", "llava-mini-scenes", "--gateway", gateway]
+chat = subprocess.Popen(
+    [*argv, "--max-new-tokens", "40"],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    bufsize=0,
+)
+out = sys.stdout.buffer
+for question in questions:
+    out.write(b"  Q: %r\n  A: " % question)
+    out.flush()
+    chat.stdin.write(question.encode() + b"\n")
+    chat.stdin.flush()
+    line = b""
+    # Copy the answer byte by byte as its tokens arrive, through chat's "[N B sent (...)]" line or an error.
+    while not (line.endswith(b"\n") and (b" B sent (" in line or b"edge-client: error" in line)):
+        byte = chat.stdout.read(1)
+        if not byte:
+            break
+        line = (b"" if line.endswith(b"\n") else line) + byte
+        out.write(byte)
+        out.flush()
+chat.stdin.close()
+out.write(chat.stdout.read())  # anything chat printed after the last answer
+sys.exit(chat.wait())
+PY
+}
+
+if [[ $VQA_QUEUE == redis ]]; then
+  echo "samples/scene_test9.png, llava-mini-scenes, one edge-client chat (tokens print as they arrive;"
+  echo "the follow-up names the features by image_ref and carries the first turn as history):"
+  converse samples/scene_test9.png "describe the image" "how many squares are there?"
+else
+  echo "demo: llava-mini-scenes left out (its worker needs Redis: the memory queue serves one model)"
+fi
