@@ -457,7 +457,7 @@ class AlignedVQ(nn.Module):
         g = torch.arange(c.groups).view(-1, 1)
         s = torch.arange(c.stages).view(1, -1)
         # (images, G, S, T, d): tokens next to the vector axis, as twice_base expects
-        vectors = self.rank_books.long()[g, s, idx].permute(0, 2, 3, 1, 4).numpy()
+        vectors = self.rank_books.long().cpu()[g, s, idx].permute(0, 2, 3, 1, 4).numpy()
         steps = np.median(2 * vectors - twice_base(vectors, neighbours(c.rank_tokens)), axis=0)
         offsets = torch.from_numpy(np.rint(steps)).permute(2, 0, 1, 3)  # (T, G, S, d)
         self.rank_offsets.copy_(offsets.clamp(-2 * bound, 2 * bound).to(torch.int16))
