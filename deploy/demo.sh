@@ -128,3 +128,8 @@ if [[ $VQA_QUEUE == redis ]]; then
 else
   echo "demo: llava-mini-scenes left out (its worker needs Redis: the memory queue serves one model)"
 fi
+
+if [[ ${VQA_DEMO_KEEP:-0} == 1 ]]; then
+  echo "demo: the stack keeps running for the web page at $GATEWAY/ (Ctrl-C stops it)"
+  wait
+fi
