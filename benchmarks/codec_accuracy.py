@@ -12,6 +12,9 @@ Its size is the mean measured ``POST /v1/vqa`` body (msgpack with request id, mo
 the ``image`` bytes) over every question. AlignedVQ rows are ``models.evaluate.evaluate`` records
 (mean body with the ``features`` stream, header included). ``smallest_codec_at_default_accuracy``
 is the smallest codec body whose accuracy reaches the default quantizer's.
+
+A PNG beside the JSON puts both on one rate-accuracy chart (request body bytes, log scale, against
+accuracy); ``--plot RESULT.json`` redraws it from a committed result without evaluating anything.
 """
 
 from __future__ import annotations
@@ -125,6 +128,61 @@ def run(model: str, dataset: str, quantizers: list[str], limit: int | None, devi
     return result
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Codecs (one line per format, quality falling to the left) and AlignedVQ quantizers on one
+    chart of mean request body against accuracy, with the unquantized model as a ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    families: dict[str, list[dict[str, Any]]] = {}
+    for row in result["codecs"]:
+        label = (
+            row["format"]
+            if row["side"] == max(c["side"] for c in result["codecs"])
+            else (f"{row['format']} at {row['side']} px")
+        )
+        families.setdefault(label, []).append(row)
+    for label, rows in families.items():
+        rows = sorted(rows, key=lambda r: r["body_bytes"])
+        ax.plot([r["body_bytes"] for r in rows], [100 * r["accuracy"] for r in rows], "o-", ms=4, label=label)
+    quantizers = sorted(result["alignedvq"], key=lambda r: r["payload_bytes"])
+    ax.plot(
+        [r["payload_bytes"] for r in quantizers],
+        [100 * r["accuracy_alignedvq"] for r in quantizers],
+        "*-",
+        color="black",
+        ms=10,
+        label="AlignedVQ (features)",
+    )
+    for i, r in enumerate(quantizers):  # alternate label sides: these points sit close together
+        name = r["name"].removeprefix("preln-")
+        ax.annotate(
+            name,
+            (r["payload_bytes"], 100 * r["accuracy_alignedvq"]),
+            fontsize=6,
+            xytext=(6, -8) if i % 2 else (-6, 4),
+            ha="left" if i % 2 else "right",
+            textcoords="offset points",
+        )
+    png = next((r for r in result["codecs"] if r["format"] == "PNG"), None)
+    if png is not None:
+        ax.axhline(100 * png["accuracy"], color="gray", linestyle=":", label="lossless PNG accuracy")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean POST /v1/vqa body (bytes, measured; log scale)")
+    ax.set_ylabel(f"{result['dataset']} test accuracy (%)")
+    lowest = min([100 * r["accuracy_alignedvq"] for r in quantizers], default=90.0)
+    ax.set_ylim(max(50.0, lowest - 10), 100.5)
+    ax.set_title(f"{result['model']}: image codecs vs AlignedVQ, same {result['n']} questions")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llava-mini-shapes")
@@ -133,10 +191,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N test questions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "codec_accuracy.json")
+    parser.add_argument("--plot", type=Path, default=None, help="only redraw this result's PNG")
     args = parser.parse_args()
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
     started = time.monotonic()
     result = run(args.model, args.dataset, args.quantizer or [], args.limit, args.device)
     write_result(result, args.out, started)
+    plot(result, args.out.with_suffix(".png"))
     print(json.dumps(result.get("smallest_codec_at_default_accuracy")))
 
 
