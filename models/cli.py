@@ -161,18 +161,29 @@ def refine_cmd(
     rate_lambda: Annotated[
         float, typer.Option(help="0, or squared error traded per coded bit when choosing indices")
     ] = 0.0,
-    generated_images: Annotated[int, typer.Option(help="generated images added to easy-VQA train")] = 8000,
+    generated_images: Annotated[
+        int, typer.Option(help="generated images: added to easy-VQA train, or the scenes drawn")
+    ] = 8000,
+    stages: Annotated[int, typer.Option(help="stages in all: the base's, then k-means ones")] = 2,
+    dataset: Annotated[str, typer.Option(help="training images: easy-vqa or scenes")] = "easy-vqa",
     device: Device = "auto",
 ) -> None:
-    """Add a variable-rate, neighbour-ranked two-stage quantizer (recipe step 4) to a model folder."""
+    """Add a variable-rate, neighbour-ranked multi-stage quantizer (recipe step 4) to a model folder."""
     from .data import VQASplit, generate_shapes, load_easy_vqa
     from .recipe import refine_quantizers
+    from .scenes import load_scenes
     from .store import load_model, write_manifest
 
     loaded = load_model(model, device=_device(device))
-    train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(generated_images, seed=11)])
+    if dataset == "scenes":
+        train = load_scenes("train", generated_images, workers=2)
+    else:
+        train = VQASplit.concat([load_easy_vqa("train"), generate_shapes(generated_images, seed=11)])
     rows = ((base, threshold, rate_lambda),)
-    names = refine_quantizers(loaded, train.images, rows, device=_device(device))
+    # Every training token is a candidate for the added stages: few need them (objects, not background).
+    names = refine_quantizers(
+        loaded, train.images, rows, device=_device(device), stages=stages, max_vectors=10**7
+    )
     write_manifest(loaded.path)
     typer.echo(names[0])
 

@@ -378,28 +378,38 @@ class AlignedVQ(nn.Module):
         seed: int = 0,
         max_vectors: int = 200000,
     ) -> AlignedVQ:
-        """A variable-rate quantizer of ``stages`` whose first stage is ``base``, kept exactly.
+        """A variable-rate quantizer of ``stages`` whose first stages are ``base``'s, kept exactly.
 
-        Each later stage is k-means on the residuals of features ``x`` ``(images, tokens, dim)``
+        Each added stage is k-means on the residuals of features ``x`` ``(images, tokens, dim)``
         that the stages before it leave above ``refine_threshold``; everything else (projections,
-        centres, statistics range) is ``base``'s. Uncalibrated: call :meth:`calibrate` next.
+        centres, statistics range) is ``base``'s. A gated ``base`` keeps its threshold (one gate
+        rule serves every later stage); a third stage helps where the second leaves object tokens
+        imprecise (llava-mini-scenes). Uncalibrated: call :meth:`calibrate` next.
         """
-        if base.config.stages != 1 or stages < 2:
+        have = base.config.stages
+        if stages <= have:
+            raise ValueError(f"refined() adds stages to a quantizer, got {have} -> {stages}")
+        if have > 1 and refine_threshold != base.config.refine_threshold:
             raise ValueError(
-                f"refined() extends a one-stage quantizer to 2 or more, got {base.config.stages} -> {stages}"
+                f"a gated {have}-stage quantizer keeps its threshold {base.config.refine_threshold},"
+                f" got {refine_threshold}"
             )
         config = replace(
             base.config, stages=stages, refine_threshold=refine_threshold, rank_tokens=rank_tokens
         )
         module = cls(config).to(base.codebooks.device)
-        state = {k: v for k, v in base.state_dict().items() if k not in ("codebooks", "freqs")}
+        state = {
+            k: v
+            for k, v in base.state_dict().items()
+            if k not in ("codebooks", "freqs", "rank_books", "rank_offsets")
+        }
         module.load_state_dict(state, strict=False)
-        module.codebooks.data[:, 0] = base.codebooks.data[:, 0]
+        module.codebooks.data[:, :have] = base.codebooks.data
         gen = torch.Generator().manual_seed(seed)
         xs, _ = module.standardize(x.float())
         z = module.project(xs).flatten(0, 1)
         z = z[torch.randperm(z.shape[0], generator=gen)[:max_vectors].to(z.device)]
-        module._fit_stages(z.clone(), 1, iters, gen)
+        module._fit_stages(z.clone(), have, iters, gen)
         return module.eval()
 
     @torch.no_grad()

@@ -81,13 +81,17 @@ def refine_quantizers(
     rows: tuple[tuple[str, float, float], ...] = REFINED,
     device: str = "cpu",
     iters: int = 20,
+    stages: int = 2,
+    max_vectors: int = 200000,
 ) -> list[str]:
-    """Write a gated, ranked two-stage version of each base quantizer into the model's folder.
+    """Write a gated, ranked version of each base quantizer with ``stages`` stages (the base's
+    kept, the rest k-means) into the model's folder.
 
-    ``images`` ``(n, H, W, 3)`` uint8 come from training data only: the second stage's k-means and
-    the rank tables are fitted on them. Rows that differ only in ``rate_lambda`` share the second
-    stage (taken from the file when it is there) and differ in their tables. Files already there are
-    kept. Returns the quantizer names (the caller rewrites the manifest).
+    ``images`` ``(n, H, W, 3)`` uint8 come from training data only: the added stages' k-means and
+    the rank tables are fitted on them (on at most ``max_vectors`` token vectors). Rows that differ
+    only in ``rate_lambda`` share the added stages (taken from the file when it is there) and differ
+    in their tables. Files already there are kept. Returns the quantizer names (the caller rewrites
+    the manifest).
     """
     names = []
     feats: dict[str, torch.Tensor] = {}
@@ -96,7 +100,7 @@ def refine_quantizers(
     folder = loaded.path / "quantizers"
     for base_name, threshold, rate_lambda in rows:
         base = AlignedVQ.load(loaded.quantizer_path(base_name), map_location=device)
-        plain = replace(base.config, stages=2, refine_threshold=threshold, rank_tokens=tokens)
+        plain = replace(base.config, stages=stages, refine_threshold=threshold, rank_tokens=tokens)
         config = replace(plain, rate_lambda=rate_lambda)
         names.append(config.name)
         if (folder / f"{config.name}.safetensors").is_file():
@@ -111,7 +115,13 @@ def refine_quantizers(
                 AlignedVQ.load(stored, map_location=device)
                 if stored.is_file()
                 else AlignedVQ.refined(
-                    base, feats[site], refine_threshold=threshold, rank_tokens=tokens, iters=iters
+                    base,
+                    feats[site],
+                    refine_threshold=threshold,
+                    rank_tokens=tokens,
+                    stages=stages,
+                    iters=iters,
+                    max_vectors=max_vectors,
                 )
             )
         q = AlignedVQ(config).to(device).eval()

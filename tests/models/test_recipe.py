@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,29 @@ def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
     mtimes = [loaded.quantizer_path(name).stat().st_mtime_ns for name in names]
     assert refine_quantizers(loaded, images, rows) == names  # kept, not rebuilt
     assert [loaded.quantizer_path(name).stat().st_mtime_ns for name in names] == mtimes
+
+
+def test_a_gated_two_stage_quantizer_gains_a_third_stage_and_keeps_its_own(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    directory = shutil.copytree(tiny_model_dir, tmp_path / "llava-tiny")
+    loaded = load_model(str(directory))
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    (two,) = refine_quantizers(loaded, images, ((TINY_QUANTIZER, 2.0, 0.0),), iters=3)
+    (three,) = refine_quantizers(loaded, images, ((two, 2.0, 0.5),), iters=3, stages=3)
+    assert three == "preln-r3x16-t2-l0.5-ranked"
+    base, extended = AlignedVQ.load(loaded.quantizer_path(two)), AlignedVQ.load(loaded.quantizer_path(three))
+    assert torch.equal(extended.codebooks[:, :2], base.codebooks)  # both trained stages kept exactly
+    assert extended.config.refine_threshold == 2.0 and extended.freqs[:, 2].sum() > 0
+    with pytest.raises(ValueError, match="keeps its threshold"):
+        AlignedVQ.refined(base, torch.randn(4, 17, base.config.dim), refine_threshold=5.0, stages=3)
+    with pytest.raises(ValueError, match="adds stages"):
+        AlignedVQ.refined(base, torch.randn(4, 17, base.config.dim), refine_threshold=2.0, stages=2)
+    hidden = torch.randn(4, 17, base.config.dim)
+    plain = AlignedVQ(replace(extended.config, rate_lambda=0.0))
+    plain.load_state_dict(extended.state_dict())
+    error = lambda q: (q.decode(q.encode(hidden)[0]) - hidden).pow(2).mean()  # noqa: E731
+    assert error(plain) <= error(base)  # a third stage only ever refines
 
 
 @pytest.mark.slow
