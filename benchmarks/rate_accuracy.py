@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/rate_accuracy.py --model llava-mini-scenes --dataset scenes \
         --device cuda --out benchmarks/results/rate_accuracy_scenes.json
     .venv/bin/python benchmarks/rate_accuracy.py --limit 500 --out /tmp/ra.json
+    .venv/bin/python benchmarks/rate_accuracy.py --quantizer preln-r2x4096-t12-ranked --out /tmp/one.json
 
 Writes raw JSON (machine, versions, date, one record per quantizer: accuracy, nominal bits,
 measured stream bytes packed and entropy-coded with the header, msgpack request bytes) and a PNG
@@ -22,10 +23,12 @@ from models.quantizer import AlignedVQ
 from models.store import load_model
 
 
-def run(model: str, limit: int | None, device: str, dataset: str = "easy-vqa") -> dict:
+def run(
+    model: str, limit: int | None, device: str, dataset: str = "easy-vqa", only: list[str] | None = None
+) -> dict:
     loaded = load_model(model, device=device)
     data = load_dataset(dataset, "test", loaded.image_spec.size).subset(limit)
-    names = sorted(p.stem for p in (loaded.path / "quantizers").glob("*.safetensors"))
+    names = only or sorted(p.stem for p in (loaded.path / "quantizers").glob("*.safetensors"))
     result = header("rate_accuracy", device) | {
         "model": model,
         "dataset": dataset,
@@ -134,9 +137,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N test questions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "rate_accuracy.json")
+    parser.add_argument(
+        "--quantizer", action="append", default=None, help="only these (repeat); default: every one"
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    result = write_result(run(args.model, args.limit, args.device, args.dataset), args.out, started)
+    result = run(args.model, args.limit, args.device, args.dataset, args.quantizer)
+    result = write_result(result, args.out, started)
     plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
