@@ -129,8 +129,8 @@ def run(model: str, dataset: str, quantizers: list[str], limit: int | None, devi
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Codecs (one line per format, quality falling to the left) and AlignedVQ quantizers on one
-    chart of mean request body against accuracy, with the unquantized model as a ceiling."""
+    """Codecs (one line per format and size, quality falling to the left) and AlignedVQ quantizers
+    on one chart of mean request body against accuracy, with lossless PNG's accuracy as a ceiling."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,12 +138,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     families: dict[str, list[dict[str, Any]]] = {}
+    full = max(c["side"] for c in result["codecs"])  # the model's size; smaller sides are downscaled
     for row in result["codecs"]:
-        label = (
-            row["format"]
-            if row["side"] == max(c["side"] for c in result["codecs"])
-            else (f"{row['format']} at {row['side']} px")
-        )
+        label = row["format"] if row["side"] == full else f"{row['format']} at {row['side']} px"
         families.setdefault(label, []).append(row)
     for label, rows in families.items():
         rows = sorted(rows, key=lambda r: r["body_bytes"])

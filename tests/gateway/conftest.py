@@ -149,10 +149,21 @@ def open_client() -> Iterator[Callable[[GatewaySettings], TestClient]]:
 
 
 @pytest.fixture
-def served(redis_url: str, prefix: str, start_worker, open_client):
+def serve(redis_url: str, prefix: str, start_worker, open_client):
+    """``serve(**gateway_overrides)``: a gateway (default settings plus the overrides) and one live
+    worker on the tiny model, ready: ``(client, worker, settings)``."""
+
+    def start(**overrides):
+        worker = start_worker(worker_settings(redis_url, prefix))
+        settings = gateway_settings(redis_url, prefix, **overrides)
+        client = open_client(settings)
+        wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
+        return client, worker, settings
+
+    return start
+
+
+@pytest.fixture
+def served(serve):
     """A gateway + one live worker on the tiny model: ``(client, worker, settings)``."""
-    worker = start_worker(worker_settings(redis_url, prefix))
-    settings = gateway_settings(redis_url, prefix)
-    client = open_client(settings)
-    wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
-    return client, worker, settings
+    return serve()

@@ -12,16 +12,21 @@ import torch
 
 from models.quantizer import AlignedVQ
 from models.recipe import refine_quantizers
-from models.store import load_model
+from models.store import LoadedModel, load_model
 from tests.conftest import TINY_QUANTIZER
 
 
+@pytest.fixture
+def writable(tiny_model_dir: Path, tmp_path: Path) -> tuple[LoadedModel, np.ndarray]:
+    """The tiny model in a folder the test may write quantizers to, and 64 random 32 px images."""
+    loaded = load_model(str(shutil.copytree(tiny_model_dir, tmp_path / "llava-tiny")))
+    return loaded, np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+
+
 def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
-    tiny_model_dir: Path, tmp_path: Path
+    writable: tuple[LoadedModel, np.ndarray],
 ) -> None:
-    directory = shutil.copytree(tiny_model_dir, tmp_path / "llava-tiny")
-    loaded = load_model(str(directory))
-    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    loaded, images = writable
     rows = ((TINY_QUANTIZER, 2.0, 0.0), (TINY_QUANTIZER, 2.0, 0.5))
     names = refine_quantizers(loaded, images, rows, iters=3)
     assert names == ["preln-r2x16-t2-ranked", "preln-r2x16-t2-l0.5-ranked"]
@@ -41,11 +46,9 @@ def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
 
 
 def test_a_gated_two_stage_quantizer_gains_a_third_stage_and_keeps_its_own(
-    tiny_model_dir: Path, tmp_path: Path
+    writable: tuple[LoadedModel, np.ndarray],
 ) -> None:
-    directory = shutil.copytree(tiny_model_dir, tmp_path / "llava-tiny")
-    loaded = load_model(str(directory))
-    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    loaded, images = writable
     (two,) = refine_quantizers(loaded, images, ((TINY_QUANTIZER, 2.0, 0.0),), iters=3)
     (three,) = refine_quantizers(loaded, images, ((two, 2.0, 0.5),), iters=3, stages=3)
     assert three == "preln-r3x16-t2-l0.5-ranked"

@@ -19,8 +19,8 @@ from edge_client.protocol import VQARequest, encode_request, image_ref
 from edge_client.sse import EventParser, ServerEvent
 from gateway.queue import Keys
 
-from ..conftest import gateway_settings, worker_settings
-from ..helpers import API_KEY, AUTH, HEADERS, body, png, queue_id, rid, wait_for
+from ..conftest import gateway_settings
+from ..helpers import API_KEY, AUTH, HEADERS, body, png, queue_id, rid
 
 STREAM = {**HEADERS, "Accept": "text/event-stream"}
 OTHER_KEY = "other-key-0123456789abcdef"
@@ -56,12 +56,8 @@ def test_a_follow_up_names_the_features_and_carries_history(served, model_name, 
     assert worker.worker.stats.answered == 2  # the queue entry carried the whole stream
 
 
-def test_a_ref_of_another_key_is_refused_like_an_unknown_one(
-    redis_url, prefix, start_worker, open_client, model_name, features
-) -> None:
-    start_worker(worker_settings(redis_url, prefix))
-    client = open_client(gateway_settings(redis_url, prefix, api_keys=f"{API_KEY},{OTHER_KEY}"))
-    wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
+def test_a_ref_of_another_key_is_refused_like_an_unknown_one(serve, model_name, features) -> None:
+    client, _, _ = serve(api_keys=f"{API_KEY},{OTHER_KEY}")
     sent = client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
     ref = bytes.fromhex(sent.json()["image_ref"])
     other = {**HEADERS, "Authorization": f"Bearer {OTHER_KEY}"}
@@ -76,12 +72,8 @@ def test_a_ref_of_another_key_is_refused_like_an_unknown_one(
     assert mine.status_code == 200, mine.text
 
 
-def test_a_ref_expires_after_its_ttl_unless_used(
-    redis_url, prefix, start_worker, open_client, model_name, features
-) -> None:
-    start_worker(worker_settings(redis_url, prefix))
-    client = open_client(gateway_settings(redis_url, prefix, image_ttl_s=1))
-    wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
+def test_a_ref_expires_after_its_ttl_unless_used(serve, model_name, features) -> None:
+    client, _, _ = serve(image_ttl_s=1)
     ref = bytes.fromhex(
         client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS).json()[
             "image_ref"
@@ -95,12 +87,8 @@ def test_a_ref_expires_after_its_ttl_unless_used(
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "image_expired"
 
 
-def test_no_cache_means_no_ref_in_the_reply(
-    redis_url, prefix, start_worker, open_client, model_name, features
-) -> None:
-    start_worker(worker_settings(redis_url, prefix))
-    client = open_client(gateway_settings(redis_url, prefix, image_cache_bytes=0))
-    wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
+def test_no_cache_means_no_ref_in_the_reply(serve, model_name, features) -> None:
+    client, _, _ = serve(image_cache_bytes=0)
     reply = client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
     assert reply.status_code == 200 and reply.json()["image_ref"] is None
     refused = client.post("/v1/vqa", content=follow_up("what ?", image_ref(features)), headers=HEADERS)
