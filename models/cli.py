@@ -130,7 +130,7 @@ def train_scenes_cmd(
         Path | None, typer.Option(help="continue from this model folder (skips base training)")
     ] = None,
     qat_stage: Annotated[
-        str, typer.Option(help="QAT rotation: plain (after base training), gated or gated-focus")
+        str, typer.Option(help="QAT rotation: plain (after base training), gated, gated-focus or rdo")
     ] = "plain",
     device: Device = "auto",
 ) -> None:

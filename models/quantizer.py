@@ -39,6 +39,7 @@ from edge_client.ranking import NeighbourRanks, max_book, neighbours, twice_base
 from edge_client.rdo import code_lengths, rdo_search
 
 from .config import QuantizerConfig
+from .rate_search import rdo_search_torch
 
 FORMAT = "alignedvq-quantizer"
 FORMAT_VERSION = 1
@@ -108,7 +109,9 @@ class AlignedVQ(nn.Module):
         self.up = nn.Linear(c.groups * c.code_dim, c.dim)
         self.codebooks = nn.Parameter(
             torch.randn(c.groups, c.stages, c.codebook_size, c.code_dim) * 0.02,
-            requires_grad=c.ema_decay == 0.0,
+            # A rate-controlled quantizer keeps its codebooks: its ranking geometry and rank table,
+            # the rate model its training prices codes with, stay exactly what the edge will use.
+            requires_grad=c.ema_decay == 0.0 and not c.rate_lambda,
         )
         # Uniform quantizer range for per-token [mean, log-std]: rows (mean, log_std), cols (lo, hi).
         self.register_buffer("stats_range", torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
@@ -248,10 +251,10 @@ class AlignedVQ(nn.Module):
         c = self.config
         xs, levels = self.standardize(x)
         z = self.project(xs)
-        indices, residuals = self._search(z)
+        indices, residuals = self._choose(z)
         zq = self.lookup(indices)
         loss = c.commitment * F.mse_loss(z, zq.detach())
-        if c.ema_decay == 0.0:
+        if self.codebooks.requires_grad:
             # Codebook loss per stage: each stage's code should match the residual it was chosen for.
             flat_idx = indices.reshape(-1, c.groups, c.stages)
             groups = torch.arange(c.groups, device=z.device)
@@ -265,6 +268,33 @@ class AlignedVQ(nn.Module):
         x_hat = self._restore(self._up(z_st.flatten(-2)), levels)
         return QuantizerOutput(x_hat, indices, loss, levels)
 
+    def _choose(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The forward pass's indices: what the edge will send. A calibrated rate-controlled
+        quantizer chooses them by rate and distortion (on the training device,
+        :mod:`models.rate_search`), so the model learns to read the codes it will be served and its
+        features are pulled towards cheap codewords; otherwise the nearest codes."""
+        if not (self.config.rate_lambda and self.freqs.any()):
+            return self._search(z)
+        c = self.config
+        books = self.books().detach().to(z.dtype)
+        lengths = code_lengths(normalize_freqs(self.freqs.cpu().numpy()))
+        indices = rdo_search_torch(
+            z.detach(),
+            books,
+            self.ranking(),
+            torch.from_numpy(lengths).to(z.device),
+            c.rate_lambda,
+            c.refine_threshold,
+        )
+        flat = indices.reshape(-1, c.groups, c.stages)
+        groups = torch.arange(c.groups, device=z.device)
+        residual = z.detach().reshape(-1, c.groups, c.code_dim)
+        residuals = []
+        for s in range(c.stages):
+            residuals.append(residual)
+            residual = residual - books[groups, s, flat[..., s]]
+        return indices, residuals
+
     @torch.no_grad()
     def _track(self, indices: torch.Tensor, residuals: list[torch.Tensor]) -> None:
         """Usage counts for dead-code restart, and EMA codebook updates when configured."""
@@ -274,7 +304,7 @@ class AlignedVQ(nn.Module):
             for s in range(c.stages):
                 counts = torch.bincount(flat[:, g, s], minlength=c.codebook_size).float()
                 self.usage[g, s].mul_(0.99).add_(counts)
-                if c.ema_decay:
+                if c.ema_decay and not c.rate_lambda:
                     sums = torch.zeros_like(self.ema_sum[g, s]).index_add_(
                         0, flat[:, g, s], residuals[s][:, g].float()
                     )
@@ -288,9 +318,12 @@ class AlignedVQ(nn.Module):
     def restart_dead_codes(self, x: torch.Tensor, threshold: float = 1e-3) -> int:
         """Move codes used less than ``threshold`` onto random residuals of ``x`` ``(batch, tokens, dim)``.
 
-        Returns how many codes were restarted. Call every few hundred steps during training.
+        Returns how many codes were restarted. Call every few hundred steps during training. A
+        rate-controlled quantizer's codebooks are fixed (rate pressure leaves codes unused on purpose).
         """
         c = self.config
+        if c.rate_lambda:
+            return 0
         xs, _ = self.standardize(x)
         _, residuals = self._search(self.project(xs))
         residuals = [r.reshape(-1, c.groups, c.code_dim) for r in residuals]

@@ -151,7 +151,8 @@ def ranked_quantizer(
 
 
 def sweep_configs(dim: int, tokens: int = 0, rows: tuple[tuple, ...] = SWEEP) -> list[QuantizerConfig]:
-    """Configs from rows ``(site, groups, stages, codebook size, code dim[, refine threshold])``."""
+    """Configs from rows ``(site, groups, stages, codebook size, code dim[, refine threshold[,
+    rate_lambda]])``; a row with a rate_lambda is neighbour-ranked over ``tokens``."""
     return [
         QuantizerConfig(
             dim=dim,
@@ -162,6 +163,8 @@ def sweep_configs(dim: int, tokens: int = 0, rows: tuple[tuple, ...] = SWEEP) ->
             codebook_size=k,
             code_dim=d,
             refine_threshold=float(rest[0]) if rest else 0.0,
+            rank_tokens=tokens if rest[1:] else 0,
+            rate_lambda=float(rest[1]) if rest[1:] else 0.0,
         )
         for site, g, s, k, d, *rest in rows
     ]
@@ -295,18 +298,27 @@ def run_recipe(
 # ``plain`` follows base training (a lease or two); ``gated`` then teaches the model the gated
 # two-stage quantizer (objects get a second 12-bit code), started from its k-means refinement;
 # ``gated-focus`` continues with three of four steps on that quantizer alone (the one-stage 12-bit
-# row is no longer served, and its steps were a fifth of the budget).
+# row is no longer served, and its steps were a fifth of the budget). ``rdo`` trains on what the edge
+# sends: the three-stage quantizer (k-means third stage) with rate-distortion optimised indices, at
+# the default's rate (lambda 1) and at a low one (lambda 4), codebooks fixed (models.rate_search).
 SCENES_QAT: dict[str, tuple[tuple[tuple[tuple, int], ...], int]] = {
     "plain": (((("preln", 1, 1, 4096, 32), 2), (("preln", 1, 1, 1024, 32), 1)), 3),
     "gated": (((("preln", 1, 2, 4096, 32, 20.0), 2), (("preln", 1, 1, 4096, 32), 1)), 2),
     "gated-focus": (((("preln", 1, 2, 4096, 32, 20.0), 3),), 1),
+    "rdo": (((("preln", 1, 3, 4096, 32, 20.0, 1.0), 2), (("preln", 1, 3, 4096, 32, 20.0, 4.0), 2)), 1),
 }
-# Seconds per QAT step on one H200 at batch 256 (0.047-0.064 s seen across leases, plus a margin), and
-# the fixed cost of a QAT stage around its steps once the data is drawn (holdout evaluations before
-# the first step and after the last, save: ~10 s seen in the gated-focus lease, 2877 steps in 186 s);
-# used only to fit the step count into a lease, where a stage cut by the lease's limit loses everything.
-_QAT_STEP_SECONDS = 0.07
-_QAT_FIXED_SECONDS = 40
+# Seconds per QAT step on one H200 at batch 256 (0.047-0.064 s seen across leases, plus a margin;
+# the rate-distortion search adds its own), and the fixed cost of a QAT stage around its steps once
+# the data is drawn (holdout evaluations before the first step and after the last, calibration,
+# save: ~10 s seen in the gated-focus lease, 2877 steps in 186 s; a rate-controlled quantizer's
+# calibration re-encodes with the edge's numpy search); used only to fit the step count into a
+# lease, where a stage cut by the lease's limit loses everything.
+_QAT_SECONDS: dict[str, tuple[float, float]] = {  # stage: (per step, fixed)
+    "plain": (0.07, 40),
+    "gated": (0.07, 40),
+    "gated-focus": (0.07, 40),
+    "rdo": (0.12, 90),
+}
 
 
 def _gated_starts(
@@ -318,6 +330,12 @@ def _gated_starts(
     for config in configs:
         if not config.refine_threshold or (folder / f"{config.name}.safetensors").is_file():
             continue
+        if config.rate_lambda:
+            raise FileNotFoundError(
+                f"{folder} has no {config.name} to start from: make it with alignedvq refine "
+                f"(--stages {config.stages} --threshold {config.refine_threshold:g} --rate-lambda "
+                f"{config.rate_lambda:g}) first"
+            )
         base = AlignedVQ.load(
             folder / f"{replace(config, stages=1, refine_threshold=0.0).name}.safetensors",
             map_location=device,
@@ -389,7 +407,8 @@ def run_scenes_recipe(
     if not (base / "manifest.json").is_file():
         return False
     if fit_budget:
-        qat_steps = max(1, min(qat_steps, int((left() - _QAT_FIXED_SECONDS) / _QAT_STEP_SECONDS)))
+        step, fixed = _QAT_SECONDS[qat_stage]
+        qat_steps = max(1, min(qat_steps, int((left() - fixed) / step)))
     loaded = load_model_dir(base, name=SCENES.name, device=device)
     vision = loaded.model.config.vision_config
     rows, unquantized_turns = SCENES_QAT[qat_stage]

@@ -91,3 +91,16 @@ def test_scenes_recipe_runs_both_qat_stages_on_cpu(tmp_path: Path) -> None:
     ranked = AlignedVQ.load(loaded.quantizer_path(name))
     assert name == "preln-r2x4096-t20-l0.5-ranked" and ranked.config.rank_tokens == 65
     assert torch.equal(ranked.codebooks, gated.codebooks)  # same codes, new tables
+    # The rdo stage trains on rate-distortion optimised three-stage codes, from their k-means start.
+    with pytest.raises(FileNotFoundError, match="alignedvq refine"):
+        run_scenes_recipe(tmp_path / "c", base_model=tmp_path / "b" / "qat", qat_stage="rdo", **small)
+    train = np.random.default_rng(1).integers(0, 256, (64, 128, 128, 3), dtype=np.uint8)
+    rows = (("preln-r2x4096-t20", 20.0, 1.0), ("preln-r2x4096-t20", 20.0, 4.0))
+    starts = refine_quantizers(loaded, train, rows, stages=3)
+    assert starts == ["preln-r3x4096-t20-l1-ranked", "preln-r3x4096-t20-l4-ranked"]
+    assert run_scenes_recipe(tmp_path / "c", base_model=tmp_path / "b" / "qat", qat_stage="rdo", **small)
+    for name in starts:
+        start = AlignedVQ.load(loaded.quantizer_path(name))
+        trained = AlignedVQ.load(tmp_path / "c" / "qat" / "quantizers" / f"{name}.safetensors")
+        assert torch.equal(trained.codebooks, start.codebooks)  # fixed: the rate model stays exact
+        assert not torch.equal(trained.down.weight, start.down.weight)  # the projection learned
