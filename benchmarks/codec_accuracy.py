@@ -44,9 +44,11 @@ def codecs(size: int) -> dict[str, tuple[str, int, dict[str, Any]]]:
     """name -> (Pillow format, encoded side in pixels, save options)."""
     rows: dict[str, tuple[str, int, dict[str, Any]]] = {"png": ("PNG", size, {"optimize": True})}
     rows |= {f"jpeg{q}": ("JPEG", size, {"quality": q}) for q in (90, 75, 50, 30, 20, 10, 5, 1)}
-    rows |= {f"webp{q}": ("WEBP", size, {"quality": q, "method": 6}) for q in (90, 50, 20, 10, 5, 1)}
+    # Finer steps where the curves cross AlignedVQ's accuracy (between quality 20 and 90).
+    webp = (90, 75, 60, 50, 40, 30, 20, 10, 5, 1)
+    rows |= {f"webp{q}": ("WEBP", size, {"quality": q, "method": 6}) for q in webp}
     if features.check("avif"):
-        rows |= {f"avif{q}": ("AVIF", size, {"quality": q}) for q in (50, 20, 5)}
+        rows |= {f"avif{q}": ("AVIF", size, {"quality": q}) for q in (75, 60, 50, 35, 20, 5)}
     for scale in (2, 4):
         rows |= {f"jpeg{q}_1/{scale}": ("JPEG", size // scale, {"quality": q}) for q in (90, 50, 20)}
         rows |= {f"webp{q}_1/{scale}": ("WEBP", size // scale, {"quality": q, "method": 6}) for q in (50, 20)}

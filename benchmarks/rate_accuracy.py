@@ -5,6 +5,7 @@
         --device cuda --out benchmarks/results/rate_accuracy_scenes.json
     .venv/bin/python benchmarks/rate_accuracy.py --limit 500 --out /tmp/ra.json
     .venv/bin/python benchmarks/rate_accuracy.py --quantizer preln-r2x4096-t12-ranked --out /tmp/one.json
+    .venv/bin/python benchmarks/rate_accuracy.py --split holdout ...   # choosing a quantizer: never on test
 
 Writes raw JSON (machine, versions, date, one record per quantizer: accuracy, nominal bits,
 measured stream bytes packed and entropy-coded with the header, msgpack request bytes) and a PNG
@@ -24,15 +25,20 @@ from models.store import load_model
 
 
 def run(
-    model: str, limit: int | None, device: str, dataset: str = "easy-vqa", only: list[str] | None = None
+    model: str,
+    limit: int | None,
+    device: str,
+    dataset: str = "easy-vqa",
+    only: list[str] | None = None,
+    split: str = "test",
 ) -> dict:
     loaded = load_model(model, device=device)
-    data = load_dataset(dataset, "test", loaded.image_spec.size).subset(limit)
+    data = load_dataset(dataset, split, loaded.image_spec.size).subset(limit)
     names = only or sorted(p.stem for p in (loaded.path / "quantizers").glob("*.safetensors"))
     result = header("rate_accuracy", device) | {
         "model": model,
         "dataset": dataset,
-        "split": "test",
+        "split": split,
         "device": device,
         "runs": [],
     }
@@ -43,7 +49,7 @@ def run(
             loaded,
             data,
             dataset,
-            "test",
+            split,
             quantizer,
             quantizer.config.site,
             device=device,
@@ -120,7 +126,7 @@ def plot(result: dict, path: Path) -> None:
             )
     ax.axhline(100 * result["accuracy_original"], color="gray", linestyle=":", label="unquantized")
     ax.set_xlabel("bits per token (index section; entropy-coded points measured per image)")
-    ax.set_ylabel(f"{result['dataset']} test accuracy (%)")
+    ax.set_ylabel(f"{result['dataset']} {result['split']} accuracy (%)")
     ax.set_title(
         f"{result['model']}: rate vs accuracy ({len(result['runs'])} quantizers, n={result['runs'][0]['n']})"
     )
@@ -134,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llava-mini-shapes")
     parser.add_argument("--dataset", default="easy-vqa", help="easy-vqa or scenes")
-    parser.add_argument("--limit", type=int, default=None, help="first N test questions")
+    parser.add_argument("--split", default="test", help="test, or holdout to choose quantizers on")
+    parser.add_argument("--limit", type=int, default=None, help="first N questions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "rate_accuracy.json")
     parser.add_argument(
@@ -142,7 +149,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     started = time.monotonic()
-    result = run(args.model, args.limit, args.device, args.dataset, args.quantizer)
+    result = run(args.model, args.limit, args.device, args.dataset, args.quantizer, args.split)
     result = write_result(result, args.out, started)
     plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

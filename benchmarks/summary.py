@@ -44,7 +44,7 @@ SCENES_RATES = (
     "benchmarks/results/rate_accuracy_scenes_stage3_cpu.json",
 )
 SCENES_MODEL = "models/bundled/llava-mini-scenes/alignedvq.json"  # names the served default quantizer
-SCENES_CODECS = "benchmarks/results/codec_accuracy_scenes_cpu.json"
+SCENES_CODECS = "benchmarks/results/codec_accuracy_scenes_h200.json"
 SHAPES_CODECS = "benchmarks/results/codec_accuracy_shapes_cpu.json"
 # --------------------------------------------------------------------------------------------------
 
@@ -279,7 +279,7 @@ def build() -> dict[str, Any]:
             "/smallest_codec_at_default_accuracy/codec_body_bytes",
             "bytes",
             "smallest cloud-only image-codec body (PNG, JPEG, WebP, AVIF, downscaled) reaching the default"
-            " quantizer's accuracy on the first 1,050 test questions (the codec run's own AlignedVQ row)",
+            " quantizer's accuracy on the first 5,000 test questions (the codec run's own AlignedVQ row)",
         ),
         shapes_best_codec_bytes_at_equal_accuracy=sources.figure(
             SHAPES_CODECS,

@@ -130,7 +130,7 @@ def train_scenes_cmd(
         Path | None, typer.Option(help="continue from this model folder (skips base training)")
     ] = None,
     qat_stage: Annotated[
-        str, typer.Option(help="QAT rotation: plain (after base training), gated, gated-focus or rdo")
+        str, typer.Option(help="QAT rotation: plain (after base), gated, gated-focus, gated3-focus, rdo")
     ] = "plain",
     device: Device = "auto",
 ) -> None:
@@ -213,6 +213,22 @@ def rank_cmd(
     else:
         train = load_dataset(dataset, "train", loaded.image_spec.size)
     name = ranked_quantizer(loaded, quantizer, train.images[:images], rate_lambda, device=_device(device))
+    write_manifest(loaded.path)
+    typer.echo(name)
+
+
+@app.command("retune")
+def retune_cmd(
+    model: Annotated[str, typer.Option(help="a model folder (or registry name) you may write to")],
+    quantizer: Annotated[str, typer.Option(help="a rate-controlled quantizer of that model")],
+    rate_lambda: Annotated[float, typer.Option(help="squared error traded per coded bit")],
+) -> None:
+    """Add a copy of a rate-controlled quantizer at another lambda, its tables kept (CPU, instant)."""
+    from .recipe import retuned_quantizer
+    from .store import load_model, write_manifest
+
+    loaded = load_model(model, device="cpu")
+    name = retuned_quantizer(loaded, quantizer, rate_lambda)
     write_manifest(loaded.path)
     typer.echo(name)
 

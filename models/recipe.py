@@ -150,6 +150,24 @@ def ranked_quantizer(
     return q.config.name
 
 
+def retuned_quantizer(loaded: LoadedModel, name: str, rate_lambda: float) -> str:
+    """Write a copy of the rate-controlled quantizer ``name`` that trades rate for error at
+    ``rate_lambda`` instead, with the same codebooks *and the same tables*; returns its name.
+
+    A quantizer trained on its own rate-distortion choices (``SCENES_QAT["rdo"]``) has a model that
+    reads the codes those tables make cheap; recalibrating them (:func:`ranked_quantizer`) moves
+    the choices away from what it learned. Bits are still measured, never assumed: the stream is
+    coded with the table it carries, whichever lambda chose its indices.
+    """
+    base = AlignedVQ.load(loaded.quantizer_path(name))
+    if not base.config.rate_lambda:
+        raise ValueError(f"{name} is not rate-controlled: use ranked_quantizer to calibrate tables first")
+    q = AlignedVQ(replace(base.config, rate_lambda=rate_lambda)).eval()
+    q.load_state_dict(base.state_dict())
+    q.save(loaded.path / "quantizers" / f"{q.config.name}.safetensors")
+    return q.config.name
+
+
 def sweep_configs(dim: int, tokens: int = 0, rows: tuple[tuple, ...] = SWEEP) -> list[QuantizerConfig]:
     """Configs from rows ``(site, groups, stages, codebook size, code dim[, refine threshold[,
     rate_lambda]])``; a row with a rate_lambda is neighbour-ranked over ``tokens``."""
@@ -301,11 +319,14 @@ def run_recipe(
 # row is no longer served, and its steps were a fifth of the budget). ``rdo`` trains on what the edge
 # sends: the three-stage quantizer (k-means third stage) with rate-distortion optimised indices, at
 # the default's rate (lambda 1) and at a low one (lambda 4), codebooks fixed (models.rate_search).
+# ``gated3-focus`` is ``gated-focus`` for the three-stage quantizer (nearest codes; rate control and
+# its tables are added afterwards, as for the shipped default).
 SCENES_QAT: dict[str, tuple[tuple[tuple[tuple, int], ...], int]] = {
     "plain": (((("preln", 1, 1, 4096, 32), 2), (("preln", 1, 1, 1024, 32), 1)), 3),
     "gated": (((("preln", 1, 2, 4096, 32, 20.0), 2), (("preln", 1, 1, 4096, 32), 1)), 2),
     "gated-focus": (((("preln", 1, 2, 4096, 32, 20.0), 3),), 1),
     "rdo": (((("preln", 1, 3, 4096, 32, 20.0, 1.0), 2), (("preln", 1, 3, 4096, 32, 20.0, 4.0), 2)), 1),
+    "gated3-focus": (((("preln", 1, 3, 4096, 32, 20.0), 3),), 1),
 }
 # Seconds per QAT step on one H200 at batch 256 (0.047-0.064 s seen across leases, plus a margin;
 # the rate-distortion search adds its own), and the fixed cost of a QAT stage around its steps once
@@ -318,6 +339,7 @@ _QAT_SECONDS: dict[str, tuple[float, float]] = {  # stage: (per step, fixed)
     "gated": (0.07, 40),
     "gated-focus": (0.07, 40),
     "rdo": (0.12, 90),
+    "gated3-focus": (0.07, 40),
 }
 
 
@@ -384,6 +406,8 @@ def run_scenes_recipe(
     from .patch_loss import PatchHead
     from .scenes import load_scenes
 
+    if qat_stage not in SCENES_QAT:
+        raise ValueError(f"unknown QAT stage {qat_stage!r}; choose from {', '.join(SCENES_QAT)}")
     started = time.time()
     left = lambda: budget_s - (time.time() - started)  # noqa: E731
     if (run / "qat" / "manifest.json").is_file():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.quantizer import AlignedVQ
-from models.recipe import refine_quantizers
+from models.recipe import refine_quantizers, retuned_quantizer
 from models.store import LoadedModel, load_model
 from tests.conftest import TINY_QUANTIZER
 
@@ -43,6 +43,24 @@ def test_refinement_keeps_the_base_stage_and_writes_a_ranked_quantizer(
     mtimes = [loaded.quantizer_path(name).stat().st_mtime_ns for name in names]
     assert refine_quantizers(loaded, images, rows) == names  # kept, not rebuilt
     assert [loaded.quantizer_path(name).stat().st_mtime_ns for name in names] == mtimes
+
+
+def test_retune_changes_only_the_rate_lambda(writable: tuple[LoadedModel, np.ndarray]) -> None:
+    """``alignedvq retune``: another lambda over the same codebooks and tables (what a model trained
+    on one table's choices reads), so the stream is still coded with that table."""
+    loaded, images = writable
+    (rated,) = refine_quantizers(loaded, images, ((TINY_QUANTIZER, 2.0, 0.5),), iters=3)
+    with pytest.raises(ValueError, match="not rate-controlled"):
+        retuned_quantizer(loaded, TINY_QUANTIZER, 2.0)
+    name = retuned_quantizer(loaded, rated, 4.0)
+    assert name == "preln-r2x16-t2-l4-ranked"
+    before, after = (AlignedVQ.load(loaded.quantizer_path(n)) for n in (rated, name))
+    assert after.config == replace(before.config, rate_lambda=4.0)
+    for key, tensor in before.state_dict().items():
+        assert torch.equal(tensor, after.state_dict()[key]), key
+    hidden = torch.randn(8, 17, before.config.dim)
+    rank_sum = lambda q: sum(q.ranking().ranks(i.numpy()).sum() for i in q.encode(hidden)[0])  # noqa: E731
+    assert rank_sum(after) <= rank_sum(before)  # a higher lambda picks cheaper (lower) ranks
 
 
 def test_a_gated_two_stage_quantizer_gains_a_third_stage_and_keeps_its_own(
@@ -91,6 +109,8 @@ def test_scenes_recipe_runs_both_qat_stages_on_cpu(tmp_path: Path) -> None:
     ranked = AlignedVQ.load(loaded.quantizer_path(name))
     assert name == "preln-r2x4096-t20-l0.5-ranked" and ranked.config.rank_tokens == 65
     assert torch.equal(ranked.codebooks, gated.codebooks)  # same codes, new tables
+    with pytest.raises(ValueError, match="unknown QAT stage 'gated3'; choose from plain, gated"):
+        run_scenes_recipe(tmp_path / "c", base_model=tmp_path / "b" / "qat", qat_stage="gated3", **small)
     # The rdo stage trains on rate-distortion optimised three-stage codes, from their k-means start.
     with pytest.raises(FileNotFoundError, match="alignedvq refine"):
         run_scenes_recipe(tmp_path / "c", base_model=tmp_path / "b" / "qat", qat_stage="rdo", **small)
