@@ -1,11 +1,11 @@
-"""Rate-accuracy curve of a bundled model: every quantizer in its folder on a test split.
+"""Rate-accuracy curve of a bundled model: every quantizer in its folder on a test (or holdout) split.
 
     .venv/bin/python benchmarks/rate_accuracy.py            # all 9,673 easy-VQA test questions, CPU
     .venv/bin/python benchmarks/rate_accuracy.py --model llava-mini-scenes --dataset scenes \
         --device cuda --out benchmarks/results/rate_accuracy_scenes.json
     .venv/bin/python benchmarks/rate_accuracy.py --limit 500 --out /tmp/ra.json
     .venv/bin/python benchmarks/rate_accuracy.py --quantizer preln-r2x4096-t12-ranked --out /tmp/one.json
-    .venv/bin/python benchmarks/rate_accuracy.py --split holdout ...   # choosing a quantizer: never on test
+    .venv/bin/python benchmarks/rate_accuracy.py --split holdout --out /tmp/h.json ...   # to choose on
 
 Writes raw JSON (machine, versions, date, one record per quantizer: accuracy, nominal bits,
 measured stream bytes packed and entropy-coded with the header, msgpack request bytes) and a PNG
@@ -140,19 +140,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llava-mini-shapes")
     parser.add_argument("--dataset", default="easy-vqa", help="easy-vqa or scenes")
-    parser.add_argument("--split", default="test", help="test, or holdout to choose quantizers on")
+    parser.add_argument(
+        "--split", default="test", choices=("test", "holdout"), help="holdout: to choose quantizers on"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N questions")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS / "rate_accuracy.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: the committed easy-VQA test result")
     parser.add_argument(
         "--quantizer", action="append", default=None, help="only these (repeat); default: every one"
     )
     args = parser.parse_args()
+    if args.out is None and (args.split, args.dataset) != ("test", "easy-vqa"):
+        parser.error("--out is required unless the run is the easy-VQA test curve (rate_accuracy.json)")
+    out = args.out or RESULTS / "rate_accuracy.json"
     started = time.monotonic()
     result = run(args.model, args.limit, args.device, args.dataset, args.quantizer, args.split)
-    result = write_result(result, args.out, started)
-    plot(result, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    result = write_result(result, out, started)
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

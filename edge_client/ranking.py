@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-__all__ = ["NeighbourRanks", "max_book", "neighbours", "twice_base"]
+__all__ = ["NeighbourRanks", "max_book", "neighbour_weights", "neighbours", "twice_base"]
 
 
 def max_book(dim: int) -> int:
@@ -53,16 +53,22 @@ def neighbours(tokens: int) -> np.ndarray:
     return out
 
 
+def neighbour_weights(nbrs: np.ndarray) -> np.ndarray:
+    """``(n, 2)`` int64 weights of each token's (left, above) neighbour in twice its prediction:
+    1 and 1 for two, 2 for the only one, 0 for none (rows of :func:`neighbours`)."""
+    has = nbrs >= 0
+    weight: np.ndarray = np.where(has.sum(1, keepdims=True) == 1, 2, 1) * has
+    return weight
+
+
 def twice_base(vectors: np.ndarray, nbrs: np.ndarray) -> np.ndarray:
     """Twice the mean of the neighbour vectors of some tokens: ``vectors`` ``(..., T, d)`` of every
     token and those tokens' ``nbrs`` ``(n, 2)`` (rows of :func:`neighbours`) -> ``(..., n, d)``.
 
     Left + above, or twice the only neighbour, or zero: an integer when the vectors are.
     """
-    has = nbrs >= 0  # (n, 2)
-    weight = np.where(has.sum(1, keepdims=True) == 1, 2, 1) * has  # (n, 2)
     picked = vectors[..., np.maximum(nbrs, 0), :]  # (..., n, 2, d)
-    summed: np.ndarray = (picked * weight[..., None].astype(vectors.dtype)).sum(-2)
+    summed: np.ndarray = (picked * neighbour_weights(nbrs)[..., None].astype(vectors.dtype)).sum(-2)
     return summed
 
 

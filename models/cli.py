@@ -130,7 +130,8 @@ def train_scenes_cmd(
         Path | None, typer.Option(help="continue from this model folder (skips base training)")
     ] = None,
     qat_stage: Annotated[
-        str, typer.Option(help="QAT rotation: plain (after base), gated, gated-focus, gated3-focus, rdo")
+        str,
+        typer.Option(help="QAT stage (models.recipe.SCENES_QAT): plain after base training, gated, ..."),
     ] = "plain",
     device: Device = "auto",
 ) -> None:

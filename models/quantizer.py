@@ -227,13 +227,13 @@ class AlignedVQ(nn.Module):
         """
         z, levels = self.standardize(x)
         z = self.project(z)
-        if not (self.config.rate_lambda and self.freqs.any()):
+        if not self.rate_controlled:
             return self._search(z)[0], levels
         indices = rdo_search(
             z.detach().float().cpu().numpy(),
             self.books().detach().float().cpu().numpy(),
             self.ranking(),
-            code_lengths(normalize_freqs(self.freqs.cpu().numpy())),
+            self._code_lengths(),
             self.config.rate_lambda,
             self.config.refine_threshold,
         )
@@ -251,7 +251,7 @@ class AlignedVQ(nn.Module):
         c = self.config
         xs, levels = self.standardize(x)
         z = self.project(xs)
-        indices, residuals = self._choose(z)
+        indices, residuals = self._choose(xs, z)
         zq = self.lookup(indices)
         loss = c.commitment * F.mse_loss(z, zq.detach())
         if self.codebooks.requires_grad:
@@ -268,32 +268,34 @@ class AlignedVQ(nn.Module):
         x_hat = self._restore(self._up(z_st.flatten(-2)), levels)
         return QuantizerOutput(x_hat, indices, loss, levels)
 
-    def _choose(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The forward pass's indices: what the edge will send. A calibrated rate-controlled
-        quantizer chooses them by rate and distortion (on the training device,
-        :mod:`models.rate_search`), so the model learns to read the codes it will be served and its
-        features are pulled towards cheap codewords; otherwise the nearest codes."""
-        if not (self.config.rate_lambda and self.freqs.any()):
+    @property
+    def rate_controlled(self) -> bool:
+        """Whether indices are chosen by rate and distortion: a ``rate_lambda`` and its table."""
+        return bool(self.config.rate_lambda and self.freqs.any())
+
+    def _code_lengths(self) -> np.ndarray:
+        return code_lengths(normalize_freqs(self.freqs.cpu().numpy()))
+
+    def _choose(self, xs: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The forward pass's indices for standardized features ``xs`` projected to ``z`` (and each
+        stage's input residual, for the codebook loss): what the edge will send. A rate-controlled
+        quantizer chooses them by rate and distortion on the training device
+        (:mod:`models.rate_search`), projecting and searching in float32 as the edge does whatever
+        the autocast around it, so the model learns to read the codes it will be served and its
+        features are pulled towards cheap codewords; its codebooks are fixed, so it has no codebook
+        loss and no residuals are returned. Otherwise the nearest codes of ``z``."""
+        if not self.rate_controlled:
             return self._search(z)
-        c = self.config
-        books = self.books().detach().to(z.dtype)
-        lengths = code_lengths(normalize_freqs(self.freqs.cpu().numpy()))
-        indices = rdo_search_torch(
-            z.detach(),
-            books,
-            self.ranking(),
-            torch.from_numpy(lengths).to(z.device),
-            c.rate_lambda,
-            c.refine_threshold,
-        )
-        flat = indices.reshape(-1, c.groups, c.stages)
-        groups = torch.arange(c.groups, device=z.device)
-        residual = z.detach().reshape(-1, c.groups, c.code_dim)
-        residuals = []
-        for s in range(c.stages):
-            residuals.append(residual)
-            residual = residual - books[groups, s, flat[..., s]]
-        return indices, residuals
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+            indices = rdo_search_torch(
+                self.project(xs.float()),
+                self.books().detach().float(),
+                self.ranking(),
+                torch.from_numpy(self._code_lengths()).to(z.device),
+                self.config.rate_lambda,
+                self.config.refine_threshold,
+            )
+        return indices, []
 
     @torch.no_grad()
     def _track(self, indices: torch.Tensor, residuals: list[torch.Tensor]) -> None:

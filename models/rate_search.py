@@ -7,16 +7,18 @@ those choices needs them on every step, for a whole batch, on the GPU: the numpy
 level by level in the rank transform's decode order, over the same candidates (the nearest
 codeword, the ``LOW_RANKS`` cheapest and, in a gated stage, code 0), in torch. Rank distances are
 taken in float64, so they are the exact integers the edge computes; squared errors are float32 as
-on the edge. It serves training only: what is sent and scored (``AlignedVQ.encode``) stays the
-edge's own numpy code, so a rounding difference here can cost a training step a little accuracy
-but can never desynchronise a stream.
+on the edge (the caller keeps autocast off: bf16 squared errors move about one choice in 500).
+On an exact tie in cost the two may pick different codewords (numpy keeps ``argpartition``'s
+order, this the rank order). It serves training only: what is sent and scored
+(``AlignedVQ.encode``) stays the edge's own numpy code, so a rounding difference here can cost a
+training step a little accuracy but can never desynchronise a stream.
 """
 
 from __future__ import annotations
 
 import torch
 
-from edge_client.ranking import NeighbourRanks
+from edge_client.ranking import NeighbourRanks, neighbour_weights
 from edge_client.rdo import LOW_RANKS
 
 __all__ = ["rdo_search_torch"]
@@ -29,10 +31,8 @@ class _Geometry:
         self.books = torch.from_numpy(ranking.books).to(device, torch.float64)  # (G, S, K, d)
         self.offsets = torch.from_numpy(ranking.offsets).to(device, torch.float64)  # (T, G, S, d)
         self.norms = (self.books * self.books).sum(-1)  # (G, S, K)
-        nbrs = torch.from_numpy(ranking.nbrs).to(device)
-        has = nbrs >= 0
-        self.weights = (torch.where(has.sum(1, keepdim=True) == 1, 2, 1) * has).to(torch.float64)
-        self.nbrs = nbrs.clamp(min=0)  # (T, 2); weight 0 where there is none
+        self.weights = torch.from_numpy(neighbour_weights(ranking.nbrs)).to(device, torch.float64)
+        self.nbrs = torch.from_numpy(ranking.nbrs).to(device).clamp(min=0)  # (T, 2); weight 0: none
         self.levels = [torch.from_numpy(level).to(device) for level in ranking.levels]
 
     def keys(self, tokens: torch.Tensor, chosen: torch.Tensor, g: int, s: int) -> torch.Tensor:
@@ -57,6 +57,11 @@ def rdo_search_torch(
     """Projected features ``z`` ``(N, T, G, d)`` -> indices ``(N, T, G, S)`` int64, as
     ``edge_client.rdo.rdo_search`` chooses them; ``books`` ``(G, S, K, d)`` as the cloud sums them,
     ``lengths`` ``(G, S, K)`` bits per rank."""
+    if z.ndim != 4 or z.shape[1] != ranking.shape[0] or z.shape[2:] != (books.shape[0], books.shape[3]):
+        raise ValueError(
+            f"expected features (N, {ranking.shape[0]}, {books.shape[0]}, {books.shape[3]}), "
+            f"got {tuple(z.shape)}"
+        )
     geo = _Geometry(ranking, z.device)
     z, books = z.float(), books.float()
     norms = (books * books).sum(-1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,9 +162,16 @@ def retuned_quantizer(loaded: LoadedModel, name: str, rate_lambda: float) -> str
     base = AlignedVQ.load(loaded.quantizer_path(name))
     if not base.config.rate_lambda:
         raise ValueError(f"{name} is not rate-controlled: use ranked_quantizer to calibrate tables first")
+    if not rate_lambda > 0:
+        raise ValueError(
+            f"rate_lambda must be > 0 (0 is the nearest search: ranked_quantizer), got {rate_lambda}"
+        )
     q = AlignedVQ(replace(base.config, rate_lambda=rate_lambda)).eval()
+    target = loaded.path / "quantizers" / f"{q.config.name}.safetensors"
+    if target.exists():  # the source itself, or a quantizer (perhaps served) of that name
+        raise FileExistsError(f"{target} exists; retune into a copy of the model folder, or remove it first")
     q.load_state_dict(base.state_dict())
-    q.save(loaded.path / "quantizers" / f"{q.config.name}.safetensors")
+    q.save(target)
     return q.config.name
 
 
@@ -311,43 +318,45 @@ def run_recipe(
 
 # ---- llava-mini-scenes -------------------------------------------------------------------------
 
-# Whole-model QAT stages (edge included), each a rotation of (quantizer row, turns) plus unquantized
-# turns, position centred (each token's per-position mean is known to both halves and never sent).
-# ``plain`` follows base training (a lease or two); ``gated`` then teaches the model the gated
-# two-stage quantizer (objects get a second 12-bit code), started from its k-means refinement;
-# ``gated-focus`` continues with three of four steps on that quantizer alone (the one-stage 12-bit
-# row is no longer served, and its steps were a fifth of the budget). ``rdo`` trains on what the edge
-# sends: the three-stage quantizer (k-means third stage) with rate-distortion optimised indices, at
-# the default's rate (lambda 1) and at a low one (lambda 4), codebooks fixed (models.rate_search).
-# ``gated3-focus`` is ``gated-focus`` for the three-stage quantizer (nearest codes; rate control and
-# its tables are added afterwards, as for the shipped default).
-SCENES_QAT: dict[str, tuple[tuple[tuple[tuple, int], ...], int]] = {
-    "plain": (((("preln", 1, 1, 4096, 32), 2), (("preln", 1, 1, 1024, 32), 1)), 3),
-    "gated": (((("preln", 1, 2, 4096, 32, 20.0), 2), (("preln", 1, 1, 4096, 32), 1)), 2),
-    "gated-focus": (((("preln", 1, 2, 4096, 32, 20.0), 3),), 1),
-    "rdo": (((("preln", 1, 3, 4096, 32, 20.0, 1.0), 2), (("preln", 1, 3, 4096, 32, 20.0, 4.0), 2)), 1),
-    "gated3-focus": (((("preln", 1, 3, 4096, 32, 20.0), 3),), 1),
-}
-# Seconds per QAT step on one H200 at batch 256 (0.047-0.064 s seen across leases, plus a margin;
-# the rate-distortion search adds its own), and the fixed cost of a QAT stage around its steps once
-# the data is drawn (holdout evaluations before the first step and after the last, calibration,
-# save: ~10 s seen in the gated-focus lease, 2877 steps in 186 s; a rate-controlled quantizer's
-# calibration re-encodes with the edge's numpy search); used only to fit the step count into a
-# lease, where a stage cut by the lease's limit loses everything.
-_QAT_SECONDS: dict[str, tuple[float, float]] = {  # stage: (per step, fixed)
-    "plain": (0.07, 40),
-    "gated": (0.07, 40),
-    "gated-focus": (0.07, 40),
-    "rdo": (0.12, 90),
-    "gated3-focus": (0.07, 40),
+
+@dataclass(frozen=True)
+class QatStage:
+    """One whole-model QAT stage of the scenes recipe: a rotation of (quantizer row, turns) plus
+    unquantized turns, and what a step and the stage's fixed part cost on one H200 (only to fit the
+    step count into a lease with ``fit_budget``, where a stage cut by the lease loses everything)."""
+
+    rows: tuple[tuple[tuple, int], ...]
+    unquantized_turns: int
+    step_s: float = 0.07  # batch 256: 0.047-0.064 s seen across leases, plus a margin
+    fixed_s: float = 40  # holdout evaluations before and after, calibration, save (~10 s seen)
+
+
+# Whole-model QAT stages (edge included), position centred (each token's per-position mean is known
+# to both halves and never sent). ``plain`` follows base training (a lease or two); ``gated`` then
+# teaches the model the gated two-stage quantizer (objects get a second 12-bit code), started from
+# its k-means refinement; ``gated-focus`` continues with three of four steps on that quantizer alone
+# (the one-stage 12-bit row is no longer served, and its steps were a fifth of the budget);
+# ``gated3-focus`` does the same for a three-stage one (its third stage k-means on the trained
+# two-stage quantizer). ``rdo`` trains on what the edge sends: the three-stage quantizer with
+# rate-distortion optimised indices at the default's rate (lambda 1) and a low one (lambda 4),
+# codebooks and tables fixed (models.rate_search; its search adds ~0.03 s a step).
+SCENES_QAT: dict[str, QatStage] = {
+    "plain": QatStage(((("preln", 1, 1, 4096, 32), 2), (("preln", 1, 1, 1024, 32), 1)), 3),
+    "gated": QatStage(((("preln", 1, 2, 4096, 32, 20.0), 2), (("preln", 1, 1, 4096, 32), 1)), 2),
+    "gated-focus": QatStage(((("preln", 1, 2, 4096, 32, 20.0), 3),), 1),
+    "gated3-focus": QatStage(((("preln", 1, 3, 4096, 32, 20.0), 3),), 1),
+    "rdo": QatStage(
+        ((("preln", 1, 3, 4096, 32, 20.0, 1.0), 2), (("preln", 1, 3, 4096, 32, 20.0, 4.0), 2)), 1, step_s=0.12
+    ),
 }
 
 
 def _gated_starts(
     loaded: LoadedModel, configs: list[QuantizerConfig], images: np.ndarray, device: str
 ) -> None:
-    """Write the k-means refinement of each gated config's one-stage base into the model's folder
-    (where :func:`models.train.train_quantizers` finds its start), unless it is there already."""
+    """Write the start of each gated config into the model's folder (where
+    :func:`models.train.train_quantizers` finds it), unless it is there already: one more k-means
+    stage on the quantizer with one stage fewer (the one-stage base, or the gated one it extends)."""
     folder = loaded.path / "quantizers"
     for config in configs:
         if not config.refine_threshold or (folder / f"{config.name}.safetensors").is_file():
@@ -358,10 +367,11 @@ def _gated_starts(
                 f"(--stages {config.stages} --threshold {config.refine_threshold:g} --rate-lambda "
                 f"{config.rate_lambda:g}) first"
             )
-        base = AlignedVQ.load(
-            folder / f"{replace(config, stages=1, refine_threshold=0.0).name}.safetensors",
-            map_location=device,
+        fewer = config.stages - 1
+        previous = replace(
+            config, stages=fewer, refine_threshold=config.refine_threshold if fewer > 1 else 0.0
         )
+        base = AlignedVQ.load(folder / f"{previous.name}.safetensors", map_location=device)
         edge, _ = split_llava(loaded.model.to(device).eval(), config.site)
         feats = collect_features(edge, torch.from_numpy(images).to(device), loaded.image_spec)
         refined = AlignedVQ.refined(
@@ -430,13 +440,14 @@ def run_scenes_recipe(
     )
     if not (base / "manifest.json").is_file():
         return False
+    stage = SCENES_QAT[qat_stage]
     if fit_budget:
-        step, fixed = _QAT_SECONDS[qat_stage]
-        qat_steps = max(1, min(qat_steps, int((left() - fixed) / step)))
+        qat_steps = max(1, min(qat_steps, int((left() - stage.fixed_s) / stage.step_s)))
     loaded = load_model_dir(base, name=SCENES.name, device=device)
     vision = loaded.model.config.vision_config
-    rows, unquantized_turns = SCENES_QAT[qat_stage]
-    configs = sweep_configs(vision.hidden_size, vision_tokens(vision), rows=tuple(row for row, _ in rows))
+    configs = sweep_configs(
+        vision.hidden_size, vision_tokens(vision), rows=tuple(row for row, _ in stage.rows)
+    )
     if base_model is not None:
         _gated_starts(loaded, configs, train.images[:20000], device)
     head = PatchHead(vision.hidden_size).to(device)
@@ -451,8 +462,8 @@ def run_scenes_recipe(
         steps=qat_steps,
         batch_size=batch_size,
         model_lr=qat_lr,
-        turns=[turns for _, turns in rows],
-        unquantized_turns=unquantized_turns,
+        turns=[turns for _, turns in stage.rows],
+        unquantized_turns=stage.unquantized_turns,
         trainable=QAT_TRAINABLE,
         time_budget_s=left(),
         device=device,

@@ -306,7 +306,9 @@ def train_quantizers(
     Returns None when the time budget ran out before ``steps``. A ``patch_head`` (trained on,
     with weight ``patch_loss_weight``) keeps the auxiliary per-patch loss of the base training on
     every step, quantized or not, when the train split has object records. Quantizers found in
-    ``init_dir`` (same name and config) start from that file instead of k-means.
+    ``init_dir`` (same name and config) start from that file instead of k-means. A rate-controlled
+    quantizer must start there, and is saved with the tables it started with: the model learned the
+    codes they choose (other quantizers are calibrated afresh at the end).
     """
     unknown = set(trainable) - set(TRAINABLE)
     if unknown:
@@ -340,6 +342,11 @@ def train_quantizers(
                 if q.config != configs[i]:
                     raise ValueError(f"{start} has config {q.config}, expected {configs[i]}")
                 continue
+            if q.config.rate_lambda:
+                raise ValueError(
+                    f"{q.config.name} is rate-controlled: it trains from a calibrated quantizer of that name "
+                    f"in init_dir ({init_dir}), whose codebooks and tables it keeps"
+                )
             q.init_from_features(
                 collect_features(halves[str(q.config.site)][0], train.images[:kmeans_images], spec),
                 iters=kmeans_iters,
@@ -447,7 +454,8 @@ def train_quantizers(
     for q in quantizers:
         q.eval()
         site = str(q.config.site)
-        q.calibrate(collect_features(halves[site][0], train.images[:kmeans_images], spec))
+        if not q.config.rate_lambda:  # a rate-controlled one keeps the tables it trained against
+            q.calibrate(collect_features(halves[site][0], train.images[:kmeans_images], spec))
         digest = q.save(out_dir / f"{q.config.name}.safetensors")
         log(event="done", name=q.config.name, holdout_accuracy=evaluate(q, site), hash=digest)
     if model_params:

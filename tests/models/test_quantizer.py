@@ -238,3 +238,35 @@ def test_rate_controlled_quantizer_recounts_its_tables_on_what_it_sends(tmp_path
     assert bits(q, sent) < bits(plain, plain.encode(x)[0])
     q.save(tmp_path / "q.safetensors")
     assert AlignedVQ.load(tmp_path / "q.safetensors").config.rate_lambda == 20.0
+
+
+@pytest.mark.parametrize(("groups", "stages", "size"), [(1, 3, 16), (2, 2, 16), (1, 2, 128)])
+def test_training_forward_chooses_what_the_edge_sends(groups: int, stages: int, size: int) -> None:
+    """A rate-controlled quantizer trains on the edge's own rate-distortion choices
+    (models.rate_search in torch), under bf16 autocast too, and never moves its codebooks."""
+    x = _features(64, seed=8)
+    config = QuantizerConfig(
+        dim=DIM,
+        tokens=TOKENS,
+        codebook_size=size,
+        code_dim=8,
+        groups=groups,
+        stages=stages,
+        refine_threshold=100.0,
+        rank_tokens=TOKENS,
+    )
+    plain = AlignedVQ(config)
+    plain.init_from_features(_features(), iters=5)
+    plain.calibrate(x)
+    q = AlignedVQ(replace(config, rate_lambda=20.0))
+    q.load_state_dict(plain.state_dict())
+    q.calibrate(x)
+    sent = q.encode(x)[0]
+    assert (sent != plain.encode(x)[0]).any()  # rate control changed some choices
+    out = q.train()(x)
+    assert torch.equal(out.indices, sent)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(q(x).indices, sent)
+    assert not q.codebooks.requires_grad and q.restart_dead_codes(x) == 0
+    out.loss.backward()  # the commitment loss pulls the projection towards the chosen codewords
+    assert q.down.weight.grad is not None and q.codebooks.grad is None

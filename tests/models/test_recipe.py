@@ -52,6 +52,10 @@ def test_retune_changes_only_the_rate_lambda(writable: tuple[LoadedModel, np.nda
     (rated,) = refine_quantizers(loaded, images, ((TINY_QUANTIZER, 2.0, 0.5),), iters=3)
     with pytest.raises(ValueError, match="not rate-controlled"):
         retuned_quantizer(loaded, TINY_QUANTIZER, 2.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        retuned_quantizer(loaded, rated, 0.0)
+    with pytest.raises(FileExistsError, match="l0.5-ranked"):
+        retuned_quantizer(loaded, rated, 0.5)  # never overwrites (here: its own source)
     name = retuned_quantizer(loaded, rated, 4.0)
     assert name == "preln-r2x16-t2-l4-ranked"
     before, after = (AlignedVQ.load(loaded.quantizer_path(n)) for n in (rated, name))
@@ -122,5 +126,11 @@ def test_scenes_recipe_runs_both_qat_stages_on_cpu(tmp_path: Path) -> None:
     for name in starts:
         start = AlignedVQ.load(loaded.quantizer_path(name))
         trained = AlignedVQ.load(tmp_path / "c" / "qat" / "quantizers" / f"{name}.safetensors")
-        assert torch.equal(trained.codebooks, start.codebooks)  # fixed: the rate model stays exact
+        for fixed in ("codebooks", "rank_books", "rank_offsets", "freqs"):  # the rate model it learned
+            assert torch.equal(getattr(trained, fixed), getattr(start, fixed)), fixed
         assert not torch.equal(trained.down.weight, start.down.weight)  # the projection learned
+    # gated3-focus starts from a k-means third stage on the trained two-stage quantizer.
+    trained_two = tmp_path / "b" / "qat"
+    assert run_scenes_recipe(tmp_path / "d", base_model=trained_two, qat_stage="gated3-focus", **small)
+    three = AlignedVQ.load(trained_two / "quantizers" / "preln-r3x4096-t20.safetensors")
+    assert torch.equal(three.codebooks[:, :2], gated.codebooks)

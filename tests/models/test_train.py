@@ -67,6 +67,17 @@ def test_train_quantizers_jointly_with_the_cloud(tiny_model_dir: Path, tmp_path:
     assert {"preln-8", "embed-8", "unquantized"} <= set(names)
 
 
+def test_a_rate_controlled_quantizer_needs_a_calibrated_start(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """k-means would leave it without tables (so nearest codes all along) and frozen at k-means."""
+    loaded = load_model(str(tiny_model_dir))
+    dim = loaded.model.config.vision_config.hidden_size
+    geometry = dict(tokens=17, codebook_size=8, code_dim=4, stages=2, refine_threshold=1.0)
+    config = QuantizerConfig(dim=dim, **geometry, rank_tokens=17, rate_lambda=1.0)
+    data = generate_shapes(4, seed=3, size=32)
+    with pytest.raises(ValueError, match="rate-controlled: it trains from a calibrated quantizer"):
+        train_quantizers(loaded, [config], data, data, tmp_path, steps=1, batch_size=4, init_dir=tmp_path)
+
+
 def test_quantization_aware_training_moves_the_edge_and_the_language_model(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
