@@ -360,5 +360,16 @@ def export_cmd(
     typer.echo(f"{out} sha256={digest} ({out.stat().st_size} bytes)")
 
 
+def main() -> None:
+    """The ``alignedvq`` entry point: a mistake in the arguments (an unknown model or quantizer, a
+    value out of range, a file that exists or is missing) is one line on stderr and exit code 2, as
+    with ``edge-client``, instead of a traceback (typer reports usage errors itself, also with 2)."""
+    try:
+        app()
+    except (LookupError, ValueError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -161,7 +161,9 @@ def retuned_quantizer(loaded: LoadedModel, name: str, rate_lambda: float) -> str
     """
     base = AlignedVQ.load(loaded.quantizer_path(name))
     if not base.config.rate_lambda:
-        raise ValueError(f"{name} is not rate-controlled: use ranked_quantizer to calibrate tables first")
+        raise ValueError(
+            f"{name} is not rate-controlled: make a rate-controlled copy with alignedvq rank first"
+        )
     if not rate_lambda > 0:
         raise ValueError(
             f"rate_lambda must be > 0 (0 is the nearest search: ranked_quantizer), got {rate_lambda}"
