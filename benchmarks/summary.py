@@ -285,7 +285,7 @@ def build() -> dict[str, Any]:
             SHAPES_CODECS,
             "/smallest_codec_at_default_accuracy/codec_body_bytes",
             "bytes",
-            "the same for llava-mini-shapes on easy-VQA test (first 500 questions)",
+            "the same for llava-mini-shapes on easy-VQA test (first 1,000 questions)",
         ),
     )
     for name, link in (("0_1mbps", "0.1_mbit"), ("1mbps", "1_mbit"), ("100mbps", "100_mbit")):
