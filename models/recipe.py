@@ -166,7 +166,7 @@ def retuned_quantizer(loaded: LoadedModel, name: str, rate_lambda: float) -> str
         )
     if not rate_lambda > 0:
         raise ValueError(
-            f"rate_lambda must be > 0 (0 is the nearest search: ranked_quantizer), got {rate_lambda}"
+            f"rate_lambda must be > 0 (0 is the nearest search: alignedvq rank), got {rate_lambda}"
         )
     q = AlignedVQ(replace(base.config, rate_lambda=rate_lambda)).eval()
     target = loaded.path / "quantizers" / f"{q.config.name}.safetensors"
