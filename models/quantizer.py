@@ -39,7 +39,7 @@ from edge_client.ranking import NeighbourRanks, max_book, neighbours, twice_base
 from edge_client.rdo import code_lengths, rdo_search
 
 from .config import QuantizerConfig
-from .rate_search import rdo_search_torch
+from .rate_search import RankGeometry, rdo_search_torch
 
 FORMAT = "alignedvq-quantizer"
 FORMAT_VERSION = 1
@@ -105,6 +105,7 @@ class AlignedVQ(nn.Module):
         if c.groups * c.code_dim > c.dim:
             raise ValueError(f"groups * code_dim = {c.groups * c.code_dim} exceeds the feature dim {c.dim}")
         self.config = c
+        self._rate_cache: tuple | None = None  # see _rate_tables
         self.down = nn.Linear(c.dim, c.groups * c.code_dim)
         self.up = nn.Linear(c.groups * c.code_dim, c.dim)
         self.codebooks = nn.Parameter(
@@ -241,10 +242,14 @@ class AlignedVQ(nn.Module):
 
     def decode(self, indices: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         """Cloud decode: indices ``(batch, tokens, G, S)`` (+ stat levels) -> ``(batch, tokens, dim)``."""
+        return self.reconstruct(self.lookup(indices), levels)
+
+    def reconstruct(self, zq: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        """Cloud side of any projected vectors ``(batch, tokens, G, code_dim)`` (summed codewords, or
+        :meth:`project`'s own output for an unquantized reference) -> ``(batch, tokens, dim)``."""
         if self.config.stat_bits and levels is None:
             raise ValueError("this quantizer standardizes tokens: decode needs the per-token stat levels")
-        zq = self.lookup(indices).flatten(-2)
-        return self._restore(self._up(zq.to(self.up.weight.dtype)), levels)
+        return self._restore(self._up(zq.flatten(-2).to(self.up.weight.dtype)), levels)
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """Training pass with straight-through gradients; also valid (and deterministic) in eval."""
@@ -265,7 +270,7 @@ class AlignedVQ(nn.Module):
         if self.training:
             self._track(indices, residuals)
         z_st = z + (zq.to(z.dtype) - z).detach()
-        x_hat = self._restore(self._up(z_st.flatten(-2)), levels)
+        x_hat = self.reconstruct(z_st, levels)
         return QuantizerOutput(x_hat, indices, loss, levels)
 
     @property
@@ -286,16 +291,28 @@ class AlignedVQ(nn.Module):
         loss and no residuals are returned. Otherwise the nearest codes of ``z``."""
         if not self.rate_controlled:
             return self._search(z)
+        geometry, lengths = self._rate_tables(z.device)
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
             indices = rdo_search_torch(
                 self.project(xs.float()),
                 self.books().detach().float(),
-                self.ranking(),
-                torch.from_numpy(self._code_lengths()).to(z.device),
+                geometry,
+                lengths,
                 self.config.rate_lambda,
                 self.config.refine_threshold,
             )
         return indices, []
+
+    def _rate_tables(self, device: torch.device) -> tuple[RankGeometry, torch.Tensor]:
+        """The rank geometry and code lengths the training search prices codes with, rebuilt only
+        when a table changes (calibration, loading, a move to another device: each bumps the
+        tensors' version or storage), not on every step."""
+        tables = (self.rank_books, self.rank_offsets, self.freqs)
+        key = (device, *((t.data_ptr(), t._version) for t in tables))
+        if self._rate_cache is None or self._rate_cache[0] != key:
+            lengths = torch.from_numpy(self._code_lengths()).to(device)
+            self._rate_cache = (key, RankGeometry(self.ranking(), device), lengths)
+        return self._rate_cache[1], self._rate_cache[2]
 
     @torch.no_grad()
     def _track(self, indices: torch.Tensor, residuals: list[torch.Tensor]) -> None:

@@ -21,11 +21,12 @@ import torch
 from edge_client.ranking import NeighbourRanks, neighbour_weights
 from edge_client.rdo import LOW_RANKS
 
-__all__ = ["rdo_search_torch"]
+__all__ = ["RankGeometry", "rdo_search_torch"]
 
 
-class _Geometry:
-    """The rank transform's tables of one quantizer as tensors on the training device."""
+class RankGeometry:
+    """The rank transform's tables of one quantizer as tensors on the training device (built once
+    per table state by the caller: they are fixed while a rate-controlled quantizer trains)."""
 
     def __init__(self, ranking: NeighbourRanks, device: torch.device) -> None:
         self.books = torch.from_numpy(ranking.books).to(device, torch.float64)  # (G, S, K, d)
@@ -49,20 +50,19 @@ class _Geometry:
 def rdo_search_torch(
     z: torch.Tensor,
     books: torch.Tensor,
-    ranking: NeighbourRanks,
+    geo: RankGeometry,
     lengths: torch.Tensor,
     rate_lambda: float,
     refine_threshold: float = 0.0,
 ) -> torch.Tensor:
     """Projected features ``z`` ``(N, T, G, d)`` -> indices ``(N, T, G, S)`` int64, as
     ``edge_client.rdo.rdo_search`` chooses them; ``books`` ``(G, S, K, d)`` as the cloud sums them,
-    ``lengths`` ``(G, S, K)`` bits per rank."""
-    if z.ndim != 4 or z.shape[1] != ranking.shape[0] or z.shape[2:] != (books.shape[0], books.shape[3]):
+    ``geo`` their rank transform on ``z``'s device, ``lengths`` ``(G, S, K)`` bits per rank."""
+    tokens = geo.offsets.shape[0]
+    if z.ndim != 4 or z.shape[1] != tokens or z.shape[2:] != (books.shape[0], books.shape[3]):
         raise ValueError(
-            f"expected features (N, {ranking.shape[0]}, {books.shape[0]}, {books.shape[3]}), "
-            f"got {tuple(z.shape)}"
+            f"expected features (N, {tokens}, {books.shape[0]}, {books.shape[3]}), got {tuple(z.shape)}"
         )
-    geo = _Geometry(ranking, z.device)
     z, books = z.float(), books.float()
     norms = (books * books).sum(-1)
     images, _, groups, dim = z.shape

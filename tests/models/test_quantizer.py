@@ -270,3 +270,29 @@ def test_training_forward_chooses_what_the_edge_sends(groups: int, stages: int, 
     assert not q.codebooks.requires_grad and q.restart_dead_codes(x) == 0
     out.loss.backward()  # the commitment loss pulls the projection towards the chosen codewords
     assert q.down.weight.grad is not None and q.codebooks.grad is None
+
+
+def test_training_search_rebuilds_its_tables_only_when_they_change() -> None:
+    """The rank geometry and code lengths are cached between training steps; a recalibration
+    (other tables) must be priced with the new ones, as the edge prices it."""
+    x = _features(64, seed=9)
+    config = QuantizerConfig(
+        dim=DIM,
+        tokens=TOKENS,
+        codebook_size=16,
+        code_dim=8,
+        stages=2,
+        refine_threshold=100.0,
+        rank_tokens=TOKENS,
+    )
+    plain = AlignedVQ(config)
+    plain.init_from_features(_features(), iters=5)
+    q = AlignedVQ(replace(config, rate_lambda=20.0))
+    q.load_state_dict(plain.state_dict(), strict=False)
+    q.calibrate(x)
+    before = q.encode(x)[0]
+    assert torch.equal(q.train()(x).indices, before)
+    q.calibrate(_features(64, seed=10) * 3)  # other tables, other choices
+    after = q.encode(x)[0]
+    assert not torch.equal(after, before)
+    assert torch.equal(q(x).indices, after)
