@@ -341,7 +341,8 @@ class QatStage:
 # ``gated3-focus`` does the same for a three-stage one (its third stage k-means on the trained
 # two-stage quantizer). ``rdo`` trains on what the edge sends: the three-stage quantizer with
 # rate-distortion optimised indices at the default's rate (lambda 1) and a low one (lambda 4),
-# codebooks and tables fixed (models.rate_search; its search adds ~0.03 s a step).
+# codebooks and tables fixed (models.rate_search; its search adds ~0.03 s a step); ``rdo-default``
+# trains on the default's rate alone (in ``rdo`` the lambda 4 turns cost the default half a point).
 SCENES_QAT: dict[str, QatStage] = {
     "plain": QatStage(((("preln", 1, 1, 4096, 32), 2), (("preln", 1, 1, 1024, 32), 1)), 3),
     "gated": QatStage(((("preln", 1, 2, 4096, 32, 20.0), 2), (("preln", 1, 1, 4096, 32), 1)), 2),
@@ -350,6 +351,7 @@ SCENES_QAT: dict[str, QatStage] = {
     "rdo": QatStage(
         ((("preln", 1, 3, 4096, 32, 20.0, 1.0), 2), (("preln", 1, 3, 4096, 32, 20.0, 4.0), 2)), 1, step_s=0.12
     ),
+    "rdo-default": QatStage(((("preln", 1, 3, 4096, 32, 20.0, 1.0), 3),), 1, step_s=0.12),
 }
 
 
