@@ -23,10 +23,20 @@ def _features(n: int = 200, seed: int = 0) -> torch.Tensor:
 
 
 def _fitted(**kw) -> AlignedVQ:
-    config = QuantizerConfig(dim=DIM, tokens=TOKENS, codebook_size=16, code_dim=8, **kw)
+    config = QuantizerConfig(dim=DIM, tokens=TOKENS, **({"codebook_size": 16, "code_dim": 8} | kw))
     q = AlignedVQ(config)
     q.init_from_features(_features(), iters=5)
     return q.eval()
+
+
+def _rate_controlled(x: torch.Tensor, **kw) -> tuple[AlignedVQ, AlignedVQ]:
+    """A gated, ranked quantizer calibrated on ``x``, and its lambda-20 copy calibrated there too."""
+    plain = _fitted(refine_threshold=100.0, rank_tokens=TOKENS, **kw)
+    plain.calibrate(x)
+    q = AlignedVQ(replace(plain.config, rate_lambda=20.0))
+    q.load_state_dict(plain.state_dict())
+    q.calibrate(x)
+    return plain, q
 
 
 @pytest.mark.parametrize(("groups", "stages"), [(1, 1), (2, 1), (1, 3), (2, 2)])
@@ -215,12 +225,8 @@ def test_rate_controlled_quantizer_recounts_its_tables_on_what_it_sends(tmp_path
         QuantizerConfig(dim=DIM, rate_lambda=1.0)  # rate control prices ranks: ranked only
     assert "rate_lambda" not in QuantizerConfig(dim=DIM, rank_tokens=9).to_json()
     x = _features(64, seed=8)
-    plain = _fitted(stages=2, refine_threshold=100.0, rank_tokens=TOKENS)
-    plain.calibrate(x)
-    q = AlignedVQ(replace(plain.config, rate_lambda=20.0))
+    plain, q = _rate_controlled(x, stages=2)
     assert q.config.name == "preln-r2x16-t100-l20-ranked"
-    q.load_state_dict(plain.state_dict())
-    q.calibrate(x)
     assert torch.equal(q.rank_books, plain.rank_books) and torch.equal(q.rank_offsets, plain.rank_offsets)
     assert not torch.equal(q.freqs, plain.freqs) and q.freqs.sum() == plain.freqs.sum()
     sent = q.encode(x)[0]
@@ -245,22 +251,7 @@ def test_training_forward_chooses_what_the_edge_sends(groups: int, stages: int, 
     """A rate-controlled quantizer trains on the edge's own rate-distortion choices
     (models.rate_search in torch), under bf16 autocast too, and never moves its codebooks."""
     x = _features(64, seed=8)
-    config = QuantizerConfig(
-        dim=DIM,
-        tokens=TOKENS,
-        codebook_size=size,
-        code_dim=8,
-        groups=groups,
-        stages=stages,
-        refine_threshold=100.0,
-        rank_tokens=TOKENS,
-    )
-    plain = AlignedVQ(config)
-    plain.init_from_features(_features(), iters=5)
-    plain.calibrate(x)
-    q = AlignedVQ(replace(config, rate_lambda=20.0))
-    q.load_state_dict(plain.state_dict())
-    q.calibrate(x)
+    plain, q = _rate_controlled(x, codebook_size=size, groups=groups, stages=stages)
     sent = q.encode(x)[0]
     assert (sent != plain.encode(x)[0]).any()  # rate control changed some choices
     out = q.train()(x)
@@ -276,20 +267,7 @@ def test_training_search_rebuilds_its_tables_only_when_they_change() -> None:
     """The rank geometry and code lengths are cached between training steps; a recalibration
     (other tables) must be priced with the new ones, as the edge prices it."""
     x = _features(64, seed=9)
-    config = QuantizerConfig(
-        dim=DIM,
-        tokens=TOKENS,
-        codebook_size=16,
-        code_dim=8,
-        stages=2,
-        refine_threshold=100.0,
-        rank_tokens=TOKENS,
-    )
-    plain = AlignedVQ(config)
-    plain.init_from_features(_features(), iters=5)
-    q = AlignedVQ(replace(config, rate_lambda=20.0))
-    q.load_state_dict(plain.state_dict(), strict=False)
-    q.calibrate(x)
+    _, q = _rate_controlled(x, stages=2)
     before = q.encode(x)[0]
     assert torch.equal(q.train()(x).indices, before)
     q.calibrate(_features(64, seed=10) * 3)  # other tables, other choices
