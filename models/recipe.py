@@ -64,6 +64,7 @@ QAT_SWEEP: tuple[tuple[tuple[str, int, int, int, int], int], ...] = (
     (SWEEP[2], 1),  # preln-64: 6 bits/token before entropy coding
 )
 QAT_TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
+CLOUD_TRAINABLE = ("adapter", "vision", "projector", "language")
 # Step 4: variable-rate, neighbour-ranked refinements of trained one-stage quantizers, as
 # (base quantizer, refine_threshold, rate_lambda); thresholds and lambdas chosen on the holdout split
 # (the measurements: benchmarks/results/rate_accuracy.json and the README's rate-accuracy table).
@@ -329,6 +330,7 @@ class QatStage:
 
     rows: tuple[tuple[tuple, int], ...]
     unquantized_turns: int
+    trainable: tuple[str, ...] = QAT_TRAINABLE
     step_s: float = 0.07  # batch 256: 0.047-0.064 s seen across leases, plus a margin
     fixed_s: float = 40  # holdout evaluations before and after, calibration, save (~10 s seen)
 
@@ -343,6 +345,9 @@ class QatStage:
 # rate-distortion optimised indices at the default's rate (lambda 1) and a low one (lambda 4),
 # codebooks and tables fixed (models.rate_search; its search adds ~0.03 s a step); ``rdo-default``
 # trains on the default's rate alone (in ``rdo`` the lambda 4 turns cost the default half a point).
+# ``rdo-cloud`` and ``rdo-cloud-low`` hold the edge and the quantizers' edge side fixed, so the
+# codes are exactly what the edge sends today, and teach only the cloud (the quantizers' ``up`` map
+# and everything after it) to read them: at the default's rate, and at it plus a low one.
 SCENES_QAT: dict[str, QatStage] = {
     "plain": QatStage(((("preln", 1, 1, 4096, 32), 2), (("preln", 1, 1, 1024, 32), 1)), 3),
     "gated": QatStage(((("preln", 1, 2, 4096, 32, 20.0), 2), (("preln", 1, 1, 4096, 32), 1)), 2),
@@ -352,6 +357,15 @@ SCENES_QAT: dict[str, QatStage] = {
         ((("preln", 1, 3, 4096, 32, 20.0, 1.0), 2), (("preln", 1, 3, 4096, 32, 20.0, 4.0), 2)), 1, step_s=0.12
     ),
     "rdo-default": QatStage(((("preln", 1, 3, 4096, 32, 20.0, 1.0), 3),), 1, step_s=0.12),
+    "rdo-cloud": QatStage(
+        ((("preln", 1, 3, 4096, 32, 20.0, 1.0), 3),), 1, step_s=0.1, trainable=CLOUD_TRAINABLE
+    ),
+    "rdo-cloud-low": QatStage(
+        ((("preln", 1, 3, 4096, 32, 20.0, 1.0), 2), (("preln", 1, 3, 4096, 32, 20.0, 4.0), 2)),
+        1,
+        step_s=0.1,
+        trainable=CLOUD_TRAINABLE,
+    ),
 }
 
 
@@ -468,7 +482,7 @@ def run_scenes_recipe(
         model_lr=qat_lr,
         turns=[turns for _, turns in stage.rows],
         unquantized_turns=stage.unquantized_turns,
-        trainable=QAT_TRAINABLE,
+        trainable=stage.trainable,
         time_budget_s=left(),
         device=device,
         patch_head=head,

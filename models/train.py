@@ -33,7 +33,7 @@ from .split import split_llava, vision_model
 from .store import LoadedModel, save_model_dir
 from .tensor_split import TensorSplit, pixel_values
 
-TRAINABLE = ("quantizer", "edge", "vision", "projector", "language")
+TRAINABLE = ("quantizer", "adapter", "edge", "vision", "projector", "language")
 
 
 def autocast(device: str):
@@ -294,9 +294,11 @@ def train_quantizers(
 
     Several quantizers can train together: each step takes the next one in a rotation where config
     ``i`` has ``turns[i]`` slots (default 1) and, when model weights learn, ``unquantized_turns``
-    slots run without a quantizer. ``trainable`` picks what learns besides the quantizers: ``edge``
-    (patch embedding, pre-LN and edge blocks: quantization-aware features), ``vision`` (the vision
-    encoder blocks), ``projector`` and ``language``. When model weights learn, every few steps also
+    slots run without a quantizer. ``trainable`` picks what learns: ``quantizer`` (the whole
+    quantizer) or ``adapter`` (only its cloud-side ``up`` map: with the edge frozen too, the codes
+    stay exactly what the edge sends), ``edge`` (patch embedding, pre-LN and edge blocks:
+    quantization-aware features), ``vision`` (the vision encoder blocks), ``projector`` and
+    ``language``. When model weights learn, every few steps also
     run unquantized, so one model serves the original features and every quantizer (one bundled
     model, many rates). Quantizers are written to ``out_dir/<name>.safetensors``; the caller saves
     the model if it changed.
@@ -353,6 +355,10 @@ def train_quantizers(
                 seed=seed,
             )
     model_params = _unfreeze(model, [halves[str(c.site)][0] for c in configs], trainable)
+    if "quantizer" not in trainable:
+        for q in quantizers:
+            q.requires_grad_(False)
+            q.up.requires_grad_("adapter" in trainable)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(out_dir / "train_quantizers.log.jsonl")
 
@@ -362,7 +368,7 @@ def train_quantizers(
             hidden = edge(batch["pixel_values"]).float()
         if q is None:
             return cloud(hidden, batch["input_ids"], batch["attention_mask"]), None
-        q.train(train_mode)
+        q.train(train_mode and "quantizer" in trainable)  # a frozen quantizer keeps its codebooks
         out = q(hidden)
         return cloud(out.hidden_states, batch["input_ids"], batch["attention_mask"]), out
 
@@ -438,7 +444,7 @@ def train_quantizers(
             schedule.step()
             # Restart only once usage has accumulated over ~100 turns, and not near the end.
             restart_turn = step % (100 * len(rotation)) < len(rotation) and step > 100 * len(rotation)
-            if q is not None and restart_turn and step < steps * 0.8:
+            if q is not None and restart_turn and step < steps * 0.8 and "quantizer" in trainable:
                 with torch.no_grad():
                     restarted = q.restart_dead_codes(halves[site][0](batch["pixel_values"]).float())
                 log(

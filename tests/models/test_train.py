@@ -112,3 +112,35 @@ def test_train_quantizers_checkpoints_and_resumes(tiny_model_dir: Path, tmp_path
     other = QuantizerConfig(dim=config.dim, codebook_size=4, code_dim=4)
     with pytest.raises(ValueError, match="holds quantizers"):
         train_quantizers(loaded, [other], data, data, tmp_path, **kw)
+
+
+def test_cloud_only_training_keeps_the_codes_the_edge_sends(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``adapter`` without ``quantizer`` or ``edge``: only the quantizer's ``up`` map and the cloud learn,
+    so every index the edge would send (and the codebooks, even an EMA one) stays as it was."""
+    loaded = load_model(str(tiny_model_dir))
+    config = QuantizerConfig(
+        dim=loaded.model.config.vision_config.hidden_size, codebook_size=8, code_dim=4, ema_decay=0.9
+    )
+    data = generate_shapes(8, seed=5, size=32)
+    kw = dict(steps=1, batch_size=4, kmeans_images=8, kmeans_iters=2)
+    start = train_quantizers(loaded, [config], data, data, tmp_path / "start", **kw)
+    assert start is not None
+    edge_weight = vision_model(loaded.model).embeddings.patch_embedding.weight.detach().clone()
+    head = loaded.model.lm_head.weight.detach().clone()
+    trained = train_quantizers(
+        loaded,
+        [config],
+        data,
+        data,
+        tmp_path / "cloud",
+        init_dir=tmp_path / "start",
+        trainable=("adapter", "vision", "projector", "language"),
+        **{**kw, "steps": 3},
+    )
+    assert trained is not None
+    before, after = start[0].state_dict(), trained[0].state_dict()
+    for name in ("down.weight", "down.bias", "codebooks"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["up.weight"], after["up.weight"])
+    assert torch.equal(edge_weight, vision_model(loaded.model).embeddings.patch_embedding.weight)
+    assert not torch.equal(head, loaded.model.lm_head.weight)
