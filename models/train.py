@@ -420,6 +420,15 @@ def train_quantizers(
                 step=step,
             )
 
+        log(
+            event="start",
+            step=first,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            model_lr=model_lr,
+            rotation=[None if q is None else q.config.name for q in rotation],
+        )
         batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed + first), device)
         started = time.time()
         for step in tqdm(range(first, steps + 1), desc="train quantizers", mininterval=5):

@@ -109,6 +109,7 @@ def test_train_quantizers_checkpoints_and_resumes(tiny_model_dir: Path, tmp_path
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
     events = _events(tmp_path / "train_quantizers.log.jsonl")
     assert events.count("init") == 1 and "stopped" in events and "resumed" in events
+    assert events.count("start") == 2  # each call logs the schedule it runs
     other = QuantizerConfig(dim=config.dim, codebook_size=4, code_dim=4)
     with pytest.raises(ValueError, match="holds quantizers"):
         train_quantizers(loaded, [other], data, data, tmp_path, **kw)
