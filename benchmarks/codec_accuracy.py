@@ -66,9 +66,22 @@ def transmit(
     return file, resize_and_crop(Image.open(io.BytesIO(file)), size)
 
 
-def run(model: str, dataset: str, quantizers: list[str], limit: int | None, device: str) -> dict:
+def run(
+    model: str,
+    dataset: str,
+    quantizers: list[str],
+    limit: int | None,
+    device: str,
+    only: list[str] | None = None,
+) -> dict:
+    """``only``: these codecs of the ladder alone (a shorter run where the rest are known to fall
+    far short of the quantizers' accuracy); the smallest codec is then chosen among them."""
     loaded = load_model(model, device=device)
     size = loaded.image_spec.size
+    ladder = codecs(size)
+    unknown = set(only or []) - set(ladder)
+    if unknown:
+        raise ValueError(f"unknown codecs {sorted(unknown)}; the ladder is {', '.join(ladder)}")
     data = load_dataset(dataset, "test", size).subset(limit)
     used = np.unique(data.image_index)
     result: dict[str, Any] = header("codec_accuracy", device) | {
@@ -78,10 +91,13 @@ def run(model: str, dataset: str, quantizers: list[str], limit: int | None, devi
         "n": len(data),
         "images": len(used),
         "device": device,
+        "ladder": "full" if only is None else "partial",
         "codecs": [],
         "alignedvq": [],
     }
-    for name, (fmt, side, options) in codecs(size).items():
+    for name, (fmt, side, options) in ladder.items():
+        if only is not None and name not in only:
+            continue
         started = time.perf_counter()
         files, pixels = {}, np.array(data.images)
         for i in used:
@@ -190,13 +206,14 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N test questions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "codec_accuracy.json")
+    parser.add_argument("--codec", action="append", default=None, help="only these codecs (repeat)")
     parser.add_argument("--plot", type=Path, default=None, help="only redraw this result's PNG")
     args = parser.parse_args()
     if args.plot is not None:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
     started = time.monotonic()
-    result = run(args.model, args.dataset, args.quantizer or [], args.limit, args.device)
+    result = run(args.model, args.dataset, args.quantizer or [], args.limit, args.device, args.codec)
     write_result(result, args.out, started)
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps(result.get("smallest_codec_at_default_accuracy")))
