@@ -69,7 +69,7 @@ def run(model: str, quantizer: str, images: int, residual: float, norm: float) -
         print(f"{name}: {rows[name]['accuracy']:.4f} ({rows[name]['exact_token_share']:.3f} of tokens)")
     return result | {
         "model": model,
-        "quantizer": quantizer,
+        "quantizer": q.config.name,
         "split": "holdout",
         "images": images,
         "n": len(holdout),
@@ -82,7 +82,7 @@ def run(model: str, quantizer: str, images: int, residual: float, norm: float) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llava-mini-scenes")
-    parser.add_argument("--quantizer", default="preln-r3x4096-t20-l1-ranked")
+    parser.add_argument("--quantizer", default="", help="default: the model's own default quantizer")
     parser.add_argument("--images", type=int, default=300, help="holdout scenes (7 questions each)")
     parser.add_argument("--residual", type=float, default=10.0, help="squared residual splitting tokens")
     parser.add_argument("--norm", type=float, default=20.0, help="squared projected norm splitting tokens")

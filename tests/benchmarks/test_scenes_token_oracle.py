@@ -8,7 +8,7 @@ from models.quantizer import AlignedVQ
 from models.scenes import load_scenes
 from models.store import load_model
 
-QUANTIZER = "preln-r3x4096-t20-l1-ranked"
+QUANTIZER = "preln-r3x4096-t20-l0.5-ranked"
 
 
 @pytest.mark.slow
