@@ -57,7 +57,7 @@ def test_mini_model_answers_shape_questions(stack, tmp_path, quantizer: str, clo
 
 
 def test_scenes_model_answers_through_the_stack(stack, tmp_path) -> None:
-    """``llava-mini-scenes`` (98.7 % on scenes test with its default quantizer) served by the same
+    """``llava-mini-scenes`` (99.1 % on scenes test with its default quantizer) served by the same
     gateway and worker: features from the edge client, answers checked against the generator."""
     from models.evaluate import normalize_answer
     from models.scenes import load_scenes
