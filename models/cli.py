@@ -84,7 +84,7 @@ def train_bundled_cmd(
     ] = 8000,
     quantizer_steps: int = 2000,
     trainable: Annotated[
-        str, typer.Option(help="what learns in the quantizer sweep besides them")
+        str, typer.Option(help="what learns in the quantizer sweep (comma list, as for alignedvq train)")
     ] = "quantizer",
     position_centre: bool = False,
     test_limit: int | None = None,
@@ -250,7 +250,10 @@ def train_cmd(
     batch_size: int = 256,
     lr: float = 1e-3,
     trainable: Annotated[
-        str, typer.Option(help="comma list of quantizer,edge,vision,projector,language")
+        str,
+        typer.Option(
+            help="comma list of quantizer (or adapter: its up map only),edge,vision,projector,language"
+        ),
     ] = "quantizer",
     generated_images: int = 0,
     dataset: Annotated[
