@@ -18,7 +18,9 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
 Device = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")]
-QuantizerName = Annotated[str, typer.Option(help="quantizer name in the model folder, or a file")]
+QuantizerName = Annotated[
+    str, typer.Option(help="quantizer name in the model folder, or a file; default: the model's own default")
+]
 
 
 def _load(model: str, quantizer: str):
@@ -328,7 +330,7 @@ def eval_cmd(
     model: str = "llava-mini-shapes",
     dataset: str = "easy-vqa",
     split: str = "test",
-    quantizer: QuantizerName = "preln-r2x4096-t12-ranked",
+    quantizer: QuantizerName = "",
     limit: Annotated[int | None, typer.Option(help="first N questions only")] = None,
     batch_size: int = 256,
     device: Device = "auto",
@@ -353,7 +355,7 @@ def eval_cmd(
 def export_cmd(
     out: Annotated[Path, typer.Option(help="edge bundle file to write")],
     model: str = "llava-mini-shapes",
-    quantizer: QuantizerName = "preln-r2x4096-t12-ranked",
+    quantizer: QuantizerName = "",
 ) -> None:
     """Write the edge bundle (what the edge client needs, numpy-loadable) for a model + quantizer."""
     from .export import write_edge_bundle

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from models.quantizer import AlignedVQ
+from models.store import load_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -30,3 +34,26 @@ def test_argument_mistakes_are_one_line_and_exit_2(tiny_model_dir: Path, tmp_pat
     usage = _alignedvq("retune", "--model", model)
     assert usage.returncode == 2 and "Missing option" in usage.stderr
     assert _alignedvq("--help").returncode == 0
+
+
+def test_eval_without_a_quantizer_uses_the_models_own_default() -> None:
+    """The scenes model's default is not the shapes model's: ``eval`` asks the model folder."""
+    run = _alignedvq(
+        "eval",
+        "--model",
+        "llava-mini-scenes",
+        "--dataset",
+        "scenes",
+        "--split",
+        "test",
+        "--limit",
+        "7",
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr[-500:]
+    record = json.loads(run.stdout)
+    loaded = load_model("llava-mini-scenes")
+    default = AlignedVQ.load(loaded.quantizer_path(loaded.default_quantizer))
+    assert record["codebook_hash"] == default.content_hash()
+    assert (record["stages"], record["rate_lambda"]) == (default.config.stages, default.config.rate_lambda)
+    assert record["n"] == 7 and "accuracy_by_family_alignedvq" in record
