@@ -278,6 +278,7 @@ def _quantizer_meta(meta: Mapping[str, Any], vision: VisionSpec, tokens: int, si
         raise BundleError(f"expected quantizer.rank_tokens 0 or {tokens}, got {q['rank_tokens']}")
     q["refine_threshold"] = _later_setting(raw, "refine_threshold", where, q["stages"] >= 2, "2+ stages")
     q["rate_lambda"] = _later_setting(raw, "rate_lambda", where, bool(q["rank_tokens"]), "rank_tokens")
+    q["background_norm"] = _later_setting(raw, "background_norm", where, True, "")
     return q
 
 
@@ -286,7 +287,8 @@ def _later_setting(raw: Mapping[str, Any], key: str, where: str, allowed: bool, 
     finite and >= 0, and > 0 only where ``allowed`` (what it ``needs``)."""
     value = _field(raw, key, (int, float), where) if key in raw else 0.0
     if not 0 <= value < float("inf") or (value and not allowed):
-        raise BundleError(f"expected {where}{key} 0, or finite and > 0 with {needs}, got {value}")
+        condition = f" with {needs}" if needs else ""
+        raise BundleError(f"expected {where}{key} 0, or finite and > 0{condition}, got {value}")
     return float(value)
 
 
@@ -366,6 +368,7 @@ class EdgeBundle:
     quantizer_tokens: int
     refine_threshold: float
     rate_lambda: float
+    background_norm: float
     codebook_hash: str
     image_spec: ImageSpec
     vision: VisionSpec
@@ -461,6 +464,7 @@ class EdgeBundle:
             quantizer_tokens=q["tokens"],
             refine_threshold=q["refine_threshold"],
             rate_lambda=q["rate_lambda"],
+            background_norm=q["background_norm"],
             codebook_hash=codebook_hash,
             image_spec=image_spec,
             vision=vision,

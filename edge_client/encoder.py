@@ -184,6 +184,8 @@ class EdgeEncoder:
         books = t["quantizer.codebooks"].copy()  # (G, S, K, d)
         if bundle.refine_threshold:
             books[:, 1:, 0] = 0  # the pinned "no refinement" codewords, as AlignedVQ.books()
+        if bundle.background_norm:
+            books[:, 0, 0] = 0  # the pinned background codeword
         self._books = books
         self._lengths = (
             code_lengths(bundle.freqs)
@@ -269,6 +271,8 @@ class EdgeEncoder:
         x, levels = self._standardize(hidden_states.astype(np.float32, copy=False))
         z = (x - self._centre) @ self._down_weight + self._down_bias
         z = z.reshape(z.shape[0], self.bundle.groups, self.bundle.code_dim)
+        if self.bundle.background_norm:  # AlignedVQ.suppress: the background is sent as zero
+            z[np.einsum("tgd,tgd->tg", z, z) <= self.bundle.background_norm] = 0
         if rate_controlled and self._lengths is not None:
             b = self.bundle
             assert b.ranking is not None  # __init__ sets _lengths only for a bundle with a ranking

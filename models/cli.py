@@ -220,6 +220,31 @@ def rank_cmd(
     typer.echo(name)
 
 
+@app.command("suppress")
+def suppress_cmd(
+    model: Annotated[str, typer.Option(help="a model folder (or registry name) you may write to")],
+    quantizer: Annotated[str, typer.Option(help="a gated multi-stage quantizer of that model")],
+    background_norm: Annotated[
+        float, typer.Option(help="tokens of at most this squared projected norm are sent as zero")
+    ],
+    threshold: Annotated[float, typer.Option(help="squared residual norm above which a stage refines")],
+    images: Annotated[int, typer.Option(help="training scenes that calibrate the tables")] = 4000,
+    device: Device = "auto",
+) -> None:
+    """Add a background-suppressing copy of a quantizer: the bits go to the objects (scenes)."""
+    from .recipe import suppressed_quantizer
+    from .scenes import load_scenes
+    from .store import load_model, write_manifest
+
+    loaded = load_model(model, device=_device(device))
+    train = load_scenes("train", images)
+    name = suppressed_quantizer(
+        loaded, quantizer, train.images, background_norm, threshold, device=_device(device)
+    )
+    write_manifest(loaded.path)
+    typer.echo(name)
+
+
 @app.command("retune")
 def retune_cmd(
     model: Annotated[str, typer.Option(help="a model folder (or registry name) you may write to")],

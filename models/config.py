@@ -12,7 +12,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 SiteKind = Literal["embed", "preln", "block"]
-_LATER_FIELDS: dict[str, Any] = {"refine_threshold": 0.0, "rank_tokens": 0, "rate_lambda": 0.0}  # after v1
+_LATER_FIELDS: dict[str, Any] = {
+    "refine_threshold": 0.0,
+    "rank_tokens": 0,
+    "rate_lambda": 0.0,
+    "background_norm": 0.0,
+}  # after v1
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,13 @@ class QuantizerConfig:
     index as its rank around a neighbouring token's codeword (``edge_client.ranking``) for images of
     that many tokens, instead of by its own frequency. ``rate_lambda`` > 0 (ranked only) makes the
     edge choose each index for squared error + ``rate_lambda`` x its coded bits (``edge_client.rdo``).
+
+    Background suppression: with ``background_norm`` > 0, code 0 of the first stage is a fixed zero
+    vector too, and the edge quantizes every token (per group) whose projected feature has a squared
+    norm of at most ``background_norm`` as the zero vector. On a textured background that is most
+    tokens: the cloud reads them as "nothing here" (zero is the per-position mean) and the
+    entropy coder sends each for a fraction of a bit, so the bits go to the objects. The decoder is
+    unchanged: it sums whatever codes arrive.
     """
 
     dim: int
@@ -93,6 +105,7 @@ class QuantizerConfig:
     refine_threshold: float = 0.0  # > 0: later stages send zero code 0 below this squared residual
     rank_tokens: int = 0  # > 0: entropy-code neighbour ranks for images of this many tokens
     rate_lambda: float = 0.0  # > 0: rate-distortion optimised indices (squared error per bit)
+    background_norm: float = 0.0  # > 0: tokens of at most this squared projected norm are sent as zero
 
     def __post_init__(self) -> None:
         if self.site.needs_stats != bool(self.stat_bits):
@@ -124,6 +137,9 @@ class QuantizerConfig:
                 f"with rank_tokens {self.rank_tokens}"
             )
 
+        if not 0.0 <= self.background_norm < math.inf:
+            raise ValueError(f"background_norm must be 0, or finite and > 0; got {self.background_norm}")
+
     @property
     def site(self) -> SplitSite:
         return SplitSite.parse(self.split_site)
@@ -132,8 +148,9 @@ class QuantizerConfig:
     def name(self) -> str:
         """File stem: ``preln-4096`` (one codebook), ``preln-2x64`` (grouped), ``preln-r3x16`` (residual).
 
-        Variable-rate, rate-controlled and neighbour-ranked quantizers add ``-t<threshold>``,
-        ``-l<rate_lambda>`` and ``-ranked``: ``preln-r2x4096-t12-l1-ranked``.
+        Variable-rate, rate-controlled, background-suppressing and neighbour-ranked quantizers add
+        ``-t<threshold>``, ``-l<rate_lambda>``, ``-b<background_norm>`` and ``-ranked``:
+        ``preln-r2x4096-t12-l1-ranked``, ``preln-r3x4096-t40-b100``.
         """
         body = f"r{self.stages}x{self.codebook_size}" if self.stages > 1 else str(self.codebook_size)
         if self.groups > 1:
@@ -142,6 +159,8 @@ class QuantizerConfig:
             body += f"-t{self.refine_threshold:g}"
         if self.rate_lambda:
             body += f"-l{self.rate_lambda:g}"
+        if self.background_norm:
+            body += f"-b{self.background_norm:g}"
         if self.rank_tokens:
             body += "-ranked"
         return f"{self.split_site.replace(':', '')}-{body}"

@@ -126,10 +126,13 @@ class AlignedVQ(nn.Module):
             self.register_buffer(
                 "rank_offsets", torch.zeros(c.rank_tokens, c.groups, c.stages, c.code_dim, dtype=torch.int16)
             )
-        # 0 where a codeword is pinned to zero (code 0 of later stages when refinement is gated).
+        # 0 where a codeword is pinned to zero: code 0 of later stages when refinement is gated, of
+        # the first stage when the background is suppressed.
         keep = torch.ones(c.groups, c.stages, c.codebook_size, 1)
         if c.refine_threshold:
             keep[:, 1:, 0] = 0
+        if c.background_norm:
+            keep[:, 0, 0] = 0
         self.register_buffer("keep", keep, persistent=False)
         # Training-only state; not saved (see _SAVED).
         self.register_buffer("usage", torch.zeros(c.groups, c.stages, c.codebook_size), persistent=False)
@@ -209,9 +212,17 @@ class AlignedVQ(nn.Module):
             return idx
         return idx.masked_fill((residual * residual).sum(-1) <= self.config.refine_threshold, 0)
 
+    def suppress(self, z: torch.Tensor) -> torch.Tensor:
+        """What the edge quantizes of projected features ``z`` ``(..., G, d)``: the zero vector in
+        place of every (token, group) within ``background_norm``, ``z`` itself otherwise."""
+        if not self.config.background_norm:
+            return z
+        return z.masked_fill((z * z).sum(-1, keepdim=True) <= self.config.background_norm, 0.0)
+
     def books(self) -> torch.Tensor:
         """The codebooks ``(G, S, K, d)`` with pinned codewords zeroed (no gradient reaches them)."""
-        return self.codebooks * self.keep if self.config.refine_threshold else self.codebooks
+        pinned = self.config.refine_threshold or self.config.background_norm
+        return self.codebooks * self.keep if pinned else self.codebooks
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Cloud side: indices ``(..., G, S)`` -> summed code vectors ``(..., G, code_dim)``."""
@@ -227,7 +238,7 @@ class AlignedVQ(nn.Module):
         (``edge_client.rdo``, the edge's own numpy code); otherwise the nearest codes.
         """
         z, levels = self.standardize(x)
-        z = self.project(z)
+        z = self.suppress(self.project(z))
         if not self.rate_controlled:
             return self._search(z)[0], levels
         indices = rdo_search(
@@ -290,11 +301,11 @@ class AlignedVQ(nn.Module):
         features are pulled towards cheap codewords; its codebooks are fixed, so it has no codebook
         loss and no residuals are returned. Otherwise the nearest codes of ``z``."""
         if not self.rate_controlled:
-            return self._search(z)
+            return self._search(self.suppress(z))
         geometry, lengths = self._rate_tables(z.device)
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
             indices = rdo_search_torch(
-                self.project(xs.float()),
+                self.suppress(self.project(xs.float())),
                 self.books().detach().float(),
                 geometry,
                 lengths,
@@ -344,7 +355,7 @@ class AlignedVQ(nn.Module):
         if c.rate_lambda:
             return 0
         xs, _ = self.standardize(x)
-        _, residuals = self._search(self.project(xs))
+        _, residuals = self._search(self.suppress(self.project(xs)))
         residuals = [r.reshape(-1, c.groups, c.code_dim) for r in residuals]
         restarted = 0
         for g in range(c.groups):

@@ -151,6 +151,42 @@ def ranked_quantizer(
     return q.config.name
 
 
+@torch.no_grad()
+def suppressed_quantizer(
+    loaded: LoadedModel,
+    name: str,
+    images: np.ndarray,
+    background_norm: float,
+    refine_threshold: float,
+    device: str = "cpu",
+) -> str:
+    """Write a background-suppressing copy of the multi-stage quantizer ``name`` (same projections
+    and codebooks, code 0 of the first stage pinned to zero, refinement gated at
+    ``refine_threshold``), entropy-coded by index frequency; returns its name.
+
+    Not neighbour-ranked: a rank is relative to what the neighbours predict, so the one zero
+    codeword would get another rank next to every object and the background would cost bits again;
+    a plain index table gives it one short code. Tables come from ``images`` (training data only).
+    """
+    base = AlignedVQ.load(loaded.quantizer_path(name), map_location=device)
+    if base.config.stages < 2:
+        raise ValueError(f"{name} has one stage: suppress a gated multi-stage quantizer")
+    config = replace(
+        base.config,
+        rank_tokens=0,
+        rate_lambda=0.0,
+        refine_threshold=refine_threshold,
+        background_norm=background_norm,
+    )
+    q = AlignedVQ(config).to(device).eval()
+    state = {k: v for k, v in base.state_dict().items() if k not in ("rank_books", "rank_offsets")}
+    q.load_state_dict(state)
+    edge, _ = split_llava(loaded.model.to(device).eval(), config.site)
+    q.calibrate(collect_features(edge, torch.from_numpy(images).to(device), loaded.image_spec))
+    q.save(loaded.path / "quantizers" / f"{config.name}.safetensors")
+    return config.name
+
+
 def retuned_quantizer(loaded: LoadedModel, name: str, rate_lambda: float) -> str:
     """Write a copy of the rate-controlled quantizer ``name`` that trades rate for error at
     ``rate_lambda`` instead, with the same codebooks *and the same tables*; returns its name.

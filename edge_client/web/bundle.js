@@ -171,7 +171,8 @@ function edgeBlocks(site) {
 function laterSetting(raw, key, where, allowed, needs) {
   const value = Object.prototype.hasOwnProperty.call(raw, key) ? field(raw, key, ["int", "float"], where) : 0;
   if (!(value >= 0 && value < Infinity) || (value && !allowed)) {
-    throw new BundleError(`expected ${where}${key} 0, or finite and > 0 with ${needs}, got ${value}`);
+    const condition = needs ? ` with ${needs}` : "";
+    throw new BundleError(`expected ${where}${key} 0, or finite and > 0${condition}, got ${value}`);
   }
   return value;
 }
@@ -211,6 +212,7 @@ function quantizerMeta(meta, vision, tokens, site) {
   }
   q.refine_threshold = laterSetting(raw, "refine_threshold", where, q.stages >= 2, "2+ stages");
   q.rate_lambda = laterSetting(raw, "rate_lambda", where, q.rank_tokens > 0, "rank_tokens");
+  q.background_norm = laterSetting(raw, "background_norm", where, true, "");
   return q;
 }
 
@@ -391,7 +393,7 @@ function utf8Length(text) {
  *
  * `data`: an ArrayBuffer or Uint8Array. Returns a plain object: `model`, `splitSite`, `tokens`,
  * `groups`, `stages`, `codebookSize`, `codeDim`, `statBits`, `quantizerTokens`, `refineThreshold`,
- * `rateLambda`, `codebookHash`, `imageSpec` {size, mean, std}, `vision`, `edgeBlocks`,
+ * `rateLambda`, `backgroundNorm`, `codebookHash`, `imageSpec` {size, mean, std}, `vision`, `edgeBlocks`,
  * `bitsPerIndex`, `bitsPerToken`, `entropyCoded`, `ranked`, `tensors` (name -> typed array),
  * `nbytes`, `metadata` and `sha256` (of the whole blob, computed on first read). Throws
  * BundleError naming the first problem found.
@@ -466,6 +468,7 @@ export function loadBundle(data) {
     quantizerTokens: q.tokens,
     refineThreshold: q.refine_threshold,
     rateLambda: q.rate_lambda,
+    backgroundNorm: q.background_norm,
     codebookHash,
     imageSpec: image,
     vision,

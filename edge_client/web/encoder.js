@@ -134,7 +134,7 @@ function prepare(b) {
     for (let s = 0; s < S; s++) {
       const base = ((g * S + s) * Kc) * d;
       const book = t["quantizer.codebooks"].slice(base, base + Kc * d);
-      if (b.refineThreshold && s > 0) book.fill(0, 0, d);
+      if ((b.refineThreshold && s > 0) || (b.backgroundNorm && s === 0)) book.fill(0, 0, d);
       books[g].push(book);
       const norms = new Float32Array(pad(Kc, 16)).fill(Infinity);
       for (let j = 0; j < Kc; j++) {
@@ -193,6 +193,7 @@ function prepare(b) {
     downBias: t["quantizer.down.bias"],
     books, search, freqs, ranking,
     threshold: fround(b.refineThreshold),
+    background: fround(b.backgroundNorm),
     rdo: b.rateLambda > 0 && ranking !== null && freqs !== null,
     allocated,
   };
@@ -342,7 +343,12 @@ function project(b, p, hidden, T) {
     const c = p.perPosition ? t * D : 0;
     for (let i = 0; i < D; i++) shifted[t * D + i] = fround(x[t * D + i] - p.centre[c + i]);
   }
-  return { z: matmul(shifted, T, p.down, p.downBias), levels };
+  const z = matmul(shifted, T, p.down, p.downBias);
+  // AlignedVQ.suppress: a (token, group) within the background norm is sent as the zero vector.
+  if (b.backgroundNorm) {
+    for (let row = 0; row < T * p.G; row++) if (squaredNorm(z, row * p.d, p.d) <= p.background) z.fill(0, row * p.d, row * p.d + p.d);
+  }
+  return { z, levels };
 }
 
 // ---- nearest search ----------------------------------------------------------------------------

@@ -134,6 +134,11 @@ def _extra_layer(t: dict) -> None:
         (None, _set("quantizer.groups", "1"), "field 'quantizer.groups': expected int, got str"),
         (None, _set("quantizer.rate_lambda", 0.5), "expected quantizer.rate_lambda 0, or finite and > 0 w"),
         (None, _set("quantizer.rate_lambda", -1.0), "expected quantizer.rate_lambda 0, or finite"),
+        (
+            None,
+            _set("quantizer.background_norm", -1.0),
+            "expected quantizer.background_norm 0, or finite and > 0, got",
+        ),
         (None, _set("image_spec.size", 64), "expected image_spec.size 32 \\(vision.image_size\\), got 64"),
         (None, _set("codebook_hash", "abc"), "expected codebook_hash as 64 lower-case hex chars"),
         (None, _set("model", "x" * 49), "does not fit the stream format: model name must be at most 48"),
@@ -160,11 +165,16 @@ def test_inconsistent_bundles_are_refused(
 
 def test_bundles_from_before_later_quantizer_fields_load_with_them_off(bundle_bytes: bytes) -> None:
     def strip(meta: dict) -> None:
-        for key in ("rank_tokens", "refine_threshold", "rate_lambda"):
+        for key in ("rank_tokens", "refine_threshold", "rate_lambda", "background_norm"):
             meta["quantizer"].pop(key)
 
     bundle = EdgeBundle.from_bytes(_rebuild(bundle_bytes, meta_fn=strip))
-    assert (bundle.ranking, bundle.refine_threshold, bundle.rate_lambda) == (None, 0.0, 0.0)
+    assert (bundle.ranking, bundle.refine_threshold, bundle.rate_lambda, bundle.background_norm) == (
+        None,
+        0.0,
+        0.0,
+        0.0,
+    )
     assert bundle.codebook_hash == EdgeBundle.from_bytes(bundle_bytes).codebook_hash
 
 

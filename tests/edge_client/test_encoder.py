@@ -222,3 +222,47 @@ def test_variable_rate_ranked_bundle_matches_torch_and_decodes(tiny_model_dir: P
         coders.append(read_header(stream).coder)
         np.testing.assert_array_equal(decode_stream(stream, bundle.freqs, bundle.ranking).indices, indices)
     assert coders[4:] == ["ranked"] * 4  # flat images rank-code below packing
+
+
+def test_background_suppressing_bundle_matches_torch_and_decodes(tiny_model_dir: Path) -> None:
+    """Tokens within the background norm go out as the pinned zero code on the numpy edge too, and
+    the rANS stream of a mostly-background image is smaller than one without suppression."""
+    from dataclasses import replace
+
+    from edge_client.preprocess import preprocess
+    from models.config import QuantizerConfig
+    from models.store import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    edge, _ = split_llava(loaded.model, "preln")
+
+    def pixels(images: np.ndarray) -> np.ndarray:
+        return np.stack([preprocess(Image.fromarray(image), loaded.image_spec) for image in images])
+
+    with torch.no_grad():
+        hidden = edge(torch.from_numpy(pixels(_images(128, 32, seed=4))))
+    plain = AlignedVQ(QuantizerConfig(dim=hidden.shape[-1], codebook_size=16, code_dim=8, stages=2))
+    plain.init_from_features(hidden, iters=5)
+    with torch.no_grad():
+        norms = plain.project(hidden).pow(2).sum(-1)
+    median = float(norms.median())
+    q = AlignedVQ(replace(plain.config, refine_threshold=median, background_norm=median)).eval()
+    q.load_state_dict(plain.state_dict())
+    q.calibrate(hidden)
+    plain.eval().calibrate(hidden)
+    case = _case(loaded, q)
+    assert case.encoder.bundle.background_norm == median
+
+    images = _images(6, 32, seed=5)
+    with torch.no_grad():
+        expected = q.encode(edge(torch.from_numpy(pixels(images))))[0].numpy()
+    ours = np.stack([case.encoder.encode_pixels(p)[0] for p in pixels(images)])
+    assert (ours == expected).mean() >= 0.99
+    assert 0.2 < (ours == 0).all(-1).mean() < 0.8  # about half the tokens are background
+    unsuppressed = _case(loaded, plain).encoder
+    smaller = 0
+    for image, indices in zip(images, ours, strict=True):
+        stream = case.encoder.encode_image(image)
+        np.testing.assert_array_equal(decode_stream(stream, case.encoder.bundle.freqs).indices, indices)
+        smaller += len(stream) < len(unsuppressed.encode_image(image))
+    assert smaller >= 5

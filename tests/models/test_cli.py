@@ -31,6 +31,22 @@ def test_argument_mistakes_are_one_line_and_exit_2(tiny_model_dir: Path, tmp_pat
     assert plain.returncode == 2 and plain.stderr.strip().splitlines()[-1] == (
         "error: preln-16 is not rate-controlled: make a rate-controlled copy with alignedvq rank first"
     )
+    one_stage = _alignedvq(
+        "suppress",
+        "--model",
+        model,
+        "--quantizer",
+        "preln-16",
+        "--background-norm",
+        "9",
+        "--threshold",
+        "4",
+        "--images",
+        "8",
+    )
+    assert one_stage.returncode == 2 and one_stage.stderr.strip().splitlines()[-1] == (
+        "error: preln-16 has one stage: suppress a gated multi-stage quantizer"
+    )
     usage = _alignedvq("retune", "--model", model)
     assert usage.returncode == 2 and "Missing option" in usage.stderr
     assert _alignedvq("--help").returncode == 0

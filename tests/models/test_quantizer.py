@@ -199,6 +199,32 @@ def test_gated_refinement_sends_zero_code_for_small_residuals() -> None:
     assert gated.codebooks.grad[0, 1, 0].abs().max() == 0  # the pinned code never learns
 
 
+def test_background_suppression_sends_the_pinned_zero_code(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="background_norm"):
+        QuantizerConfig(dim=DIM, background_norm=-1.0)
+    x = _features(16, seed=7)
+    q = _fitted(stages=2, refine_threshold=100.0, background_norm=150.0)
+    assert q.config.name == "preln-r2x16-t100-b150"
+    assert torch.equal(q.books()[0, 0, 0], torch.zeros(8))  # code 0 of stage 1 is zero too
+    z = q.project(x)
+    background = z.pow(2).sum(-1) <= 150.0  # (images, tokens, groups)
+    assert background.any() and (~background).any()
+    idx = q.encode(x)[0]
+    assert (idx[background] == 0).all()  # zero in every stage: the token reconstructs the mean
+    assert (idx[..., 0, 0][~background[..., 0]] != 0).all()  # the objects keep their codes
+    decoded = q.decode(idx)
+    assert torch.allclose(decoded[background[..., 0]], q.reconstruct(torch.zeros_like(z))[background[..., 0]])
+    q.calibrate(x)
+    digest = q.save(tmp_path / "q.safetensors")
+    loaded = AlignedVQ.load(tmp_path / "q.safetensors")
+    assert loaded.content_hash() == digest and torch.equal(loaded.encode(x)[0], idx)
+
+    q.train()
+    out = q(x)
+    (out.hidden_states.pow(2).mean() + out.loss).backward()
+    assert q.codebooks.grad[0, 0, 0].abs().max() == 0  # the pinned code never learns
+
+
 def test_ranked_quantizer_calibrates_its_geometry_and_saves_it(tmp_path: Path) -> None:
     q = _fitted(stages=2, refine_threshold=100.0, rank_tokens=TOKENS)
     assert q.config.name == "preln-r2x16-t100-ranked"
@@ -218,6 +244,7 @@ def test_config_json_omits_later_fields_at_their_defaults() -> None:
     """Quantizer files written before gating and ranking existed keep their content hashes."""
     assert "rank_tokens" not in QuantizerConfig(dim=DIM).to_json()
     assert '"rank_tokens": 9' in QuantizerConfig(dim=DIM, rank_tokens=9).to_json()
+    assert "background_norm" not in QuantizerConfig(dim=DIM).to_json()
 
 
 def test_rate_controlled_quantizer_recounts_its_tables_on_what_it_sends(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.quantizer import AlignedVQ
-from models.recipe import refine_quantizers, retuned_quantizer
+from models.recipe import refine_quantizers, retuned_quantizer, suppressed_quantizer
 from models.store import LoadedModel, load_model
 from tests.conftest import TINY_QUANTIZER
 
@@ -65,6 +65,29 @@ def test_retune_changes_only_the_rate_lambda(writable: tuple[LoadedModel, np.nda
     hidden = torch.randn(8, 17, before.config.dim)
     rank_sum = lambda q: sum(q.ranking().ranks(i.numpy()).sum() for i in q.encode(hidden)[0])  # noqa: E731
     assert rank_sum(after) <= rank_sum(before)  # a higher lambda picks cheaper (lower) ranks
+
+
+def test_suppressed_copy_keeps_the_codebooks_and_drops_the_ranks(
+    writable: tuple[LoadedModel, np.ndarray],
+) -> None:
+    """``alignedvq suppress``: the same projections and codebooks (code 0 of stage 1 now pinned to
+    zero), refinement gated at the new threshold, index-frequency tables from the images."""
+    loaded, images = writable
+    with pytest.raises(ValueError, match="has one stage"):
+        suppressed_quantizer(loaded, TINY_QUANTIZER, images, 1.0, 2.0)
+    (ranked,) = refine_quantizers(loaded, images, ((TINY_QUANTIZER, 2.0, 0.5),), iters=3)
+    source = AlignedVQ.load(loaded.quantizer_path(ranked))
+    hidden = torch.randn(8, 17, source.config.dim)
+    with torch.no_grad():
+        norm = float(source.project(hidden).pow(2).sum(-1).median())
+    name = suppressed_quantizer(loaded, ranked, images, norm, 3.0)
+    assert name == f"preln-r2x16-t3-b{norm:g}"
+    q = AlignedVQ.load(loaded.quantizer_path(name))
+    assert (q.config.rank_tokens, q.config.rate_lambda, q.config.background_norm) == (0, 0.0, norm)
+    assert torch.equal(q.codebooks, source.codebooks) and torch.equal(q.down.weight, source.down.weight)
+    assert q.freqs.sum() == 64 * 17 * 2  # counted on the images' own codes
+    indices = q.encode(hidden)[0]
+    assert 0 < (indices == 0).all(-1).float().mean() < 1  # some tokens are background, some are not
 
 
 def test_a_gated_two_stage_quantizer_gains_a_third_stage_and_keeps_its_own(

@@ -104,6 +104,7 @@ describe("loadBundle", () => {
     ["a bad split site", () => rebuild(good, (t, m) => { m.split_site = "block:0"; }), /expected split_site 'embed', 'preln' or 'block:k', got 'block:0'/],
     ["inconsistent tokens", () => rebuild(good, (t, m) => { m.tokens = 16; }), /expected tokens 17 for the vision geometry, got 16/],
     ["rate_lambda without ranks", () => rebuild(good, (t, m) => { m.quantizer.rank_tokens = 0; }), /rank_tokens/],
+    ["a negative background norm", () => rebuild(good, (t, m) => { m.quantizer.background_norm = -1; }), /expected quantizer.background_norm 0, or finite and > 0, got -1/],
     ["a negative threshold", () => rebuild(good, (t, m) => { m.quantizer.refine_threshold = -1; }), /expected quantizer.refine_threshold 0, or finite and > 0 with 2\+ stages, got -1/],
     ["entropy_coded without tables", () => rebuild(good, (t, m) => { m.entropy_coded = false; }), /metadata says entropy_coded=False, but quantizer.freqs is present/],
     ["a bad codebook hash", () => rebuild(good, (t, m) => { m.codebook_hash = "ABC"; }), /expected codebook_hash as 64 lower-case hex chars/],
