@@ -43,6 +43,7 @@ E2E = "benchmarks/results/e2e_network.json"
 SCENES_RATES = ("benchmarks/results/rate_accuracy_scenes_cpu.json",)
 SCENES_MODEL = "models/bundled/llava-mini-scenes/alignedvq.json"  # names the served default quantizer
 SCENES_CODECS = "benchmarks/results/codec_accuracy_scenes_cpu.json"
+SCENES_LOW_RATE = "benchmarks/results/scenes_background_h200.json"  # the <= 6-bit quantizer's test run
 SHAPES_CODECS = "benchmarks/results/codec_accuracy_shapes_cpu.json"
 # --------------------------------------------------------------------------------------------------
 
@@ -279,6 +280,22 @@ def build() -> dict[str, Any]:
             "smallest cloud-only image-codec body (PNG, JPEG, WebP, AVIF) reaching the default"
             " quantizer's accuracy on the first 5,000 test questions (the codec run's own AlignedVQ row),"
             " among the codecs that run tried (its ladder field; README: which and why)",
+        ),
+        scenes_low_rate_bits_per_token=sources.figure(
+            SCENES_LOW_RATE,
+            "/test/bits_per_token_entropy",
+            "bits",
+            "measured index bits per token of the background-suppressing quantizer chosen on holdout"
+            " (the most accurate at <= 5.8 holdout bits), scenes test (21,000 q)",
+        ),
+        scenes_low_rate_accuracy_alignedvq=sources.figure(
+            SCENES_LOW_RATE, "/test/accuracy_alignedvq", "fraction", "its accuracy, same questions"
+        ),
+        scenes_low_rate_accuracy_original=sources.figure(
+            SCENES_LOW_RATE,
+            "/test/accuracy_original",
+            "fraction",
+            "the unquantized model in that run (its baseline), same questions",
         ),
         shapes_best_codec_bytes_at_equal_accuracy=sources.figure(
             SHAPES_CODECS,
