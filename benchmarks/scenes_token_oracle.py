@@ -11,8 +11,11 @@ the others the codes' reconstruction. A set whose exactness brings the accuracy 
 unquantized model's holds what the codes lose; one that changes nothing does not matter at this
 rate. Token sets: by the residual the codes leave (``|z - zq|^2`` above or below ``--residual``)
 and by the projected feature's own size (``|z|^2`` above ``--norm``: object patches; the textured
-background stays below). Also measured: the unquantized model and the projection alone (every token
-exact). Holdout only: this chooses where to spend bits, so it never looks at test.
+background stays below). Two more rows send the zero vector (the per-position mean) for every token
+within ``--zero-norm`` and, elsewhere, the exact feature or the codes: does the background carry
+anything the answers need (``background_norm``, :mod:`benchmarks.scenes_background`)? Also measured:
+the unquantized model and the projection alone (every token exact). Holdout only: this chooses
+where to spend bits, so it never looks at test.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from models.train import collect_features
 
 
 @torch.no_grad()
-def run(model: str, quantizer: str, images: int, residual: float, norm: float) -> dict:
+def run(
+    model: str, quantizer: str, images: int, residual: float, norm: float, zero_norm: float = 70.0
+) -> dict:
     result = header("scenes_token_oracle")
     loaded = load_model(model)
     holdout = load_scenes("holdout", images)
@@ -67,6 +72,15 @@ def run(model: str, quantizer: str, images: int, residual: float, norm: float) -
         mixed = torch.where(exact.unsqueeze(-1), z, zq)
         rows[name] = score(q.reconstruct(mixed, levels)) | {"exact_token_share": exact.float().mean().item()}
         print(f"{name}: {rows[name]['accuracy']:.4f} ({rows[name]['exact_token_share']:.3f} of tokens)")
+    background = (norm2 <= zero_norm).unsqueeze(-1)
+    for name, rest in (("exact", z), ("codes", zq)):
+        row = f"zero where |z|^2 <= {zero_norm:g} (background), {name} elsewhere"
+        mixed = torch.where(background, torch.zeros_like(z), rest)
+        rows[row] = score(q.reconstruct(mixed, levels)) | {
+            "exact_token_share": (~background).float().mean().item() if name == "exact" else 0.0,
+            "zero_token_share": background.float().mean().item(),
+        }
+        print(f"{row}: {rows[row]['accuracy']:.4f} ({rows[row]['zero_token_share']:.3f} of tokens zero)")
     return result | {
         "model": model,
         "quantizer": q.config.name,
@@ -75,6 +89,7 @@ def run(model: str, quantizer: str, images: int, residual: float, norm: float) -
         "n": len(holdout),
         "residual_threshold": residual,
         "norm_threshold": norm,
+        "zero_norm": zero_norm,
         "token_sets": rows,
     }
 
@@ -86,10 +101,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="holdout scenes (7 questions each)")
     parser.add_argument("--residual", type=float, default=10.0, help="squared residual splitting tokens")
     parser.add_argument("--norm", type=float, default=20.0, help="squared projected norm splitting tokens")
+    parser.add_argument("--zero-norm", type=float, default=70.0, help="squared projected norm sent as zero")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.monotonic()
-    result = run(args.model, args.quantizer, args.images, args.residual, args.norm)
+    result = run(args.model, args.quantizer, args.images, args.residual, args.norm, args.zero_norm)
     result = write_result(result, args.out, started)
     print(json.dumps({k: round(v["accuracy"], 4) for k, v in result["token_sets"].items()}, indent=1))
 

@@ -29,3 +29,6 @@ def test_oracle_baseline_matches_evaluate_and_sets_are_complements() -> None:
     ):
         shares = rows[f"exact where {a}"]["exact_token_share"] + rows[f"exact where {b}"]["exact_token_share"]
         assert shares == pytest.approx(1.0)
+    zero_exact = rows["zero where |z|^2 <= 70 (background), exact elsewhere"]
+    assert zero_exact["zero_token_share"] + zero_exact["exact_token_share"] == pytest.approx(1.0)
+    assert 0 < zero_exact["zero_token_share"] < 1
