@@ -232,6 +232,7 @@ def evaluate(
             stat_bits=c.stat_bits,
             refine_threshold=c.refine_threshold,
             rate_lambda=c.rate_lambda,
+            background_norm=c.background_norm,
             ranked=bool(c.rank_tokens),
             tokens=tokens,
             bits_per_token=c.bits_per_token,

@@ -71,5 +71,9 @@ def test_eval_without_a_quantizer_uses_the_models_own_default() -> None:
     loaded = load_model("llava-mini-scenes")
     default = AlignedVQ.load(loaded.quantizer_path(loaded.default_quantizer))
     assert record["codebook_hash"] == default.content_hash()
-    assert (record["stages"], record["rate_lambda"]) == (default.config.stages, default.config.rate_lambda)
+    assert (record["stages"], record["rate_lambda"], record["background_norm"]) == (
+        default.config.stages,
+        default.config.rate_lambda,
+        default.config.background_norm,
+    )
     assert record["n"] == 7 and "accuracy_by_family_alignedvq" in record
