@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.gpu_followup import NEW_TOKENS, Server, prompt_ids
+from benchmarks.harness.conversation import NEW_TOKENS, Server, prompt_ids
 from benchmarks.harness.gpu import build_model, device_and_sync
 from benchmarks.harness.record import RESULTS, header, write_result
 from models.split import split_llava, vision_tokens
