@@ -101,7 +101,7 @@ WIRE = RESULTS / "wire_bytes.json"  # the LLaVA-1.5 geometry's measured streams 
 SCENES_NAME = "llava-mini-scenes"
 QUANTIZERS = {  # model -> quantizers measured: the served default first, then a rate-controlled one
     MINI_NAME: ("preln-r2x4096-t12-ranked", "preln-r2x4096-t12-l0.5-ranked"),
-    SCENES_NAME: ("preln-r3x4096-t20-l0.5-ranked", "preln-r2x4096-t20-l1-ranked"),
+    SCENES_NAME: ("preln-r3x4096-t10-b30", "preln-r3x4096-t35-b70"),
 }
 IMAGES = 16  # per model: shapes as wire_bytes.py (seed 7), scenes the first of the test split
 SHAPES_SEED, SHAPES_QUESTION = 7, "what color is the shape?"

@@ -40,9 +40,12 @@ E2E = "benchmarks/results/e2e_network.json"
 # Scenes test runs of the bundled weights, each file one run with its own unquantized baseline; the
 # default quantizer is read from the first that has it. (rate_accuracy_scenes.json and
 # rate_accuracy_scenes_stage3_cpu.json are the previous weights', kept for the README's history.)
-SCENES_RATES = ("benchmarks/results/rate_accuracy_scenes_cpu.json",)
+SCENES_RATES = (
+    "benchmarks/results/rate_accuracy_scenes_h200_current.json",
+    "benchmarks/results/rate_accuracy_scenes_cpu.json",
+)
 SCENES_MODEL = "models/bundled/llava-mini-scenes/alignedvq.json"  # names the served default quantizer
-SCENES_CODECS = "benchmarks/results/codec_accuracy_scenes_cpu.json"
+SCENES_CODECS = "benchmarks/results/codec_accuracy_scenes_full_h200.json"  # the whole ladder
 SCENES_LOW_RATE = "benchmarks/results/scenes_background_h200.json"  # the <= 6-bit quantizer's test run
 SHAPES_CODECS = "benchmarks/results/codec_accuracy_shapes_cpu.json"
 # --------------------------------------------------------------------------------------------------
@@ -277,9 +280,9 @@ def build() -> dict[str, Any]:
             SCENES_CODECS,
             "/smallest_codec_at_default_accuracy/codec_body_bytes",
             "bytes",
-            "smallest cloud-only image-codec body (PNG, JPEG, WebP, AVIF) reaching the default"
-            " quantizer's accuracy on the first 5,000 test questions (the codec run's own AlignedVQ row),"
-            " among the codecs that run tried (its ladder field; README: which and why)",
+            "smallest cloud-only image-codec body (PNG, JPEG, WebP, AVIF, downscaled) reaching the"
+            " default quantizer's accuracy on the first 5,000 test questions (the codec run's own"
+            " AlignedVQ row; the whole ladder)",
         ),
         scenes_low_rate_bits_per_token=sources.figure(
             SCENES_LOW_RATE,
