@@ -87,8 +87,9 @@ class QuantizerConfig:
     Background suppression: with ``background_norm`` > 0, code 0 of the first stage is a fixed zero
     vector too, and the edge quantizes every token (per group) whose projected feature has a squared
     norm of at most ``background_norm`` as the zero vector. On a textured background that is most
-    tokens: the cloud reads them as "nothing here" (zero is the per-position mean) and the
-    entropy coder sends each for a fraction of a bit, so the bits go to the objects. The decoder is
+    tokens: the cloud reads them as "nothing here" (zero is the per-position mean) and an
+    index-frequency table sends each for a fraction of a bit, so the bits go to the objects (not a
+    neighbour-ranked one: there the zero code's rank changes next to every object). The decoder is
     unchanged: it sums whatever codes arrive.
     """
 
