@@ -1,7 +1,7 @@
 """Background suppression on scenes: choose a setting on holdout, then measure it on test.
 
-    python -m benchmarks.scenes_background --device cuda --out benchmarks/results/scenes_background_h200.json
-    # ~7 minutes on an H200; CPU works (--holdout-limit 2100 --no-test: ~1 minute a setting)
+    python -m benchmarks.scenes_background --device cuda --out /tmp/sweep.json --keep /tmp/kept
+    # ~1 minute on an H200 (six settings and the test run); CPU: --holdout-limit 2100 --no-test
 
 Scenes spend most of a stream on the textured background, which answers nothing: sending zero for
 every token whose projected squared norm is at most 70 and the exact feature elsewhere leaves the
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace, out: Path, started: float) -> dict:
         calibration = load_scenes("train", args.calibration_images).images
         holdout = load_dataset("scenes", "holdout", loaded.image_spec.size).subset(args.holdout_limit)
         for norm, threshold in args.settings:
-            name = suppressed_quantizer(
-                loaded, result["base_quantizer"], calibration, norm, threshold, device=args.device
+            name = suppressed_quantizer(  # the scratch copy may hold a bundled file of that name
+                loaded, result["base_quantizer"], calibration, norm, threshold, args.device, overwrite=True
             )
             q = AlignedVQ.load(loaded.quantizer_path(name))
             first = not result["holdout"]

@@ -159,10 +159,12 @@ def suppressed_quantizer(
     background_norm: float,
     refine_threshold: float,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> str:
     """Write a background-suppressing copy of the multi-stage quantizer ``name`` (same projections
     and codebooks, code 0 of the first stage pinned to zero, refinement gated at
-    ``refine_threshold``), entropy-coded by index frequency; returns its name.
+    ``refine_threshold``), entropy-coded by index frequency; returns its name. A file of that name
+    is kept (FileExistsError) unless ``overwrite``: it may be a served quantizer.
 
     Not neighbour-ranked: a rank is relative to what the neighbours predict, so the one zero
     codeword would get another rank next to every object and the background would cost bits again;
@@ -178,12 +180,17 @@ def suppressed_quantizer(
         refine_threshold=refine_threshold,
         background_norm=background_norm,
     )
+    target = loaded.path / "quantizers" / f"{config.name}.safetensors"
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{target} exists; suppress into a copy of the model folder, or remove it first"
+        )
     q = AlignedVQ(config).to(device).eval()
     state = {k: v for k, v in base.state_dict().items() if k not in ("rank_books", "rank_offsets")}
     q.load_state_dict(state)
     edge, _ = split_llava(loaded.model.to(device).eval(), config.site)
     q.calibrate(collect_features(edge, torch.from_numpy(images).to(device), loaded.image_spec))
-    q.save(loaded.path / "quantizers" / f"{config.name}.safetensors")
+    q.save(target)
     return config.name
 
 

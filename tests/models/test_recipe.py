@@ -82,6 +82,8 @@ def test_suppressed_copy_keeps_the_codebooks_and_drops_the_ranks(
         norm = float(source.project(hidden).pow(2).sum(-1).median())
     name = suppressed_quantizer(loaded, ranked, images, norm, 3.0)
     assert name == f"preln-r2x16-t3-b{norm:g}"
+    with pytest.raises(FileExistsError, match="suppress into a copy"):
+        suppressed_quantizer(loaded, ranked, images, norm, 3.0)  # never overwrites a (served) file
     q = AlignedVQ.load(loaded.quantizer_path(name))
     assert (q.config.rank_tokens, q.config.rate_lambda, q.config.background_norm) == (0, 0.0, norm)
     assert torch.equal(q.codebooks, source.codebooks) and torch.equal(q.down.weight, source.down.weight)
