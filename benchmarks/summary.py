@@ -274,7 +274,8 @@ def build() -> dict[str, Any]:
             scenes_rate,
             f"{scenes_default}/payload_bytes",
             "bytes",
-            "its mean POST /v1/vqa body (header and envelope included), same questions",
+            "its mean POST /v1/vqa body (header and envelope included), over the first 2,000 of those"
+            " questions (models.evaluate measures bodies there)",
         ),
         scenes_best_codec_bytes_at_equal_accuracy=sources.figure(
             SCENES_CODECS,
