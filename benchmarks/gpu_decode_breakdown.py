@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.harness.conversation import NEW_TOKENS, Server, prompt_ids
+from benchmarks.harness.conversation import NEW_TOKENS, Server, prefix_entry_bytes, prompt_ids
 from benchmarks.harness.gpu import build_model, device_and_sync
 from benchmarks.harness.record import RESULTS, header, write_result
 from models.split import split_llava, vision_tokens
@@ -229,11 +229,7 @@ def main() -> None:
     _, cloud = split_llava(model, quantizer.config.site, fused=True)
     tokens = vision_tokens(config.vision_config)
     prefix, _, _ = prompt_ids(config, 1, np.random.default_rng(0))
-    text = config.text_config
-    entry = 2 * text.num_hidden_layers * len(prefix) * text.num_key_value_heads * text.head_dim
-    server = Server(
-        cloud, quantizer, prefix.to(device), budget=4 * entry * next(model.parameters()).element_size()
-    )
+    server = Server(cloud, quantizer, prefix.to(device), budget=4 * prefix_entry_bytes(model, prefix))
     _, ids, mask = (t.to(device) for t in prompt_ids(config, 1, np.random.default_rng(1)))
     indices = torch.randint(0, quantizer.config.codebook_size, (1, tokens, 1, 1), device=device)
     short = dict(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
@@ -260,7 +256,7 @@ def main() -> None:
         result["linears_batch1"] = gemv_rows(config)
         capacity = -(-(len(prefix) + ids.shape[1] + NEW_TOKENS) // 64) * 64
         result["attention_batch1"] = attention_rows(config, capacity, len(prefix) + ids.shape[1])
-        result["projection"] = projection(result, text.num_hidden_layers)
+        result["projection"] = projection(result, config.text_config.num_hidden_layers)
         print(result["projection"], flush=True)
     write_result(result, args.out, started)
 

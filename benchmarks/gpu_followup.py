@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness.conversation import NEW_TOKENS, Server, prompt_ids
+from benchmarks.harness.conversation import NEW_TOKENS, Server, prefix_entry_bytes, prompt_ids
 from benchmarks.harness.gpu import build_model, device_and_sync, timed_batch
 from benchmarks.harness.record import RESULTS, describe, header, write_result
 from benchmarks.harness.stats import timed
@@ -96,9 +96,7 @@ def main() -> None:
     tokens = vision_tokens(config.vision_config)
     prefix, _, _ = prompt_ids(config, 1, np.random.default_rng(0))
     prefix = prefix.to(device)
-    text = config.text_config
-    entry = 2 * text.num_hidden_layers * len(prefix) * text.num_key_value_heads * text.head_dim
-    entry_bytes = entry * next(model.parameters()).element_size()
+    entry_bytes = prefix_entry_bytes(model, prefix)
     server = Server(cloud, quantizer, prefix, budget=(max(args.batches) + 1) * entry_bytes)
     result |= {
         "settings": {

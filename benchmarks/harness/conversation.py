@@ -12,7 +12,7 @@ from models.generation import PrefixKV
 from models.quantizer import AlignedVQ
 from models.split import CloudHalf, vision_tokens
 
-__all__ = ["NEW_TOKENS", "TEMPLATE_TOKENS", "Server", "prompt_ids"]
+__all__ = ["NEW_TOKENS", "TEMPLATE_TOKENS", "Server", "prefix_entry_bytes", "prompt_ids"]
 
 NEW_TOKENS = 3
 TEMPLATE_TOKENS = 5  # "USER:" before the image in the LLaVA-1.5 template
@@ -54,3 +54,10 @@ def prompt_ids(
     ids = torch.tensor([[text.pad_token_id] * (width - len(t)) + t for t in tails])
     mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails])
     return prefix, ids, mask
+
+
+def prefix_entry_bytes(model: torch.nn.Module, prefix: torch.Tensor) -> int:
+    """Bytes of one image's prefix-cache entry: the keys and values of every layer over ``prefix``."""
+    text = model.config.text_config
+    entry = 2 * text.num_hidden_layers * len(prefix) * text.num_key_value_heads * text.head_dim
+    return entry * next(model.parameters()).element_size()
