@@ -47,7 +47,8 @@ def run() -> dict:
                 question=question,
                 features=encoder.encode_image(test.images[i]),
                 max_new_tokens=NEW_TOKENS,
-            )
+            ),
+            scope="benchmark",
         )
         for n, (question, i) in enumerate(zip(test.questions, test.image_index, strict=True))
     ]

@@ -128,7 +128,11 @@ async def answer(app: AppState, admitted: Admitted) -> VQAResponse:
     admitted = await _keep(app, admitted)
     with app.metrics.waiting.track_inprogress():
         reply = await app.queue.submit(
-            admitted.scoped, admitted.body, admitted.deadline_ms, app.settings.max_backlog
+            admitted.scoped,
+            admitted.body,
+            admitted.deadline_ms,
+            app.settings.max_backlog,
+            scope=admitted.client_id,
         )
     return respond(app, admitted, reply)
 
@@ -139,7 +143,11 @@ async def enqueue_streamed(app: AppState, admitted: Admitted) -> tuple[Admitted,
     before any event is sent, as HTTP statuses."""
     admitted = await _keep(app, admitted)
     stored = await app.queue.enqueue_streamed(
-        admitted.scoped, admitted.body, admitted.deadline_ms, app.settings.max_backlog
+        admitted.scoped,
+        admitted.body,
+        admitted.deadline_ms,
+        app.settings.max_backlog,
+        scope=admitted.client_id,
     )
     return admitted, stored
 

@@ -60,7 +60,10 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 class Job:
     """One queued request as a worker sees it. ``body`` is the msgpack request the gateway accepted
     (always with its ``features`` or ``image``: a worker never depends on the gateway's image cache).
-    ``stream``: a client reads the answer as it is generated (:meth:`WorkerQueue.publish_partial`)."""
+    ``stream``: a client reads the answer as it is generated (:meth:`WorkerQueue.publish_partial`).
+    ``scope``: the tenant (the gateway's client id) whose cached image prefixes this request may
+    use; a worker never answers one tenant from another's prefix cache entry, whose speed would tell
+    it that someone else asked about the same image."""
 
     entry_id: str
     model: str
@@ -69,6 +72,7 @@ class Job:
     deadline_ms: int
     enqueued_ms: int
     body: bytes
+    scope: str
     deliveries: int = 1
     stream: bool = False
 
@@ -81,6 +85,7 @@ class Job:
             "deadline_ms": self.deadline_ms,
             "enqueued_ms": self.enqueued_ms,
             "request": self.body,
+            "scope": self.scope,
         }
         if self.stream:
             entry["stream"] = 1
@@ -98,6 +103,8 @@ class Job:
                 deadline_ms=int(fields[b"deadline_ms"]),
                 enqueued_ms=int(fields[b"enqueued_ms"]),
                 body=fields[b"request"],
+                # An entry queued by a gateway older than the field shares its prefix with no one.
+                scope=fields.get(b"scope", b"entry:" + entry_id.encode()).decode(),
                 stream=fields.get(b"stream") == b"1",
             )
         except KeyError as exc:
@@ -205,11 +212,14 @@ class GatewayQueue(Protocol):
     async def ping(self) -> None:
         """Raise QueueUnavailable unless the queue answers."""
 
-    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
-        """Enqueue (once per request id) and wait for the reply until ``deadline_ms``."""
+    async def submit(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+    ) -> Reply:
+        """Enqueue (once per request id) and wait for the reply until ``deadline_ms``; ``scope``:
+        see :class:`Job`."""
 
     async def enqueue_streamed(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
     ) -> Reply | None:
         """Enqueue (once per request id) a request whose answer is read with :meth:`read_partials`;
         the stored reply if the request id already finished, else None. Joining a request queued

@@ -93,7 +93,7 @@ class MemoryQueue:
             return bound == digest
 
     def _enqueue(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool, scope: str
     ) -> Reply | None:
         """ENQUEUE's semantics (see gateway.queue.scripts); the caller holds the lock."""
         key = (request.model, request.request_id)
@@ -117,6 +117,7 @@ class MemoryQueue:
             deadline_ms=deadline_ms,
             enqueued_ms=now_ms(),
             body=body,
+            scope=scope,
             stream=streamed,
         )
         self._partials.pop(key, None)  # an earlier, failed attempt's
@@ -125,12 +126,14 @@ class MemoryQueue:
         self._cond.notify_all()
         return None
 
-    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
+    async def submit(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+    ) -> Reply:
         assert self._loop is not None, "MemoryQueue.start() was not called"
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = self._loop.create_future()
         with self._cond:
-            stored = self._enqueue(request, body, deadline_ms, max_backlog, streamed=False)
+            stored = self._enqueue(request, body, deadline_ms, max_backlog, streamed=False, scope=scope)
             if stored is not None:
                 return stored
             self._waiting[key].append(future)
@@ -148,10 +151,10 @@ class MemoryQueue:
                     self._waiting.pop(key, None)
 
     async def enqueue_streamed(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
     ) -> Reply | None:
         with self._cond:
-            return self._enqueue(request, body, deadline_ms, max_backlog, streamed=True)
+            return self._enqueue(request, body, deadline_ms, max_backlog, streamed=True, scope=scope)
 
     def _partial(self, key: tuple[str, str]) -> _PartialStream | None:
         stream = self._partials.get(key)

@@ -176,7 +176,7 @@ class RedisGatewayQueue:
             await self.client.ping()
 
     async def _run_enqueue(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool, scope: str
     ) -> tuple[bytes, bytes]:
         """The ENQUEUE script: (status, value); Overloaded when the backlog is full."""
         key = (request.model, request.request_id)
@@ -191,6 +191,7 @@ class RedisGatewayQueue:
             body,
             request.model,
             "1" if streamed else "0",
+            scope,
         ]
         with redis_errors():
             status, value = await self._enqueue(
@@ -209,14 +210,18 @@ class RedisGatewayQueue:
             )
         return status, value
 
-    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int) -> Reply:
+    async def submit(
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+    ) -> Reply:
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         # Registered before the entry exists, so even an instant reply finds its future.
         self._waiting.setdefault(key, []).append(future)
         try:
             now = now_ms()
-            status, value = await self._run_enqueue(request, body, deadline_ms, max_backlog, streamed=False)
+            status, value = await self._run_enqueue(
+                request, body, deadline_ms, max_backlog, streamed=False, scope=scope
+            )
             if status == Status.DONE:
                 return Reply.unpack(value)
             # A timer that fails the future itself: asyncio.wait_for would add a second future and
@@ -235,9 +240,11 @@ class RedisGatewayQueue:
                 self._waiting.pop(key, None)
 
     async def enqueue_streamed(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int
+        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
     ) -> Reply | None:
-        status, value = await self._run_enqueue(request, body, deadline_ms, max_backlog, streamed=True)
+        status, value = await self._run_enqueue(
+            request, body, deadline_ms, max_backlog, streamed=True, scope=scope
+        )
         return Reply.unpack(value) if status == Status.DONE else None
 
     async def read_partials(

@@ -31,7 +31,7 @@ __all__ = ["ENQUEUE", "FINISH", "IMAGE_GET", "IMAGE_PUT", "RATE_LIMIT"]
 # partial stream an earlier, failed attempt of the same request id may have left.
 # KEYS: result, inflight, waiters, stream, partial
 # ARGV: reply_to, deadline_ms, marker_ttl_ms, max_backlog, request_id, enqueued_ms, body, model,
-#       streamed ('1' or '0')
+#       streamed ('1' or '0'), scope
 # -> {status, value}: {'done', reply} | {'joined', ''} | {'overloaded', ''} | {'queued', entry_id}
 ENQUEUE = """
 local done = redis.call('GET', KEYS[1])
@@ -51,10 +51,12 @@ if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[4]) then return {'overloaded', '
 local id
 if streamed then
   id = redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[5], 'model', ARGV[8],
-    'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7], 'stream', '1')
+    'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7],
+    'scope', ARGV[10], 'stream', '1')
 else
   id = redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[5], 'model', ARGV[8],
-    'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7])
+    'reply_to', ARGV[1], 'deadline_ms', ARGV[2], 'enqueued_ms', ARGV[6], 'request', ARGV[7],
+    'scope', ARGV[10])
 end
 redis.call('DEL', KEYS[5])
 redis.call('SET', KEYS[2], id, 'PX', ttl)

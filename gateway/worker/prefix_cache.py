@@ -3,8 +3,9 @@
 Every prompt about one image starts with the same tokens (BOS, template text, the image tokens),
 so a follow-up question needs neither the vision tower, nor the projector, nor the prefix's
 prefill again: the runner keeps their keys and values (:class:`models.generation.PrefixKV`) here,
-keyed by the SHA-256 of the request's payload (the feature stream; a cloud-only request's image
-bytes). The cache holds at most ``VQA_PREFIX_CACHE_MB`` of them (0: off) in the model's device
+keyed by the SHA-256 of the tenant and the request's payload (the feature stream; a cloud-only
+request's image bytes): tenants never share an entry, so a hit's speed tells no one what another
+tenant asked about. The cache holds at most ``VQA_PREFIX_CACHE_MB`` of them (0: off) in the model's device
 memory. Generic over what it holds (anything with ``nbytes``), so this module needs no torch.
 """
 

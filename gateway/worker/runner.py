@@ -229,12 +229,14 @@ class Runner:
             )
         return ids
 
-    def prepare_request(self, request: VQARequest) -> Prepared:
+    def prepare_request(self, request: VQARequest, scope: str) -> Prepared:
         """Decode one request into model inputs, with the checks of :mod:`gateway.validation` (which
         say why the worker repeats none of them needlessly); raises the same 4xx as the gateway.
 
         A payload whose prefix is cached is not decoded again: the same bytes passed every check
-        when they were first decoded, against the same codebook.
+        when they were first decoded, against the same codebook. Cache entries are the tenant's
+        (``scope``, :class:`gateway.queue.Job`): a hit is faster, and its ``compute_ms`` would
+        tell another tenant that someone had asked about the same image.
         """
         if request.model != self.info.name:
             raise UnknownModel(f"this worker serves {self.info.name!r}, got a request for {request.model!r}")
@@ -250,7 +252,7 @@ class Runner:
                 "the queued request carries no 'features' or 'image' "
                 "(an 'image_ref' is the gateway's to resolve)"
             )
-        key = hashlib.sha256(payload).digest()
+        key = hashlib.sha256(scope.encode() + b"\0" + payload).digest()
         item = Prepared(prompt, request.max_new_tokens, key, unknown_words=tuple(unknown))
         cached = self.prefixes.get(key)
         if cached is not None:

@@ -212,7 +212,7 @@ class Worker:
                         f"entry says {job.model}/{job.request_id}, "
                         f"body says {request.model}/{request.request_id}"
                     )
-                ready.append((job, self.runner.prepare_request(request)))
+                ready.append((job, self.runner.prepare_request(request, job.scope)))
             except AlignedVQError as exc:
                 self.stats.rejected += 1
                 done.append((job, Reply.failure(job, exc)))

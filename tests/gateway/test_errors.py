@@ -44,7 +44,7 @@ def test_a_later_subclass_maps_like_its_base() -> None:
 
 @pytest.mark.parametrize("cls", [c for c in all_error_codes().values() if issubclass(c, errors.ServerError)])
 def test_worker_errors_round_trip_through_replies(cls: type[AlignedVQError]) -> None:
-    job = Job("1-0", "m", "r", "reply", 0, 0, b"")
+    job = Job("1-0", "m", "r", "reply", 0, 0, b"", "key:0")
     reply = Reply.unpack(Reply.failure(job, cls("what was expected, what arrived")).pack())
     with pytest.raises(cls, match="what was expected"):
         reply.response()

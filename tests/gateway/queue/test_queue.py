@@ -282,7 +282,7 @@ def test_one_finish_call_answers_a_whole_batch(published, model_name, prefix, r)
         tracked += [keys.waiters(model_name, request_id), keys.stream(model_name)]
         tracked += [keys.partial(model_name, request_id)]
         args = [reply_to, int(time.time() * 1000) + 60_000, 65_000, 100, request_id, 0, b"body", model_name]
-        args += ["0"]  # not streamed
+        args += ["0", "key:0"]  # not streamed; the tenant
         return enqueue(keys=tracked, args=args)[0]
 
     assert [submit(rid, gateway_a) for rid in ("r1", "r2", "r3")] == [b"queued"] * 3

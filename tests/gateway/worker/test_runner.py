@@ -24,6 +24,8 @@ from models.quantizer import AlignedVQ
 from models.store import DEFAULT_QUANTIZER, load_model
 from tests.conftest import TINY_QUANTIZER
 
+TENANT = "key:0123456789abcdef"
+
 
 def _requests(runner: Runner, images: list[np.ndarray], asks: list[tuple], **fields) -> list[VQARequest]:
     """``asks``: (image index, question[, history]); each image encoded once, as an edge client does."""
@@ -65,16 +67,18 @@ def _answers_with_and_without_cache(cached: Runner, plain: Runner):
     reference answers."""
     split = generate_shapes(3, seed=7, questions_per_image=3, size=cached.info.image_size)
     images, asked = list(split.images), list(zip(split.image_index.tolist(), split.questions, strict=True))
-    first = cached.run([cached.prepare_request(r) for r in _requests(cached, images, [asked[0], asked[3]])])
+    first = cached.run(
+        [cached.prepare_request(r, TENANT) for r in _requests(cached, images, [asked[0], asked[3]])]
+    )
     earlier = [asked[3][1], first[1].text]  # the conversation so far about image 1
     rows = [1, 6, 4, 8]  # images 0 (cached), 2, 1 (cached, with history), 2 (with history)
     asks = [asked[1], asked[6], (*asked[4], earlier), (*asked[8], [asked[7][1], "yes"])]
     second = _requests(cached, images, asks)
-    items = [cached.prepare_request(r) for r in second]
+    items = [cached.prepare_request(r, TENANT) for r in second]
     assert [item.prefix is not None for item in items] == [True, False, True, False]
     assert len(items[2].prompt) > len(cached.prompt(asked[4][1], (), 1))  # the history is in the prompt
     references = [split.answers[i][0] for i in rows]
-    return cached.run(items), plain.run([plain.prepare_request(r) for r in second]), references
+    return cached.run(items), plain.run([plain.prepare_request(r, TENANT) for r in second]), references
 
 
 @pytest.mark.parametrize("model", ["shapes", "tiny"])
@@ -87,12 +91,26 @@ def test_answers_are_identical_with_and_without_the_prefix_cache(model: str, req
         assert [a.text for a in with_cache] == references
 
 
+def test_a_tenant_never_gets_another_tenants_cached_prefix(shapes: tuple[Runner, Runner]) -> None:
+    """A hit is faster (and shows in ``compute_ms``): a shared entry would tell one tenant that
+    another had asked about the same image."""
+    cached = shapes[0]
+    split = generate_shapes(1, seed=11, questions_per_image=1, size=cached.info.image_size)
+    (request,) = _requests(cached, list(split.images), [(0, split.questions[0])])
+    cached.run([cached.prepare_request(request, TENANT)])
+    assert cached.prepare_request(request, TENANT).prefix is not None
+    other = cached.prepare_request(request, "key:fedcba9876543210")
+    assert other.prefix is None and other.indices is not None  # decoded and computed afresh
+    cached.run([other])
+    assert cached.prepare_request(request, "key:fedcba9876543210").prefix is not None
+
+
 def test_a_queued_request_without_its_payload_is_refused(shapes: tuple[Runner, Runner]) -> None:
     request = VQARequest(
         request_id="r", model="llava-mini-shapes", question="what shape?", image_ref=bytes(16)
     )
     with pytest.raises(RequestError, match="an 'image_ref' is the gateway's to resolve"):
-        shapes[1].prepare_request(request)
+        shapes[1].prepare_request(request, TENANT)
 
 
 def test_fused_decoding_is_chosen_by_setting_and_answers_the_same(tiny_model_dir: Path, runner) -> None:
@@ -120,7 +138,7 @@ def test_token_counts(shapes: tuple[Runner, Runner]) -> None:
     runner = shapes[1]
     images = list(generate_shapes(1, seed=3, size=runner.info.image_size).images)
     request = _requests(runner, images, [(0, "what shape is in the image?")], max_new_tokens=5)[0]
-    item = runner.prepare_request(request)
+    item = runner.prepare_request(request, TENANT)
     answer = runner.run([item])[0]
     words = len(answer.text.split())  # a word-level tokenizer: one token per word, then EOS
     assert answer.prompt_tokens == len(item.prompt) == 1 + 64 + 7 + 2  # BOS, image, 6 words + "?", "answer :"
@@ -131,9 +149,9 @@ def test_questions_with_unknown_words_are_answered_and_report_them(shapes: tuple
     runner = shapes[1]
     images = list(generate_shapes(1, seed=3, size=runner.info.image_size).images)
     some, none = _requests(runner, images, [(0, "what Xyzzy shape is in the image?"), (0, "xyzzy plugh ?!")])
-    assert runner.prepare_request(some).unknown_words == ("Xyzzy",)
+    assert runner.prepare_request(some, TENANT).unknown_words == ("Xyzzy",)
     with pytest.raises(UnreadableQuestion, match=re.escape("'xyzzy', 'plugh', '?!'")):
-        runner.prepare_request(none)
+        runner.prepare_request(none, TENANT)
 
 
 def test_new_tokens_are_limited_by_the_positions_left_after_the_prompt(shapes: tuple[Runner, Runner]) -> None:
@@ -144,9 +162,12 @@ def test_new_tokens_are_limited_by_the_positions_left_after_the_prompt(shapes: t
     question = "what shape is in the image?"
     room = runner.positions - len(runner.prompt(question, (), 1))
     fits, over = _requests(runner, images, [(0, question)] * 2)
-    assert runner.prepare_request(fits.model_copy(update={"max_new_tokens": room})).max_new_tokens == room
+    assert (
+        runner.prepare_request(fits.model_copy(update={"max_new_tokens": room}), TENANT).max_new_tokens
+        == room
+    )
     with pytest.raises(RequestError, match=f"at most {room} new tokens fit; got {room + 1}"):
-        runner.prepare_request(over.model_copy(update={"max_new_tokens": room + 1}))
+        runner.prepare_request(over.model_copy(update={"max_new_tokens": room + 1}), TENANT)
 
 
 def test_streamed_text_adds_up_to_the_answer(shapes: tuple[Runner, Runner]) -> None:
@@ -155,7 +176,7 @@ def test_streamed_text_adds_up_to_the_answer(shapes: tuple[Runner, Runner]) -> N
     requests = _requests(
         runner, images, [(0, "what shape is in the image?"), (1, "what color is it?"), (1, "is it blue?")]
     )
-    items = [runner.prepare_request(r) for r in requests]
+    items = [runner.prepare_request(r, TENANT) for r in requests]
     pieces: dict[int, list[str]] = {0: [], 2: []}
     answers = runner.run(items, {row: pieces[row].append for row in pieces})
     assert answers == runner.run(items)  # streaming changes nothing

@@ -43,6 +43,7 @@ def _job(runner: Runner, features: bytes, question: str, *, stream: bool = False
         now + 60_000,
         now,
         encode_request(request),
+        "key:0123456789abcdef",
         stream=stream,
     )
 
@@ -83,7 +84,7 @@ def test_streamed_jobs_publish_their_text_and_every_reply_counts_its_tokens(cach
     assert streamed.answer and "".join(p.text for p in partials[streamed.request_id]) == streamed.answer
     assert not partials[plain.request_id]  # not asked to stream
     for reply, job in ((streamed, jobs[0]), (plain, jobs[1])):
-        prompt = runner.prepare_request(decode_request(job.body)).prompt
+        prompt = runner.prepare_request(decode_request(job.body), job.scope).prompt
         assert reply.ok and reply.prompt_tokens == len(prompt)
         assert 1 <= reply.completion_tokens <= (6 if reply is streamed else 3)
     assert plain.unknown_words == ["Xyzzy"] and streamed.unknown_words == []
