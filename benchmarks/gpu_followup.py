@@ -20,7 +20,9 @@ Answers are 3 new tokens (EOS ignored, so every run does the same work), as in
 ``benchmarks/gpu_worker.py``. Measured: (a) batch-1 latency of both; (b) req/s by batch size, and
 each one's best; (c) streaming a long answer (``--stream-tokens``, 128) at batch 1: time to the
 first token (the ``on_token`` hook's first call, after the host sync the worker's text stream
-makes) vs the whole answer, for a first question and a follow-up. Token agreement checks that a
+makes) vs the whole answer, for a first question and a follow-up; (d) the batch-1 latency ratio by
+answer length (``--lengths``): a follow-up saves a fixed cost (the vision tower and the prefix
+prefill) from a sum that grows by one pass over the weights per answer token. Token agreement checks that a
 follow-up answers exactly as the first question did. Median wall time over ``--repeats`` calls
 after a warm-up (which compiles and captures CUDA graphs of each new shape); CUDA synchronised.
 Raw JSON, written after every measurement, so a cut-off run keeps what it measured.
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stream-tokens", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="tiny random config (CPU smoke run)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 3, 8], help="answer lengths for (d)")
     parser.add_argument("--budget-s", type=float, default=330, help="skip batch sizes started after this")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_followup.json")
     args = parser.parse_args()
@@ -109,6 +112,7 @@ def main() -> None:
             "prefix_cache_entry_mib": round(entry_bytes / 2**20, 1),
             "new_tokens": NEW_TOKENS,
             "stream_tokens": args.stream_tokens,
+            "lengths": args.lengths,
             "batches": args.batches,
             "repeats": args.repeats,
             "build_s": round(time.perf_counter() - built, 1),
@@ -168,11 +172,36 @@ def main() -> None:
             save()
         server.cache.clear()
 
-    # The smallest batch and streaming first: a run cut short by --budget-s still answers (a), (c).
+    def by_length() -> None:
+        """(d): batch-1 latency of both kinds and their ratio for each answer length."""
+        _, ids, mask = (t.to(device) for t in prompt_ids(config, 1, np.random.default_rng(2)))
+        indices = torch.randint(0, vq_config.codebook_size, (1, tokens, 1, 1), device=device)
+        rows = result["by_answer_length"] = []
+        for length in args.lengths:
+            fixed = dict(max_new_tokens=length, stop_at_eos=False)
+            row: dict = {"new_tokens": length}
+            for kind, fn in (
+                ("first", partial(server.first, [b"n"], indices, ids, mask, **fixed)),
+                ("follow_up", partial(server.followup, [b"n"], ids, mask, **fixed)),
+            ):
+                run = timed_batch(fn, 1, args.repeats, sync, device)
+                row[f"{kind}_ms"] = run.get("median_ms", run.get("error"))
+            if isinstance(row["first_ms"], float) and isinstance(row["follow_up_ms"], float):
+                row["ratio"] = round(row["follow_up_ms"] / row["first_ms"], 3)
+                print(
+                    f"{length:3d} new tokens: {row['first_ms']:8.2f} vs {row['follow_up_ms']:8.2f} ms",
+                    flush=True,
+                )
+            rows.append(row)
+            server.cache.clear()
+            save()
+
+    # The smallest batch, streaming and answer lengths first: a run cut short by --budget-s still
+    # answers (a), (c) and (d).
     with torch.inference_mode():
-        for step in [args.batches[0], streaming, *args.batches[1:]]:
+        for step in [args.batches[0], streaming, by_length, *args.batches[1:]]:
             if time.monotonic() - started > args.budget_s:
-                result.setdefault("skipped", []).append(step if isinstance(step, int) else "streaming")
+                result.setdefault("skipped", []).append(step if isinstance(step, int) else step.__name__)
             elif isinstance(step, int):
                 batch_runs(step)
             else:
