@@ -1,12 +1,16 @@
 """Request ids are idempotency keys, scoped to the caller and bound to the request they first named.
 
-A client's ``request_id`` is only unique within that client, so the queue never sees it: the gateway
-keys everything (stream entry, in-flight marker, stored result) by a digest of the caller's
-identity and the id, and answers under the client's own id. Two API keys using the same id therefore
-never meet. The first request under an id binds it to a digest of what was asked (model, question,
-payload, ``max_new_tokens``; not ``timeout_ms``, which a retry may change): a retry of the same
-request waits for or returns the same answer, a different request under the same id gets 409
-``request_id_reused`` instead of someone else's answer.
+A client's ``request_id`` is only unique within that client, so the queue never sees it. The queue
+keys everything (stream entry, in-flight marker, stored result, partial stream) by a digest of the
+caller's identity, the id *and what was asked* (model, question, payload, history,
+``max_new_tokens``; not ``timeout_ms``, which a retry may change), and the gateway answers under the
+client's own id. So a retry of the same request waits for or returns the same answer, while a
+different request under the same id can never be handed that answer, however the lifetimes of the
+stored result and of the binding below compare. Two API keys using the same id never meet.
+
+The binding only turns a reuse into a clear error: the first request under an id binds
+(caller, id) to its digest, and a different request under a bound id gets 409
+``request_id_reused``.
 """
 
 from __future__ import annotations
@@ -18,18 +22,28 @@ import msgpack
 from edge_client.protocol import VQARequest, encode_request
 
 
-def scoped_id(request_id: str, client_id: str) -> str:
-    """The queue's name for ``request_id`` of caller ``client_id`` (an API key's digest prefix)."""
+def binding_id(request_id: str, client_id: str) -> str:
+    """The name under which ``request_id`` of caller ``client_id`` (an API key's digest prefix) is
+    bound to the first request it named."""
     return hashlib.sha256(f"{client_id}\0{request_id}".encode()).hexdigest()[:40]
-
-
-def scoped_request(request: VQARequest, client_id: str) -> tuple[VQARequest, bytes]:
-    """The request as the queue sees it (the id scoped to ``client_id``) and its msgpack body."""
-    scoped = request.model_copy(update={"request_id": scoped_id(request.request_id, client_id)})
-    return scoped, encode_request(scoped)
 
 
 def request_digest(request: VQARequest) -> bytes:
     """What a retry must repeat to count as the same request."""
-    content = [request.model, request.question, request.features, request.image, request.max_new_tokens]
+    content = [
+        request.model,
+        request.question,
+        request.features,
+        request.image,
+        request.max_new_tokens,
+        request.history,
+    ]
     return hashlib.sha256(msgpack.packb(content, use_bin_type=True)).digest()
+
+
+def scoped_request(request: VQARequest, client_id: str) -> tuple[VQARequest, bytes]:
+    """The request as the queue sees it (its id scoped to ``client_id`` and to what it asks) and its
+    msgpack body."""
+    queue_id = hashlib.sha256(f"{client_id}\0{request.request_id}\0".encode() + request_digest(request))
+    scoped = request.model_copy(update={"request_id": queue_id.hexdigest()[:40]})
+    return scoped, encode_request(scoped)

@@ -27,7 +27,7 @@ from ..errors import DeadlineExceeded, ImageExpired, NoWorker, RequestIdReused
 from ..queue import PartialEntry, Reply, entry_key, now_ms
 from ..validation import check_request
 from .deps import AppState
-from .idempotency import request_digest, scoped_request
+from .idempotency import binding_id, request_digest, scoped_request
 
 __all__ = [
     "KEEPALIVE_S",
@@ -102,13 +102,14 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
             f"no worker of model {vqa.model} has been live for {settings.no_worker_grace_ms} ms "
             "(VQA_NO_WORKER_GRACE_MS); the request was not queued, retry once a worker is up"
         )
-    scoped, body = scoped_request(vqa, client_id)
     binding_ms = settings.result_ttl_s * 1000 + settings.max_timeout_ms  # outlives the stored result
-    if not await app.queue.reserve_id(vqa.model, scoped.request_id, request_digest(vqa), binding_ms):
+    binding = binding_id(vqa.request_id, client_id)
+    if not await app.queue.reserve_id(vqa.model, binding, request_digest(vqa), binding_ms):
         raise RequestIdReused(
             f"request_id {vqa.request_id!r} was already used for a different request; "
             "use a new id for a new question (retries must repeat the same request)"
         )
+    scoped, body = scoped_request(vqa, client_id)
     deadline_ms = arrived_ms + (vqa.timeout_ms or settings.request_timeout_ms)
     return Admitted(vqa.request_id, scoped, body, deadline_ms, client_id, ref, keep)
 

@@ -15,7 +15,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from edge_client.protocol import VQARequest, encode_request
+from edge_client.protocol import VQARequest, decode_request, encode_request
 
 API_KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -23,11 +23,13 @@ MSGPACK = {"Content-Type": "application/msgpack"}
 HEADERS = {**AUTH, **MSGPACK}
 
 
-def queue_id(request_id: str, api_key: str = API_KEY) -> str:
-    """The id the queue keys a request by: scoped to the caller's key (gateway.api.idempotency)."""
-    from gateway.api.idempotency import scoped_id
+def queue_id(content: bytes, api_key: str = API_KEY) -> str:
+    """The id the queue keys the msgpack request ``content`` by: scoped to the caller's key and to
+    what it asks (gateway.api.idempotency)."""
+    from gateway.api.idempotency import scoped_request
 
-    return scoped_id(request_id, f"key:{hashlib.sha256(api_key.encode()).hexdigest()[:16]}")
+    request = decode_request(content)
+    return scoped_request(request, f"key:{hashlib.sha256(api_key.encode()).hexdigest()[:16]}")[0].request_id
 
 
 def png(size: int = 32, seed: int = 0) -> bytes:

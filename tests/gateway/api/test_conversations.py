@@ -143,7 +143,7 @@ def test_a_finished_request_replays_from_its_stored_answer(
     content = body(model_name, features=features, request_id=request_id)
     plain = client.post("/v1/vqa", content=content, headers=HEADERS).json()
     r = redis.Redis.from_url(redis_url)
-    assert not r.exists(Keys(prefix).partial(model_name, queue_id(request_id)))  # not streamed: none
+    assert not r.exists(Keys(prefix).partial(model_name, queue_id(content)))  # not streamed: none
     r.close()
     replay = events(client.post("/v1/vqa", content=content, headers=STREAM).text)
     assert [e.event for e in replay] == ["token", "done"]

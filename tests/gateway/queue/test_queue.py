@@ -100,7 +100,7 @@ def test_retry_of_finished_request_returns_stored_answer(served, model_name, fea
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
     assert worker.worker.stats.answered == 1
-    result = Keys(prefix).result(model_name, queue_id("retry-me"))
+    result = Keys(prefix).result(model_name, queue_id(content))
     assert 0 < r.pttl(result) <= settings.result_ttl_s * 1000
     assert r.xinfo_stream(Keys(prefix).stream(model_name))["entries-added"] == 1
 
@@ -113,9 +113,7 @@ def test_retry_of_in_flight_request_waits_for_the_same_answer(
     gateways = [open_client(gateway_settings(redis_url, prefix)) for _ in range(2)]
     content = body(model_name, features=features, request_id="in-flight", timeout_ms=20_000)
     replies = [post_in_background(client, content) for client in gateways]
-    wait_for(
-        lambda: r.scard(keys.waiters(model_name, queue_id("in-flight"))) == 2, what="both gateways waiting"
-    )
+    wait_for(lambda: r.scard(keys.waiters(model_name, queue_id(content))) == 2, what="both gateways waiting")
     assert r.xlen(keys.stream(model_name)) == 1
     worker = start_worker(worker_settings(redis_url, prefix))
     answers = [future.result(timeout=10) for future in replies]
@@ -123,7 +121,7 @@ def test_retry_of_in_flight_request_waits_for_the_same_answer(
     assert answers[0].json() == answers[1].json()
     assert worker.worker.stats.answered == 1
     assert r.xinfo_stream(keys.stream(model_name))["entries-added"] == 1
-    in_flight = queue_id("in-flight")
+    in_flight = queue_id(content)
     assert not r.exists(keys.inflight(model_name, in_flight), keys.waiters(model_name, in_flight))
 
 
@@ -159,6 +157,27 @@ def test_request_ids_are_scoped_to_the_caller_and_bound_to_the_request(
     )
     assert retry.status_code == 200 and retry.json() == first.json()  # same request, new timeout: idempotent
     assert worker.worker.stats.answered == 2
+    with_history = body(model_name, features=features, request_id="shared", history=["what color?", "red"])
+    assert client.post("/v1/vqa", content=with_history, headers=HEADERS).status_code == 409  # history counts
+
+
+def test_an_id_whose_binding_expired_never_returns_an_earlier_answer(
+    served, model_name, features, prefix, r
+) -> None:
+    """The stored answer belongs to the request, not to the id: once the id's binding is gone (its
+    lifetime ended while a retry's answer lived on), a new request under it gets its own answer."""
+    client, worker, _ = served
+    first = client.post(
+        "/v1/vqa", content=body(model_name, features=features, request_id="reborn"), headers=HEADERS
+    )
+    assert first.status_code == 200
+    (binding,) = r.keys(Keys(prefix).request(model_name, "*"))
+    r.delete(binding)  # as if it had expired
+    question = "how many shapes are there?"
+    other = body(model_name, features=features, request_id="reborn", question=question)
+    second = client.post("/v1/vqa", content=other, headers=HEADERS)
+    assert second.status_code == 200 and worker.worker.stats.answered == 2
+    assert second.json()["prompt_tokens"] != first.json()["prompt_tokens"]  # its own question's reply
 
 
 def test_error_replies_are_not_stored(served, model_name, prefix, r) -> None:
@@ -166,7 +185,7 @@ def test_error_replies_are_not_stored(served, model_name, prefix, r) -> None:
     client, _, _ = served
     content = body(model_name, features=b"AVQ garbage", request_id="failed-once")
     assert client.post("/v1/vqa", content=content, headers=HEADERS).status_code == 422
-    assert not r.exists(Keys(prefix).result(model_name, queue_id("failed-once")))
+    assert not r.exists(Keys(prefix).result(model_name, queue_id(content)))
 
 
 def test_entry_of_a_dead_worker_is_claimed_and_answered(
@@ -191,7 +210,8 @@ def test_dead_letter_after_max_deliveries(
     keys = Keys(prefix)
     settings = worker_settings(redis_url, prefix, claim_idle_ms=1, max_deliveries=2)
     client = open_client(gateway_settings(redis_url, prefix))
-    waiting = post_in_background(client, body(model_name, features=features, request_id="poison"))
+    content = body(model_name, features=features, request_id="poison")
+    waiting = post_in_background(client, content)
     queues = [RedisWorkerQueue(settings, model_name, worker_id()) for _ in range(3)]
     try:
         wait_for(lambda: queues[0].read(4, 50), what="first delivery")  # worker 1 dies holding it
@@ -200,7 +220,7 @@ def test_dead_letter_after_max_deliveries(
         assert [job.deliveries for job in second.jobs] == [2] and not second.dead
         time.sleep(0.01)
         third = queues[2].claim(4)  # delivery 3 > max_deliveries: dead letter
-        assert not third.jobs and [job.request_id for job in third.dead] == [queue_id("poison")]
+        assert not third.jobs and [job.request_id for job in third.dead] == [queue_id(content)]
     finally:
         for queue in queues:
             queue.close()
@@ -208,7 +228,7 @@ def test_dead_letter_after_max_deliveries(
     assert reply.status_code == 502 and reply.json()["error"]["code"] == "dead_letter"
     assert "VQA_MAX_DELIVERIES=2" in reply.json()["error"]["message"]
     ((entry_id, fields),) = r.xrange(keys.dead(model_name))
-    assert fields[b"request_id"] == queue_id("poison").encode() and b"died" in fields[b"reason"]
+    assert fields[b"request_id"] == queue_id(content).encode() and b"died" in fields[b"reason"]
     assert r.xlen(keys.stream(model_name)) == 0
 
 
