@@ -110,7 +110,13 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
             "use a new id for a new question (retries must repeat the same request)"
         )
     scoped, body = scoped_request(vqa, client_id)
-    deadline_ms = arrived_ms + (vqa.timeout_ms or settings.request_timeout_ms)
+    timeout_ms = vqa.timeout_ms or settings.request_timeout_ms
+    deadline_ms = arrived_ms + timeout_ms
+    if now_ms() >= deadline_ms:  # a slow image check: no worker could answer it in time
+        raise DeadlineExceeded(
+            f"the deadline ({timeout_ms} ms after arrival) passed while the request was checked; "
+            "it was not queued"
+        )
     return Admitted(vqa.request_id, scoped, body, deadline_ms, client_id, ref, keep)
 
 

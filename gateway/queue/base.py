@@ -51,9 +51,10 @@ def now_ms() -> int:
 def entry_key(entry_id: str) -> tuple[int, int]:
     """A stream entry id ``<ms>-<seq>`` as a sortable pair; ValueError if it is not one."""
     match = _ENTRY_ID.fullmatch(entry_id)
-    if match is None:
+    key = (int(match.group(1)), int(match.group(2))) if match else None
+    if key is None or max(key) >= 2**64:  # Redis's parts are unsigned 64-bit
         raise ValueError(f"expected a stream entry id like 1700000000000-0, got {entry_id[:40]!r}")
-    return int(match.group(1)), int(match.group(2))
+    return key
 
 
 @dataclass(frozen=True)

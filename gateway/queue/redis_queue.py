@@ -526,5 +526,5 @@ class RedisWorkerQueue:
 def _expire(future: asyncio.Future[Reply], budget_ms: int) -> None:
     if not future.done():
         future.set_exception(
-            DeadlineExceeded(f"no answer before the deadline ({budget_ms} ms after arrival)")
+            DeadlineExceeded(f"no answer before the deadline ({budget_ms} ms after it was queued)")
         )

@@ -176,8 +176,9 @@ def test_refusals_come_before_the_stream_as_statuses(served, model_name) -> None
     bad = client.post("/v1/vqa", content=body(model_name, features=b"AVQ\x01"), headers=STREAM)
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "truncated_stream"
     content = body(model_name, image=png(seed=3))
-    bad_id = client.post("/v1/vqa", content=content, headers={**STREAM, "Last-Event-ID": "yesterday"})
-    assert bad_id.status_code == 422 and "Last-Event-ID" in bad_id.json()["error"]["message"]
+    for wrong in ("yesterday", f"{2**64}-0"):  # the second is past Redis's 64-bit parts: not a 503
+        bad_id = client.post("/v1/vqa", content=content, headers={**STREAM, "Last-Event-ID": wrong})
+        assert bad_id.status_code == 422 and "Last-Event-ID" in bad_id.json()["error"]["message"]
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------------

@@ -92,6 +92,19 @@ def test_an_unanswered_request_ends_at_its_timeout(
     assert reply.status_code == 504 and time.monotonic() - start < 3
 
 
+def test_a_request_whose_deadline_passes_while_it_is_checked_is_not_queued(
+    redis_url, prefix, published, open_client, model_name, r
+) -> None:
+    """Decoding a cloud-only image takes longer than a 1 ms budget: queueing it would only have a
+    worker compute an answer nobody waits for."""
+    client = open_client(gateway_settings(redis_url, prefix))
+    reply = client.post(
+        "/v1/vqa", content=body(model_name, image=png(size=512), timeout_ms=1), headers=HEADERS
+    )
+    assert reply.status_code == 504 and "it was not queued" in reply.json()["error"]["message"]
+    assert not r.exists(Keys(prefix).stream(model_name)) or r.xlen(Keys(prefix).stream(model_name)) == 0
+
+
 def test_retry_of_finished_request_returns_stored_answer(served, model_name, features, prefix, r) -> None:
     client, worker, settings = served
     content = body(model_name, features=features, request_id="retry-me")
