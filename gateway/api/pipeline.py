@@ -36,6 +36,7 @@ __all__ = [
     "answer",
     "enqueue_streamed",
     "last_event_id",
+    "resume_cursor",
     "partials",
     "respond",
 ]
@@ -197,6 +198,23 @@ async def partials(
                 yield entry
                 if entry.reply is not None:
                     return
+
+
+async def resume_cursor(app: AppState, admitted: Admitted, after: str) -> str:
+    """Where a resumed stream continues: after ``after``, an id this request's partial stream sent;
+    422 for an id past its newest entry, which no entry would ever follow. With no entries yet (a
+    new attempt replaced an earlier one's stream), from the start: every entry is new to the
+    client."""
+    sent = await app.queue.read_partials(admitted.scoped.model, admitted.scoped.request_id, "0-0", 0)
+    if not sent:
+        return "0-0"
+    newest = sent[-1].entry_id
+    if entry_key(after) > entry_key(newest):
+        raise RequestError(
+            f"header 'Last-Event-ID': {after} names no event of this request (its newest is {newest})",
+            "Last-Event-ID",
+        )
+    return after
 
 
 def respond(app: AppState, admitted: Admitted, reply: Reply) -> VQAResponse:

@@ -136,6 +136,8 @@ async def ask(
     admitted = await pipeline.admit(app, vqa, request.state.client_id, arrived)
     if streamed:
         admitted, stored = await pipeline.enqueue_streamed(app, admitted)
+        if after is not None:
+            after = await pipeline.resume_cursor(app, admitted, after)
         events = _events(request, app, admitted, stored, after)
         return StreamingResponse(events, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
     response = await pipeline.answer(app, admitted)

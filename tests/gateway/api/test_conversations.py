@@ -129,6 +129,9 @@ def test_a_streamed_answer_sends_tokens_then_done(served, model_name, features) 
         client.post("/v1/vqa", content=content, headers={**STREAM, "Last-Event-ID": tokens[0].id}).text
     )
     assert [e.id for e in resumed] == [e.id for e in got[1:]]
+    # An id past the newest entry would wait for an entry that never comes: refused at once.
+    ahead = client.post("/v1/vqa", content=content, headers={**STREAM, "Last-Event-ID": "9999999999999-0"})
+    assert ahead.status_code == 422 and "names no event of this request" in ahead.json()["error"]["message"]
     # A retry of the finished request replays it; once its partial stream is gone, as one token.
     assert [e.data for e in events(client.post("/v1/vqa", content=content, headers=STREAM).text)] == [
         e.data for e in got
