@@ -164,7 +164,7 @@ def stack(logs: Path) -> Iterator[str]:
                 reply = httpx.get(
                     f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=2
                 )
-                if reply.status_code == 200 and any(m["live_workers"] for m in reply.json()["models"]):
+                if reply.status_code == 200 and any(m["live_workers"] for m in reply.json()["data"]):
                     break
             except httpx.TransportError:
                 pass

@@ -201,6 +201,8 @@ class EdgeClient:
     downloaded from the gateway on first use and cached under ``cache_dir``. ``model`` defaults to
     the bundle's model, else ``llava-mini-shapes``. ``timeout`` (seconds) bounds each HTTP attempt.
     ``threads`` caps the BLAS threads of each encode (1 keeps it fast on a busy device).
+    ``api_key`` defaults to ``$VQA_API_KEY``, as the CLI's does (and the ``openai`` package's to
+    ``$OPENAI_API_KEY``): the key stays out of code.
     """
 
     def __init__(
@@ -238,7 +240,7 @@ class EdgeClient:
                 f"got {retries}, {timeout}, {backoff_s}, {max_backoff_s}, {threads}"
             )
         self.gateway_url = gateway_url.rstrip("/")
-        self.api_key = api_key
+        self.api_key = api_key if api_key is not None else os.environ.get("VQA_API_KEY") or None
         self.timeout = httpx.Timeout(timeout)
         self.policy = RetryPolicy(self.gateway_url, retries, backoff_s, max_backoff_s, timeout)
         self.cache = BundleCache(cache_dir)

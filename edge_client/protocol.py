@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 from typing import Annotated, Any
 
@@ -61,6 +62,18 @@ MAX_BODY_BYTES = MAX_IMAGE_BYTES + 64 * 1024
 IMAGE_REF_BYTES = 16
 CONTENT_TYPE = "application/msgpack"
 # Reply fields added after the first release: left out of the msgpack reply at these defaults.
+# msgpack's own limits (decode_request) stop a body before pydantic could name the field; these say
+# which fields the limit is there for.
+_OVER_LIMIT = re.compile(r"(\d+) exceeds max_(str|bin|array|map)_len\(\d+\)")
+_LIMIT_HINTS = {
+    "str": "a string of {} bytes; 'question' and each 'history' entry take at most "
+    f"{MAX_QUESTION_CHARS} characters",
+    "bin": f"a byte string of {{}} bytes; 'image' takes at most {MAX_IMAGE_BYTES}, 'features' "
+    f"{MAX_FEATURE_BYTES}",
+    "array": f"an array of {{}} items; 'history' takes at most {2 * MAX_HISTORY_TURNS} (questions, answers)",
+    "map": "a map of {} keys; a request has at most 16 fields",
+}
+
 _OPTIONAL_REPLY_FIELDS: dict[str, object] = {
     "image_ref": None,
     "prompt_tokens": 0,
@@ -202,6 +215,10 @@ def decode_request(body: bytes) -> VQARequest:
             max_ext_len=0,
         )
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        over = _OVER_LIMIT.fullmatch(str(exc))
+        if over is not None:  # a well-formed body with a value larger than any field takes
+            size, kind = over.group(1), over.group(2)
+            raise RequestError(f"the body holds {_LIMIT_HINTS[kind].format(size)}") from None
         raise RequestError(f"body is not a single msgpack map: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict):
         raise RequestError(f"body must be a msgpack map, got {type(data).__name__}")

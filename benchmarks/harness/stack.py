@@ -251,7 +251,7 @@ class Stack:
             return -1
         if response.status_code != 200:
             return -1
-        models = {m["name"]: m for m in response.json().get("models", [])}
+        models = {m["name"]: m for m in response.json().get("data", [])}
         return int(models.get(self.model, {}).get("live_workers", 0))
 
     def status(self, path: str) -> int:

@@ -86,7 +86,7 @@ async function loadModels() {
   const select = $("model");
   const previous = select.value;
   const response = await send("/v1/models", { headers: { Accept: "application/json" } });
-  const { models } = await response.json();
+  const { data: models } = await response.json();
   state.models = models;
   select.replaceChildren();
   if (!models.length) {

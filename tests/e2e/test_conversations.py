@@ -88,6 +88,8 @@ def test_the_openai_package_plain_and_streamed(stack, encoder) -> None:
     with pytest.raises(openai.APIStatusError) as refused:
         ask(other, stack.model, chat_ref_part(features))  # sent by API_KEY, not by this key
     assert refused.value.status_code == 410 and refused.value.code == "image_expired"
+    (listed,) = client.models.list().data  # what OpenAI-compatible tools call first
+    assert listed.id == stack.model and client.models.retrieve(stack.model).id == stack.model
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{stack.url}/v1", api_key="wrong-key-0123456789", max_retries=0).models.list()
 

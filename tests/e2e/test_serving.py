@@ -75,7 +75,7 @@ def test_edge_client_through_gateway_and_worker(stack, tmp_path) -> None:
     metrics = httpx.get(f"{stack.url}/metrics").text
     assert 'vqa_requests_total{code="ok",route="/v1/vqa",status="200"} 2.0' in metrics
     models = httpx.get(f"{stack.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    assert models["models"][0]["live_workers"] == 1
+    assert models["data"][0]["live_workers"] == 1
 
 
 def test_two_workers_share_one_stream(stack, post, encoder) -> None:

@@ -209,8 +209,10 @@ def image() -> bytes:
 
 
 @pytest.fixture
-def make_client(tmp_path: Path):
-    """EdgeClient factory (tiny model, cache in tmp_path, no backoff); closes every client it made."""
+def make_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """EdgeClient factory (tiny model, cache in tmp_path, no backoff, no key from the environment);
+    closes every client it made."""
+    monkeypatch.delenv("VQA_API_KEY", raising=False)
     clients: list[EdgeClient] = []
 
     def make(gateway: StubGateway | str, **kwargs: Any) -> EdgeClient:
@@ -364,6 +366,17 @@ def test_api_key_is_sent_as_bearer_token(bundle_bytes: bytes, make_client: Any, 
         assert answer.answer.startswith("features")
         assert gateway.vqa_calls[-1][0]["authorization"] == "Bearer s3cret"
         assert gateway.bundle_calls[-1]["authorization"] == "Bearer s3cret"
+
+
+def test_api_key_defaults_to_the_environment(
+    bundle_bytes: bytes, make_client: Any, image: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VQA_API_KEY", "s3cret")
+    with StubGateway(bundle_bytes, api_key="s3cret") as gateway:
+        assert make_client(gateway).ask(image, "what shape?").answer.startswith("features")
+        assert gateway.vqa_calls[-1][0]["authorization"] == "Bearer s3cret"
+        with pytest.raises(GatewayError, match="missing or invalid API key"):
+            make_client(gateway, api_key="other-key").ask(image, "what shape?")  # an explicit key wins
 
 
 def test_cloud_only_sends_a_jpeg_at_the_model_size(

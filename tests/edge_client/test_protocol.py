@@ -6,6 +6,9 @@ out at their defaults, so the first goldens are unchanged."""
 
 from __future__ import annotations
 
+import re
+
+import msgpack
 import pytest
 
 from edge_client.protocol import (
@@ -156,6 +159,23 @@ def test_the_longest_history_decodes() -> None:
         request_id="r", question="and now?", image_ref=bytes(16), history=history, max_new_tokens=512
     )
     assert decode_request(encode_request(request)) == request
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"question": "x" * 10**6}, "a string of 1000000 bytes; 'question' and each 'history' entry"),
+        ({"history": ["q", "a"] * 20}, "an array of 40 items; 'history' takes at most 32"),
+        ({f"k{i}": 1 for i in range(20)}, "a map of 22 keys"),
+    ],
+)
+def test_a_value_over_msgpacks_limits_is_refused_naming_what_it_is_too_large_for(
+    fields: dict, message: str
+) -> None:
+    """msgpack stops such a body before pydantic could name the field: the message says which
+    fields the limit is for, not that the body is no map."""
+    with pytest.raises(RequestError, match=re.escape(message)):
+        decode_request(msgpack.packb({"request_id": "r", "model": "tiny", **fields}))
 
 
 def test_a_golden_body_with_a_flipped_type_is_refused_with_the_field_named() -> None:

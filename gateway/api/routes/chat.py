@@ -115,12 +115,15 @@ async def _chunks(
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as a JSON path (``messages[1].content[0].type``), without the
-    names pydantic gives union members."""
+    """A pydantic error location as a JSON path (``messages[1].content[0].alignedvq.features``),
+    without the names pydantic gives union members: type names, and the tag of a tagged content
+    part, which pydantic puts before the part's field of the same name (``alignedvq.alignedvq``)."""
     path = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             path += f"[{part}]"
+        elif 0 < i < len(loc) - 1 and isinstance(loc[i - 1], int) and loc[i + 1] == part:
+            continue  # the tag
         elif "[" not in part and part not in ("str", "int", "bool", "function-after"):
             path += f".{part}" if path else part
     return path or "body"

@@ -1,14 +1,17 @@
-"""``GET /v1/models`` (what is served, by whom) and ``GET /v1/models/{name}/edge-bundle``."""
+"""``GET /v1/models`` (what is served, by whom; OpenAI's list shape), ``GET /v1/models/{name}`` and
+``GET /v1/models/{name}/edge-bundle``."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
 from ...errors import BundleUnavailable, UnknownModel, error_responses
-from ...served_models import ModelInfo
+from ...queue import GatewayQueue
+from ...served_models import ModelInfo, ServedModel
 from ..deps import AUTH_ERRORS, Authorized, QueueDep, RegistryDep
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Authorized])
@@ -17,24 +20,41 @@ BUNDLE_MEDIA_TYPE = "application/octet-stream"
 
 
 class ServedModelOut(ModelInfo):
-    """A served model: its split site, geometry, codebook and bundle hashes, and live workers."""
+    """A served model as an OpenAI model object (``id``, ``object``, ``created``, ``owned_by``: what
+    OpenAI clients read) plus its split site, geometry, codebook and bundle hashes and live workers.
+    ``created`` is the time of the reply, as vLLM sets it: the gateway keeps no creation date."""
 
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llava-alignedvq"
     live_workers: int
 
 
 class ModelList(BaseModel):
-    models: list[ServedModelOut]
+    """OpenAI's list shape, so that ``client.models.list()`` of the ``openai`` package reads it."""
+
+    object: Literal["list"] = "list"
+    data: list[ServedModelOut]
+
+
+async def _out(served: ServedModel, queue: GatewayQueue) -> ServedModelOut:
+    info = served.info
+    live = await queue.live_workers(info.name)
+    return ServedModelOut(**info.model_dump(), id=info.name, created=int(time.time()), live_workers=live)
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(*AUTH_ERRORS))
 async def list_models(registry: RegistryDep, queue: QueueDep) -> ModelList:
-    served = await registry.all()
-    return ModelList(
-        models=[
-            ServedModelOut(**m.info.model_dump(), live_workers=await queue.live_workers(m.info.name))
-            for m in served
-        ]
-    )
+    return ModelList(data=[await _out(served, queue) for served in await registry.all()])
+
+
+@router.get(
+    "/models/{name}", response_model=ServedModelOut, responses=error_responses(*AUTH_ERRORS, UnknownModel)
+)
+async def retrieve_model(name: str, registry: RegistryDep, queue: QueueDep) -> ServedModelOut:
+    """One served model (OpenAI's ``client.models.retrieve``)."""
+    return await _out(await registry.get(name), queue)
 
 
 @router.get(

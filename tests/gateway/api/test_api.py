@@ -56,15 +56,20 @@ def test_cloud_only_request_and_msgpack_reply(served, model_name) -> None:
 def test_models_listing(served, model_name, runner) -> None:
     client, _, _ = served
     reply = client.get("/v1/models", headers=AUTH)
-    assert reply.status_code == 200
-    (entry,) = reply.json()["models"]
+    assert reply.status_code == 200 and reply.json()["object"] == "list"  # OpenAI's shape
+    (entry,) = reply.json()["data"]
     info = runner.info
-    assert entry["name"] == model_name
+    assert entry["name"] == entry["id"] == model_name and entry["object"] == "model"
     assert entry["split_site"] == "preln" and entry["tokens"] == 17
     assert (entry["groups"], entry["stages"], entry["codebook_size"]) == (1, 1, 16)
     assert entry["codebook_hash"] == info.codebook_hash
     assert entry["bundle_sha256"] == hashlib.sha256(runner.bundle).hexdigest()
     assert entry["live_workers"] == 1
+    one = client.get(f"/v1/models/{model_name}", headers=AUTH).json()
+    assert {k: v for k, v in one.items() if k != "created"} == {
+        k: v for k, v in entry.items() if k != "created"
+    }
+    assert client.get("/v1/models/no-such-model", headers=AUTH).json()["error"]["code"] == "unknown_model"
 
 
 def test_edge_bundle_download_and_revalidation(served, model_name, runner) -> None:

@@ -100,7 +100,7 @@ def test_max_new_tokens_above_the_model_is_refused_before_the_queue(served, mode
     reply = client.post(
         "/v1/vqa", content=body(model_name, features=features, max_new_tokens=512), headers=HEADERS
     )
-    limit = client.get("/v1/models", headers=AUTH).json()["models"][0]["max_new_tokens"]
+    limit = client.get("/v1/models", headers=AUTH).json()["data"][0]["max_new_tokens"]
     if limit >= 512:
         pytest.skip(f"the tiny model generates up to {limit} tokens")
     assert reply.status_code == 422 and "max_new_tokens" in reply.json()["error"]["message"], reply.text
@@ -297,6 +297,17 @@ def test_chat_streamed_cloud_only(served, model_name) -> None:
             422,
             "bad_request",
             "messages[0].role",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "user", "content": [{"type": "alignedvq", "alignedvq": {"features": 5}}]}
+                ],
+            },
+            422,
+            "bad_request",
+            "messages[0].content[0].alignedvq.features",  # not alignedvq.alignedvq: the tag is no field
         ),
         ({"model": "m", "messages": [{"role": "user", "content": "q"}], "n": 2}, 422, "bad_request", "n"),
         (

@@ -41,7 +41,7 @@ def test_cold_routes_still_take_dependency_overrides(redis_url, prefix) -> None:
     app.dependency_overrides[deps.get_registry] = _NoModels
     with TestClient(app) as client:
         reply = client.get("/v1/models", headers=AUTH)
-    assert reply.status_code == 200 and reply.json() == {"models": []}
+    assert reply.status_code == 200 and reply.json() == {"object": "list", "data": []}
 
 
 def test_cached_metric_children_count_every_observation() -> None:

@@ -40,7 +40,7 @@ def memory_client(tiny_model_dir):
 
 
 def test_memory_mode_answers_and_serves_the_bundle(memory_client) -> None:
-    (entry,) = memory_client.get("/v1/models").json()["models"]
+    (entry,) = memory_client.get("/v1/models").json()["data"]
     assert entry["live_workers"] == 1
     bundle = memory_client.get(f"/v1/models/{entry['name']}/edge-bundle")
     encoder = EdgeEncoder(EdgeBundle.from_bytes(bundle.content))
@@ -54,7 +54,7 @@ def test_memory_mode_answers_and_serves_the_bundle(memory_client) -> None:
 
 
 def test_memory_mode_validation_and_backlog(memory_client) -> None:
-    name = memory_client.get("/v1/models").json()["models"][0]["name"]
+    name = memory_client.get("/v1/models").json()["data"][0]["name"]
     bad = memory_client.post("/v1/vqa", content=body(name, features=b"AVQ\x01"), headers=MSGPACK)
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "truncated_stream"
     contents = [body(name, image=png(seed=40 + i)) for i in range(12)]
@@ -68,7 +68,7 @@ def test_memory_mode_validation_and_backlog(memory_client) -> None:
 
 
 def test_memory_mode_deadline(memory_client) -> None:
-    name = memory_client.get("/v1/models").json()["models"][0]["name"]
+    name = memory_client.get("/v1/models").json()["data"][0]["name"]
     reply = memory_client.post(
         "/v1/vqa", content=body(name, image=png(seed=50), timeout_ms=1), headers=MSGPACK
     )
@@ -96,7 +96,7 @@ def test_memory_mode_streams_and_keeps_features_for_follow_ups(memory_client) ->
     from gateway.api.image_cache import MemoryImageCache
 
     assert isinstance(memory_client.app.state.images, MemoryImageCache)
-    (entry,) = memory_client.get("/v1/models").json()["models"]
+    (entry,) = memory_client.get("/v1/models").json()["data"]
     encoder = EdgeEncoder(
         EdgeBundle.from_bytes(memory_client.get(f"/v1/models/{entry['name']}/edge-bundle").content)
     )
