@@ -39,7 +39,20 @@ class ImageSpec:
 
 
 def load_image(data: bytes) -> Image.Image:
-    """Decode untrusted image bytes to RGB, refusing bombs and non-images with :class:`ImageError`."""
+    """Decode untrusted image bytes to upright RGB, refusing bombs and non-images with
+    :class:`ImageError`."""
+    return upright_rgb(decode_image(data))
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as the model sees it. Phones store portrait photos sideways with an EXIF
+    orientation tag; browsers (and the web edge) show them upright, so the model must too."""
+    return on_white(ImageOps.exif_transpose(image))
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode untrusted image bytes, as stored (no conversion: a check that only needs to know the
+    image decodes holds one copy of its pixels); :class:`ImageError` for bombs and non-images."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
@@ -48,9 +61,7 @@ def load_image(data: bytes) -> Image.Image:
                     f"image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels are accepted"
                 )
             probe.load()
-            # Phones store portrait photos sideways with an EXIF orientation tag; browsers (and the
-            # web edge) show them upright, so the model must see them upright too.
-            return on_white(ImageOps.exif_transpose(probe))
+            return probe
     except ImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:

@@ -137,6 +137,9 @@ class GatewaySettings(WorkerLoopSettings):
     max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_BODY_BYTES)] = MAX_BODY_BYTES
     max_question_chars: Annotated[int, Field(ge=1, le=MAX_QUESTION_CHARS)] = MAX_QUESTION_CHARS
     max_image_pixels: Annotated[int, Field(ge=1, le=MAX_IMAGE_PIXELS)] = MAX_IMAGE_PIXELS
+    # Cloud-only images decoded at once per gateway process: each may hold up to 4 bytes a pixel
+    # (160 MB at 40 MP), and a small PNG can declare that many; the rest wait their turn.
+    image_decodes: Annotated[int, Field(ge=1, le=256)] = 2
     registry_ttl_ms: Annotated[int, Field(ge=0, le=600_000)] = 2_000
     rate_limit_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
     rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10

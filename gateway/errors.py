@@ -37,7 +37,7 @@ and the gateway re-raises it here (:func:`error_from_code`). Every error body is
 
 Third-party errors are translated in one place each: Redis in :func:`gateway.queue.redis_errors`,
 msgpack in :func:`edge_client.protocol.decode_request`, Pillow in
-:func:`edge_client.preprocess.load_image`.
+:func:`edge_client.preprocess.decode_image`.
 """
 
 from __future__ import annotations

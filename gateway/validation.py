@@ -10,7 +10,7 @@ a bad payload gets its 4xx at once and never costs a worker a slot:
    field), then a full :func:`~edge_client.bitstream.decode_stream` with the bundle's frequency
    table, which rejects corrupt rANS data and out-of-range indices;
 3. ``image``: the pixel count from the image header (``VQA_MAX_IMAGE_PIXELS``) before decoding,
-   then a full decode (:func:`~edge_client.preprocess.load_image`).
+   then a full decode (:func:`~edge_client.preprocess.decode_image`).
 
 The worker calls the same :meth:`StreamValidator.decode` and :func:`check_image`, because it
 must decode the payload anyway to get indices or pixels, and the checks ride along for free. The
@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from edge_client.bitstream import DecodedStream, decode_stream, read_header
 from edge_client.errors import ImageError
-from edge_client.preprocess import load_image
+from edge_client.preprocess import decode_image
 from edge_client.protocol import VQARequest
 from edge_client.ranking import NeighbourRanks
 
@@ -88,7 +88,9 @@ class StreamValidator:
 
 
 def check_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an untrusted image to RGB; ImageError for non-images, bombs and images over ``max_pixels``.
+    """Decode an untrusted image, as stored (:func:`~edge_client.preprocess.decode_image`: the
+    gateway only needs to know it decodes; the worker turns it upright and RGB); ImageError for
+    non-images, bombs and images over ``max_pixels``.
 
     The format (one of :data:`IMAGE_FORMATS`) and pixel count are read from the image header,
     before anything is decoded.
@@ -106,7 +108,7 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"image could not be decoded: {type(exc).__name__}") from None
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
-    return load_image(data)
+    return decode_image(data)
 
 
 def check_request(

@@ -11,6 +11,7 @@ scheme itself (the same entry in the OpenAPI document), which then checks the ke
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from typing import TYPE_CHECKING, Annotated, Protocol, cast
@@ -59,6 +60,7 @@ class AppState(Protocol):
     limiter: RateLimiter | None
     auth_failure_limiter: RateLimiter | None  # None: anonymous, or VQA_AUTH_FAILURES_PER_MINUTE=0
     in_process: InProcessWorker | None
+    image_decodes: asyncio.Semaphore  # VQA_IMAGE_DECODES
 
 
 def state(request: Request) -> AppState:

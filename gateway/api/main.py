@@ -17,6 +17,7 @@ then read the body; CORS headers are sent only to ``VQA_CORS_ORIGINS`` (none by 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import logging
@@ -100,6 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.queue = queue
     app.state.images = image_cache_for(queue, settings.image_ttl_s, settings.image_cache_bytes)
     app.state.in_process = in_process
+    app.state.image_decodes = asyncio.Semaphore(settings.image_decodes)
     app.state.registry = Registry(queue, settings.registry_ttl_ms)
     try:
         yield

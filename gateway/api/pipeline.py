@@ -97,7 +97,8 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
         # holds the GIL throughout: a worker thread would add a hand-off and gain no parallelism.
         check_request(vqa, served.streams, **limits)
     else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
-        await run_in_threadpool(check_request, vqa, served.streams, **limits)
+        async with app.image_decodes:
+            await run_in_threadpool(check_request, vqa, served.streams, **limits)
     if not await app.queue.worker_seen_within(vqa.model, settings.no_worker_grace_ms):
         raise NoWorker(
             f"no worker of model {vqa.model} has been live for {settings.no_worker_grace_ms} ms "

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from transformers import PreTrainedTokenizerBase
 
 from edge_client.bundle import EdgeBundle
-from edge_client.preprocess import MAX_IMAGE_PIXELS, preprocess
+from edge_client.preprocess import MAX_IMAGE_PIXELS, preprocess, upright_rgb
 from edge_client.protocol import MAX_NEW_TOKENS, RequestError, VQARequest
 from models.export import export_edge_bundle
 from models.generation import PrefixKV
@@ -260,7 +260,7 @@ class Runner:
         if request.features is not None:
             decoded = self.streams.decode(request.model, request.features)
             return replace(item, indices=decoded.indices, stats=decoded.stats)
-        image = check_image(payload, MAX_IMAGE_PIXELS)
+        image = upright_rgb(check_image(payload, MAX_IMAGE_PIXELS))
         return replace(item, pixel_values=preprocess(image, self.loaded.image_spec))
 
     @torch.inference_mode()

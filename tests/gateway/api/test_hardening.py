@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +15,7 @@ from gateway.api import deps
 from gateway.api.main import create_app
 
 from ..conftest import gateway_settings
-from ..helpers import API_KEY, AUTH, HEADERS, body
+from ..helpers import API_KEY, AUTH, HEADERS, body, png
 
 KEYS = [f"{API_KEY}-{i}" for i in range(3)]
 
@@ -143,3 +145,39 @@ def test_queue_errors_do_not_reveal_the_redis_address(open_client) -> None:
     reply = client.get("/v1/models", headers=AUTH)
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "queue_unavailable"
     assert "ConnectionError" in reply.text and "127.0.0.1" not in reply.text
+
+
+def test_cloud_only_images_are_decoded_a_few_at_a_time(serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PNG of a few hundred KB can declare 40 MP (160 MB decoded): VQA_IMAGE_DECODES bounds how
+    many the gateway holds at once, whatever the request concurrency; the rest wait and pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.api import pipeline
+
+    client, _, settings = serve(image_decodes=1)
+    model = client.get("/v1/models", headers=AUTH).json()["data"][0]["name"]
+    now, most, lock, check = [0], [0], threading.Lock(), pipeline.check_request
+
+    def counted(*args, **kwargs) -> None:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        try:
+            check(*args, **kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(pipeline, "check_request", counted)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(
+            pool.map(
+                lambda seed: client.post(
+                    "/v1/vqa", content=body(model, image=png(seed=seed)), headers=HEADERS
+                ),
+                range(4),
+            )
+        )
+    assert [r.status_code for r in replies] == [200] * 4 and settings.image_decodes == 1
+    assert most[0] == 1
