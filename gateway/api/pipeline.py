@@ -142,6 +142,7 @@ async def answer(app: AppState, admitted: Admitted) -> VQAResponse:
             admitted.deadline_ms,
             app.settings.max_backlog,
             scope=admitted.client_id,
+            max_in_flight=app.settings.max_in_flight_per_key,
         )
     return respond(app, admitted, reply)
 
@@ -157,6 +158,7 @@ async def enqueue_streamed(app: AppState, admitted: Admitted) -> tuple[Admitted,
         admitted.deadline_ms,
         app.settings.max_backlog,
         scope=admitted.client_id,
+        max_in_flight=app.settings.max_in_flight_per_key,
     )
     return admitted, stored
 

@@ -27,7 +27,7 @@ import msgpack
 from edge_client.errors import AlignedVQError
 from edge_client.protocol import MAX_QUESTION_CHARS, VQARequest, VQAResponse
 
-from ..errors import error_from_code
+from ..errors import RateLimited, error_from_code
 
 __all__ = [
     "Claimed",
@@ -37,6 +37,7 @@ __all__ = [
     "Reply",
     "WorkerQueue",
     "entry_key",
+    "in_flight_limited",
     "now_ms",
 ]
 
@@ -46,6 +47,14 @@ _ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 def now_ms() -> int:
     """Wall-clock epoch milliseconds: deadlines cross processes (and hosts kept in sync by NTP)."""
     return time.time_ns() // 1_000_000
+
+
+def in_flight_limited(max_in_flight: int) -> RateLimited:
+    """The 429 for a tenant at its in-flight cap (both queues' wording)."""
+    return RateLimited(
+        f"this API key has {max_in_flight} requests in flight (VQA_MAX_IN_FLIGHT_PER_KEY); "
+        "wait for an answer before sending more"
+    )
 
 
 def entry_key(entry_id: str) -> tuple[int, int]:
@@ -214,13 +223,28 @@ class GatewayQueue(Protocol):
         """Raise QueueUnavailable unless the queue answers."""
 
     async def submit(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        *,
+        scope: str,
+        max_in_flight: int = 0,
     ) -> Reply:
-        """Enqueue (once per request id) and wait for the reply until ``deadline_ms``; ``scope``:
-        see :class:`Job`."""
+        """Enqueue (once per request id) and wait for the reply until ``deadline_ms``. ``scope``:
+        see :class:`Job`; a new entry is refused (RateLimited) while the scope has
+        ``max_in_flight`` (0: no cap) entries neither answered nor past their deadline."""
 
     async def enqueue_streamed(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        *,
+        scope: str,
+        max_in_flight: int = 0,
     ) -> Reply | None:
         """Enqueue (once per request id) a request whose answer is read with :meth:`read_partials`;
         the stored reply if the request id already finished, else None. Joining a request queued

@@ -23,6 +23,7 @@ key                                type    what it holds
 ``{p}:img:{tenant}:{ref}``         string  a feature stream a client may name by ``image_ref``
 ``{p}:imgs:{tenant}``              zset    ref -> last use (ms, Redis clock): the tenant's LRU order
 ``{p}:imgsize:{tenant}``           hash    ref -> bytes, and ``total``: what the tenant holds
+``{p}:busy:{tenant}``              zset    queued request id -> deadline (ms): the tenant's requests in flight
 =================================  ======  ===========================================================
 
 Stream entries are deleted (``XACK`` + ``XDEL`` in one script) as soon as they are answered, so the
@@ -92,6 +93,7 @@ class Status:
     JOINED = b"joined"  # the same request id is in flight: wait for its reply
     QUEUED = b"queued"  # a new stream entry was added
     OVERLOADED = b"overloaded"  # the backlog is at VQA_MAX_BACKLOG: 429
+    BUSY = b"busy"  # the tenant has VQA_MAX_IN_FLIGHT_PER_KEY requests in flight: 429
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,9 @@ class Keys:
 
     def image_sizes(self, tenant: str) -> str:
         return f"{self.prefix}:imgsize:{tenant}"
+
+    def busy(self, tenant: str) -> str:
+        return f"{self.prefix}:busy:{tenant}"
 
     def rate(self, client_id: str) -> str:
         # TTL: until the client's bucket is full again (at most burst / rate seconds), set by the

@@ -22,7 +22,7 @@ from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
 from ..errors import DeadlineExceeded, Overloaded
-from .base import Claimed, Job, PartialEntry, Reply, entry_key, now_ms
+from .base import Claimed, Job, PartialEntry, Reply, entry_key, in_flight_limited, now_ms
 from .keys import INFLIGHT_SLACK_MS, PARTIAL_MAXLEN, PARTIAL_TTL_MS
 
 __all__ = ["MemoryQueue", "MemoryWorkerQueue"]
@@ -50,6 +50,7 @@ class MemoryQueue:
         self._taken: dict[str, int] = defaultdict(int)  # read by the worker, not finished yet
         self._results: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._inflight: dict[tuple[str, str], str] = {}
+        self._busy: dict[str, dict[str, int]] = defaultdict(dict)  # tenant -> request id -> deadline
         self._reserved: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._waiting: dict[tuple[str, str], list[asyncio.Future[Reply]]] = defaultdict(list)
         self._info: dict[str, bytes] = {}
@@ -93,7 +94,14 @@ class MemoryQueue:
             return bound == digest
 
     def _enqueue(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        streamed: bool,
+        scope: str,
+        max_in_flight: int,
     ) -> Reply | None:
         """ENQUEUE's semantics (see gateway.queue.scripts); the caller holds the lock."""
         key = (request.model, request.request_id)
@@ -109,6 +117,14 @@ class MemoryQueue:
             raise Overloaded(
                 f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
             )
+        if max_in_flight:
+            busy = self._busy[scope]
+            now = now_ms()
+            for rid in [rid for rid, deadline in busy.items() if deadline < now]:
+                del busy[rid]
+            if len(busy) >= max_in_flight:
+                raise in_flight_limited(max_in_flight)
+            busy[request.request_id] = deadline_ms
         job = Job(
             entry_id=str(next(self._ids)),
             model=request.model,
@@ -127,13 +143,20 @@ class MemoryQueue:
         return None
 
     async def submit(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        *,
+        scope: str,
+        max_in_flight: int = 0,
     ) -> Reply:
         assert self._loop is not None, "MemoryQueue.start() was not called"
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = self._loop.create_future()
         with self._cond:
-            stored = self._enqueue(request, body, deadline_ms, max_backlog, streamed=False, scope=scope)
+            stored = self._enqueue(request, body, deadline_ms, max_backlog, False, scope, max_in_flight)
             if stored is not None:
                 return stored
             self._waiting[key].append(future)
@@ -151,10 +174,17 @@ class MemoryQueue:
                     self._waiting.pop(key, None)
 
     async def enqueue_streamed(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        *,
+        scope: str,
+        max_in_flight: int = 0,
     ) -> Reply | None:
         with self._cond:
-            return self._enqueue(request, body, deadline_ms, max_backlog, streamed=True, scope=scope)
+            return self._enqueue(request, body, deadline_ms, max_backlog, True, scope, max_in_flight)
 
     def _partial(self, key: tuple[str, str]) -> _PartialStream | None:
         stream = self._partials.get(key)
@@ -272,6 +302,7 @@ class MemoryQueue:
                     self._append_partial(job, reply=reply)
                 if self._inflight.get(key) == job.entry_id:
                     del self._inflight[key]
+                self._busy[job.scope].pop(job.request_id, None)
                 for future in self._waiting.get(key, ()):
                     if self._loop is not None:
                         self._loop.call_soon_threadsafe(_resolve, future, reply)

@@ -36,7 +36,7 @@ from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
 from ..errors import DeadLettered, DeadlineExceeded, Overloaded, QueueUnavailable
-from .base import Claimed, Job, PartialEntry, Reply, entry_key, now_ms
+from .base import Claimed, Job, PartialEntry, Reply, entry_key, in_flight_limited, now_ms
 from .keys import (
     DEAD_LETTER_MAXLEN,
     GROUP,
@@ -176,9 +176,17 @@ class RedisGatewayQueue:
             await self.client.ping()
 
     async def _run_enqueue(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, streamed: bool, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        streamed: bool,
+        scope: str,
+        max_in_flight: int,
     ) -> tuple[bytes, bytes]:
-        """The ENQUEUE script: (status, value); Overloaded when the backlog is full."""
+        """The ENQUEUE script: (status, value); Overloaded when the backlog is full, RateLimited
+        when the tenant has ``max_in_flight`` requests in flight."""
         key = (request.model, request.request_id)
         now = now_ms()
         args: list[EncodableT] = [
@@ -192,6 +200,7 @@ class RedisGatewayQueue:
             request.model,
             "1" if streamed else "0",
             scope,
+            max_in_flight,
         ]
         with redis_errors():
             status, value = await self._enqueue(
@@ -201,6 +210,7 @@ class RedisGatewayQueue:
                     self.keys.waiters(*key),
                     self.keys.stream(request.model),
                     self.keys.partial(*key),
+                    self.keys.busy(scope),
                 ],
                 args=args,
             )
@@ -208,10 +218,19 @@ class RedisGatewayQueue:
             raise Overloaded(
                 f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
             )
+        if status == Status.BUSY:
+            raise in_flight_limited(max_in_flight)
         return status, value
 
     async def submit(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        *,
+        scope: str,
+        max_in_flight: int = 0,
     ) -> Reply:
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -220,7 +239,7 @@ class RedisGatewayQueue:
         try:
             now = now_ms()
             status, value = await self._run_enqueue(
-                request, body, deadline_ms, max_backlog, streamed=False, scope=scope
+                request, body, deadline_ms, max_backlog, False, scope, max_in_flight
             )
             if status == Status.DONE:
                 return Reply.unpack(value)
@@ -240,10 +259,17 @@ class RedisGatewayQueue:
                 self._waiting.pop(key, None)
 
     async def enqueue_streamed(
-        self, request: VQARequest, body: bytes, deadline_ms: int, max_backlog: int, *, scope: str
+        self,
+        request: VQARequest,
+        body: bytes,
+        deadline_ms: int,
+        max_backlog: int,
+        *,
+        scope: str,
+        max_in_flight: int = 0,
     ) -> Reply | None:
         status, value = await self._run_enqueue(
-            request, body, deadline_ms, max_backlog, streamed=True, scope=scope
+            request, body, deadline_ms, max_backlog, True, scope, max_in_flight
         )
         return Reply.unpack(value) if status == Status.DONE else None
 
@@ -515,10 +541,12 @@ class RedisWorkerQueue:
                 self.keys.inflight(job.model, job.request_id),
                 self.keys.waiters(job.model, job.request_id),
                 self.keys.partial(job.model, job.request_id),
+                self.keys.busy(job.scope),
             ]
             # Only answers are stored: a retry after an error should run again.
             ttl = result_ttl_ms if reply.ok else 0
-            args += [job.entry_id, reply.pack(), ttl, job.reply_to, "1" if job.stream else "0"]
+            streamed = "1" if job.stream else "0"
+            args += [job.entry_id, reply.pack(), ttl, job.reply_to, streamed, job.request_id]
         with redis_errors():
             self._finish(keys=keys, args=args)
 

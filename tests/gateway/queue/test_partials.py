@@ -5,56 +5,10 @@ stored answer returned at once, and a streamed request that joins an unstreamed 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
-import pytest
+from gateway.queue import GatewayQueue, Reply, WorkerQueue
 
-from edge_client.protocol import VQARequest
-from gateway.queue import (
-    GatewayQueue,
-    MemoryQueue,
-    RedisGatewayQueue,
-    RedisWorkerQueue,
-    Reply,
-    WorkerQueue,
-    now_ms,
-)
-
-from ..conftest import gateway_settings, worker_settings
-
-MODEL = "tiny"
-Scenario = Callable[[GatewayQueue, WorkerQueue], Awaitable[None]]
-
-
-@pytest.fixture(params=["redis", "memory"])
-def run(request, redis_url, prefix) -> Callable[[Scenario], None]:
-    def run_(scenario: Scenario) -> None:
-        async def main() -> None:
-            if request.param == "redis":
-                gateway: GatewayQueue = RedisGatewayQueue(gateway_settings(redis_url, prefix), "gw-1")
-                worker: WorkerQueue = RedisWorkerQueue(worker_settings(redis_url, prefix), MODEL, "w-1")
-            else:
-                memory = MemoryQueue(gateway_settings(redis_url, prefix, queue="memory"))
-                gateway, worker = memory, memory.for_worker(MODEL, "w-1")
-            await gateway.start()
-            worker.ensure_group()
-            try:
-                await scenario(gateway, worker)
-            finally:
-                await gateway.close()
-                worker.close()
-
-        asyncio.run(main())
-
-    return run_
-
-
-def request(request_id: str) -> VQARequest:
-    return VQARequest(request_id=request_id, model=MODEL, question="what shape?", image=b"\x89PNG")
-
-
-def deadline() -> int:
-    return now_ms() + 10_000
+from .conftest import MODEL, deadline, request
 
 
 def test_a_streamed_job_writes_its_text_then_its_reply(run) -> None:

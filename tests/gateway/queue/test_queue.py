@@ -29,9 +29,10 @@ def features(encoder) -> bytes:
     return encoder.encode_image(png(seed=11))
 
 
-def post_in_background(client, content: bytes):
+def post_in_background(client, content: bytes, api_key: str = API_KEY):
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(client.post, "/v1/vqa", content=content, headers=HEADERS)
+    headers = {**HEADERS, "Authorization": f"Bearer {api_key}"}
+    future = pool.submit(client.post, "/v1/vqa", content=content, headers=headers)
     pool.shutdown(wait=False)
     return future
 
@@ -58,6 +59,24 @@ def test_backlog_429_then_deadline_504_then_worker_drops_expired(
     wait_for(lambda: r.xlen(stream) == 0, what="expired entry dropped")
     wait_for(lambda: worker.worker.stats.expired == 1, what="expired count")
     assert worker.worker.stats.answered == 0 and worker.worker.stats.batches == 1
+
+
+def test_a_key_at_its_in_flight_cap_gets_429_and_another_key_does_not(
+    redis_url, prefix, published, open_client, model_name, features, r
+) -> None:
+    other_key = "second-tenant-key-0123456789"
+    settings = gateway_settings(redis_url, prefix, max_in_flight_per_key=1, api_keys=f"{API_KEY},{other_key}")
+    client = open_client(settings)
+    waiting = post_in_background(client, body(model_name, features=features, timeout_ms=1500))
+    wait_for(lambda: r.xlen(Keys(prefix).stream(model_name)) == 1, what="first request queued")
+    refused = client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+    assert "VQA_MAX_IN_FLIGHT_PER_KEY" in refused.json()["error"]["message"]
+    theirs = post_in_background(
+        client, body(model_name, features=features, timeout_ms=300), api_key=other_key
+    )
+    assert theirs.result(timeout=10).status_code == 504  # queued (no worker answers), not refused
+    assert waiting.result(timeout=10).status_code == 504
 
 
 def test_no_live_worker_is_refused_at_once_with_503(
@@ -313,9 +332,9 @@ def test_one_finish_call_answers_a_whole_batch(published, model_name, prefix, r)
     def submit(request_id: str, reply_to: str) -> bytes:
         tracked = [keys.result(model_name, request_id), keys.inflight(model_name, request_id)]
         tracked += [keys.waiters(model_name, request_id), keys.stream(model_name)]
-        tracked += [keys.partial(model_name, request_id)]
+        tracked += [keys.partial(model_name, request_id), keys.busy("key:0")]
         args = [reply_to, int(time.time() * 1000) + 60_000, 65_000, 100, request_id, 0, b"body", model_name]
-        args += ["0", "key:0"]  # not streamed; the tenant
+        args += ["0", "key:0", 0]  # not streamed; the tenant; no in-flight cap
         return enqueue(keys=tracked, args=args)[0]
 
     assert [submit(rid, gateway_a) for rid in ("r1", "r2", "r3")] == [b"queued"] * 3

@@ -1,0 +1,39 @@
+"""The per-tenant in-flight cap (VQA_MAX_IN_FLIGHT_PER_KEY), in Redis and in-process alike: one
+tenant at its cap is refused while another is not, a retry joining its own request is no new
+request, and a slot comes back when the answer is finished or the deadline has passed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.errors import RateLimited
+from gateway.queue import GatewayQueue, Reply, WorkerQueue, now_ms
+
+from .conftest import MODEL, deadline, request
+
+
+def test_a_tenant_at_its_cap_is_refused_and_others_are_not(run) -> None:
+    async def scenario(gateway: GatewayQueue, worker: WorkerQueue) -> None:
+        async def send(rid: str, scope: str, until: int | None = None) -> None:
+            await gateway.enqueue_streamed(
+                request(rid), b"body", until or deadline(), 100, scope=scope, max_in_flight=2
+            )
+
+        await send("a1", "key:A")
+        await send("a2", "key:A")
+        with pytest.raises(RateLimited, match="2 requests in flight"):
+            await send("a3", "key:A")
+        await send("b1", "key:B")  # another tenant's slots are its own
+        await send("a1", "key:A")  # a retry joins its request: not a new one
+        first = worker.read(1, 0)[0]
+        worker.finish([(first, Reply(request_id=first.request_id, model=MODEL, answer="red"))])
+        await send("a3", "key:A")  # the finished one's slot is back
+
+        await send("c1", "key:C", until=now_ms() + 50)  # a deadline that passes
+        await asyncio.sleep(0.1)
+        await send("c2", "key:C")
+        await send("c3", "key:C")  # c1 no longer counts
+
+    run(scenario)
