@@ -200,7 +200,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         version="1",
         summary="Edge-cloud VQA: AlignedVQ-compressed image features in, answers out",
         lifespan=lifespan,
-        docs_url="/docs",
+        # No Swagger UI: FastAPI's loads its scripts from a CDN, into the origin that also serves
+        # the web edge page (whose API key sits in sessionStorage). The schema stays.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json",
     )
     app.state.settings = settings
