@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "DEAD_LETTER_BODY_BYTES",
     "DEAD_LETTER_MAXLEN",
     "GROUP",
     "INFLIGHT_SLACK_MS",
@@ -72,7 +73,10 @@ REPLY_LIST_TTL_MS = 60_000
 MODEL_INFO_TTL_S = 24 * 3600
 
 # The dead-letter stream is a record for operators, not work: approximate trimming is fine there.
+# It keeps a request body only up to DEAD_LETTER_BODY_BYTES (every feature stream; a cloud-only
+# image is recorded by size and sha256): 10,000 images of 16 MB that crash workers would be 160 GB.
 DEAD_LETTER_MAXLEN = 10_000
+DEAD_LETTER_BODY_BYTES = 64 * 1024
 
 # A partial stream outlives its last write by this long: a client cut off mid-answer reconnects,
 # through any gateway replica, within it and resumes from its Last-Event-ID; later, a retry of the

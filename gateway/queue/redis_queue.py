@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -38,6 +39,7 @@ from ..config import QueueSettings
 from ..errors import DeadLettered, DeadlineExceeded, Overloaded, QueueUnavailable
 from .base import Claimed, Job, PartialEntry, Reply, entry_key, in_flight_limited, now_ms
 from .keys import (
+    DEAD_LETTER_BODY_BYTES,
     DEAD_LETTER_MAXLEN,
     GROUP,
     INFLIGHT_SLACK_MS,
@@ -502,15 +504,15 @@ class RedisWorkerQueue:
                 f"{self.settings.max_deliveries}): the workers handling it died"
             )
             log.error("dead-lettering %s (request %s): %s", job.entry_id, job.request_id, reason)
+            record = cast("dict[FieldT, EncodableT]", job.fields())
+            if len(job.body) > DEAD_LETTER_BODY_BYTES:  # a cloud-only image: its size and digest
+                record["request"] = b""
+                record["request_bytes"] = len(job.body)
+                record["request_sha256"] = hashlib.sha256(job.body).hexdigest()
             with redis_errors():
                 self.client.xadd(
                     self.keys.dead(self.model),
-                    {
-                        **cast("dict[FieldT, EncodableT]", job.fields()),
-                        "entry_id": job.entry_id,
-                        "reason": reason,
-                        "deliveries": job.deliveries,
-                    },
+                    {**record, "entry_id": job.entry_id, "reason": reason, "deliveries": job.deliveries},
                     maxlen=DEAD_LETTER_MAXLEN,
                     approximate=True,
                 )

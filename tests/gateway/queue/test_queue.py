@@ -3,6 +3,7 @@ claiming from dead workers and dead letters."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -236,13 +237,17 @@ def test_entry_of_a_dead_worker_is_claimed_and_answered(
     assert r.xpending(Keys(prefix).stream(model_name), GROUP)["pending"] == 0
 
 
+@pytest.mark.parametrize("payload", ["features", "image"])
 def test_dead_letter_after_max_deliveries(
-    redis_url, prefix, published, open_client, model_name, features, r
+    redis_url, prefix, published, open_client, model_name, features, r, payload
 ) -> None:
+    """A dead letter keeps a feature stream's request whole, and a cloud-only image (up to 16 MB,
+    10,000 letters) by size and digest only."""
     keys = Keys(prefix)
     settings = worker_settings(redis_url, prefix, claim_idle_ms=1, max_deliveries=2)
     client = open_client(gateway_settings(redis_url, prefix))
-    content = body(model_name, features=features, request_id="poison")
+    sent = {"features": features} if payload == "features" else {"image": png(size=256)}
+    content = body(model_name, request_id="poison", **sent)
     waiting = post_in_background(client, content)
     queues = [RedisWorkerQueue(settings, model_name, worker_id()) for _ in range(3)]
     try:
@@ -262,6 +267,12 @@ def test_dead_letter_after_max_deliveries(
     ((entry_id, fields),) = r.xrange(keys.dead(model_name))
     assert fields[b"request_id"] == queue_id(content).encode() and b"died" in fields[b"reason"]
     assert r.xlen(keys.stream(model_name)) == 0
+    queued = third.dead[0].body
+    if payload == "features":
+        assert fields[b"request"] == queued and b"request_bytes" not in fields
+    else:
+        assert fields[b"request"] == b"" and int(fields[b"request_bytes"]) == len(queued) > 64 * 1024
+        assert fields[b"request_sha256"].decode() == hashlib.sha256(queued).hexdigest()
 
 
 def test_stream_holds_only_unanswered_entries(served, model_name, features, prefix, r) -> None:
