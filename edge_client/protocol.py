@@ -114,7 +114,7 @@ class VQARequest(BaseModel):
     v: Annotated[int, Field(ge=1)] = PROTOCOL_VERSION
     request_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
     # "" only when left out beside an image_ref: the stored stream's header names the model.
-    model: Annotated[str, Field(min_length=1, max_length=48)] = ""
+    model: Annotated[str, Field(max_length=48)] = ""  # required unless image_ref: _one_payload
     question: Annotated[str, Field(min_length=1, max_length=MAX_QUESTION_CHARS)]
     features: Annotated[bytes, Field(min_length=1, max_length=MAX_FEATURE_BYTES)] | None = None
     image: Annotated[bytes, Field(min_length=1, max_length=MAX_IMAGE_BYTES)] | None = None
