@@ -103,12 +103,28 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
+        looks = _looks_like(data)
+        if looks is not None:
+            raise ImageError(
+                f"the bytes start like a {looks} image, but its header could not be read"
+            ) from None
         raise ImageError(f"expected a {', '.join(IMAGE_FORMATS)} image, got bytes of none of these") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"image could not be decoded: {type(exc).__name__}") from None
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
     return decode_image(data)
+
+
+def _looks_like(data: bytes) -> str | None:
+    """The format whose signature ``data`` starts with, if any: a corrupt header is not a wrong format."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def check_request(

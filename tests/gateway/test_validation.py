@@ -221,6 +221,8 @@ def test_corrupt_rans_section_with_valid_crc_is_decoded_and_refused(env, model_n
 def test_bad_images(env, model_name) -> None:
     client = env[0]
     check_error(post(client, body(model_name, image=b"definitely not an image")), 422, "bad_image")
+    corrupt = b"\xff\xd8\xff\xe0" + bytes(60)  # a JPEG signature, then no readable header
+    check_error(post(client, body(model_name, image=corrupt)), 422, "bad_image", "start like a JPEG image")
     out = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(out, format="PNG")  # 100 M pixels in a few KB
     assert len(out.getvalue()) < MAX_BODY
