@@ -24,7 +24,7 @@ from edge_client.bitstream import read_header
 from edge_client.protocol import RequestError, VQARequest, VQAResponse, image_ref
 
 from ..errors import DeadlineExceeded, ImageExpired, NoWorker, RequestIdReused
-from ..queue import PartialEntry, Reply, entry_key, now_ms
+from ..queue import PartialEntry, Reply, Ticket, entry_key, now_ms
 from ..validation import check_request
 from .deps import AppState
 from .idempotency import binding_id, request_digest, scoped_request
@@ -132,17 +132,19 @@ async def _keep(app: AppState, admitted: Admitted) -> Admitted:
     return replace(admitted, image_ref=None)
 
 
+def _ticket(app: AppState, admitted: Admitted) -> Ticket:
+    """The caller's queue ticket: its tenant (whose prefix cache entries the worker may use) and
+    the backlog and per-key in-flight caps."""
+    settings = app.settings
+    return Ticket(admitted.client_id, settings.max_backlog, settings.max_in_flight_per_key)
+
+
 async def answer(app: AppState, admitted: Admitted) -> VQAResponse:
     """Enqueue (once per request id), await the reply, :func:`respond`."""
     admitted = await _keep(app, admitted)
     with app.metrics.waiting.track_inprogress():
         reply = await app.queue.submit(
-            admitted.scoped,
-            admitted.body,
-            admitted.deadline_ms,
-            app.settings.max_backlog,
-            scope=admitted.client_id,
-            max_in_flight=app.settings.max_in_flight_per_key,
+            admitted.scoped, admitted.body, admitted.deadline_ms, _ticket(app, admitted)
         )
     return respond(app, admitted, reply)
 
@@ -153,12 +155,7 @@ async def enqueue_streamed(app: AppState, admitted: Admitted) -> tuple[Admitted,
     before any event is sent, as HTTP statuses."""
     admitted = await _keep(app, admitted)
     stored = await app.queue.enqueue_streamed(
-        admitted.scoped,
-        admitted.body,
-        admitted.deadline_ms,
-        app.settings.max_backlog,
-        scope=admitted.client_id,
-        max_in_flight=app.settings.max_in_flight_per_key,
+        admitted.scoped, admitted.body, admitted.deadline_ms, _ticket(app, admitted)
     )
     return admitted, stored
 

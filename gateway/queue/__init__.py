@@ -4,7 +4,7 @@ See :mod:`gateway.queue.keys` for every key, TTL and status, :mod:`gateway.queue
 interface both implementations share.
 """
 
-from .base import Claimed, GatewayQueue, Job, PartialEntry, Reply, WorkerQueue, entry_key, now_ms
+from .base import Claimed, GatewayQueue, Job, PartialEntry, Reply, Ticket, WorkerQueue, entry_key, now_ms
 from .keys import GROUP, Keys, Status
 from .memory import MemoryQueue, MemoryWorkerQueue
 from .redis_queue import RedisGatewayQueue, RedisWorkerQueue, redis_errors
@@ -22,6 +22,7 @@ __all__ = [
     "RedisWorkerQueue",
     "Reply",
     "Status",
+    "Ticket",
     "WorkerQueue",
     "entry_key",
     "now_ms",

@@ -27,7 +27,7 @@ import msgpack
 from edge_client.errors import AlignedVQError
 from edge_client.protocol import MAX_QUESTION_CHARS, VQARequest, VQAResponse
 
-from ..errors import RateLimited, error_from_code
+from ..errors import Overloaded, RateLimited, error_from_code
 
 __all__ = [
     "Claimed",
@@ -36,8 +36,8 @@ __all__ = [
     "PartialEntry",
     "Reply",
     "WorkerQueue",
+    "Ticket",
     "entry_key",
-    "in_flight_limited",
     "now_ms",
 ]
 
@@ -49,12 +49,26 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def in_flight_limited(max_in_flight: int) -> RateLimited:
-    """The 429 for a tenant at its in-flight cap (both queues' wording)."""
-    return RateLimited(
-        f"this API key has {max_in_flight} requests in flight (VQA_MAX_IN_FLIGHT_PER_KEY); "
-        "wait for an answer before sending more"
-    )
+@dataclass(frozen=True)
+class Ticket:
+    """What a new entry is queued under: its tenant (``scope``, see :class:`Job`), the model's
+    backlog cap (Overloaded at it) and the tenant's cap on entries neither answered nor past their
+    deadline (RateLimited at it; 0: none)."""
+
+    scope: str
+    max_backlog: int
+    max_in_flight: int = 0
+
+    def overloaded(self, model: str) -> Overloaded:
+        return Overloaded(
+            f"model {model} has {self.max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
+        )
+
+    def busy(self) -> RateLimited:
+        return RateLimited(
+            f"this API key has {self.max_in_flight} requests in flight (VQA_MAX_IN_FLIGHT_PER_KEY); "
+            "wait for an answer before sending more"
+        )
 
 
 def entry_key(entry_id: str) -> tuple[int, int]:
@@ -213,7 +227,8 @@ class Claimed:
 
 
 class GatewayQueue(Protocol):
-    """The API's side of the queue (async). Errors: QueueUnavailable, Overloaded, DeadlineExceeded."""
+    """The API's side of the queue (async). Errors: QueueUnavailable, DeadlineExceeded, and a
+    :class:`Ticket`'s Overloaded or RateLimited."""
 
     async def start(self) -> None: ...
 
@@ -222,29 +237,11 @@ class GatewayQueue(Protocol):
     async def ping(self) -> None:
         """Raise QueueUnavailable unless the queue answers."""
 
-    async def submit(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        *,
-        scope: str,
-        max_in_flight: int = 0,
-    ) -> Reply:
-        """Enqueue (once per request id) and wait for the reply until ``deadline_ms``. ``scope``:
-        see :class:`Job`; a new entry is refused (RateLimited) while the scope has
-        ``max_in_flight`` (0: no cap) entries neither answered nor past their deadline."""
+    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket) -> Reply:
+        """Enqueue (once per request id) and wait for the reply until ``deadline_ms``."""
 
     async def enqueue_streamed(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        *,
-        scope: str,
-        max_in_flight: int = 0,
+        self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket
     ) -> Reply | None:
         """Enqueue (once per request id) a request whose answer is read with :meth:`read_partials`;
         the stored reply if the request id already finished, else None. Joining a request queued

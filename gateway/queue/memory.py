@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
-from ..errors import DeadlineExceeded, Overloaded
-from .base import Claimed, Job, PartialEntry, Reply, entry_key, in_flight_limited, now_ms
+from ..errors import DeadlineExceeded
+from .base import Claimed, Job, PartialEntry, Reply, Ticket, entry_key, now_ms
 from .keys import INFLIGHT_SLACK_MS, PARTIAL_MAXLEN, PARTIAL_TTL_MS
 
 __all__ = ["MemoryQueue", "MemoryWorkerQueue"]
@@ -94,14 +94,7 @@ class MemoryQueue:
             return bound == digest
 
     def _enqueue(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        streamed: bool,
-        scope: str,
-        max_in_flight: int,
+        self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket, streamed: bool
     ) -> Reply | None:
         """ENQUEUE's semantics (see gateway.queue.scripts); the caller holds the lock."""
         key = (request.model, request.request_id)
@@ -113,17 +106,15 @@ class MemoryQueue:
                 ttl_ms = max(deadline_ms - now_ms(), 1) + INFLIGHT_SLACK_MS
                 self._partials[key] = _PartialStream(time.monotonic() + ttl_ms / 1000)
             return None
-        if len(self._streams[request.model]) + self._taken[request.model] >= max_backlog:
-            raise Overloaded(
-                f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
-            )
-        if max_in_flight:
-            busy = self._busy[scope]
+        if len(self._streams[request.model]) + self._taken[request.model] >= ticket.max_backlog:
+            raise ticket.overloaded(request.model)
+        if ticket.max_in_flight:
+            busy = self._busy[ticket.scope]
             now = now_ms()
             for rid in [rid for rid, deadline in busy.items() if deadline < now]:
                 del busy[rid]
-            if len(busy) >= max_in_flight:
-                raise in_flight_limited(max_in_flight)
+            if len(busy) >= ticket.max_in_flight:
+                raise ticket.busy()
             busy[request.request_id] = deadline_ms
         job = Job(
             entry_id=str(next(self._ids)),
@@ -133,7 +124,7 @@ class MemoryQueue:
             deadline_ms=deadline_ms,
             enqueued_ms=now_ms(),
             body=body,
-            scope=scope,
+            scope=ticket.scope,
             stream=streamed,
         )
         self._partials.pop(key, None)  # an earlier, failed attempt's
@@ -142,21 +133,12 @@ class MemoryQueue:
         self._cond.notify_all()
         return None
 
-    async def submit(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        *,
-        scope: str,
-        max_in_flight: int = 0,
-    ) -> Reply:
+    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket) -> Reply:
         assert self._loop is not None, "MemoryQueue.start() was not called"
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = self._loop.create_future()
         with self._cond:
-            stored = self._enqueue(request, body, deadline_ms, max_backlog, False, scope, max_in_flight)
+            stored = self._enqueue(request, body, deadline_ms, ticket, streamed=False)
             if stored is not None:
                 return stored
             self._waiting[key].append(future)
@@ -174,17 +156,10 @@ class MemoryQueue:
                     self._waiting.pop(key, None)
 
     async def enqueue_streamed(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        *,
-        scope: str,
-        max_in_flight: int = 0,
+        self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket
     ) -> Reply | None:
         with self._cond:
-            return self._enqueue(request, body, deadline_ms, max_backlog, True, scope, max_in_flight)
+            return self._enqueue(request, body, deadline_ms, ticket, streamed=True)
 
     def _partial(self, key: tuple[str, str]) -> _PartialStream | None:
         stream = self._partials.get(key)

@@ -36,8 +36,8 @@ from redis.backoff import ExponentialBackoff
 from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
-from ..errors import DeadLettered, DeadlineExceeded, Overloaded, QueueUnavailable
-from .base import Claimed, Job, PartialEntry, Reply, entry_key, in_flight_limited, now_ms
+from ..errors import DeadLettered, DeadlineExceeded, QueueUnavailable
+from .base import Claimed, Job, PartialEntry, Reply, Ticket, entry_key, now_ms
 from .keys import (
     DEAD_LETTER_BODY_BYTES,
     DEAD_LETTER_MAXLEN,
@@ -178,31 +178,23 @@ class RedisGatewayQueue:
             await self.client.ping()
 
     async def _run_enqueue(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        streamed: bool,
-        scope: str,
-        max_in_flight: int,
+        self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket, streamed: bool
     ) -> tuple[bytes, bytes]:
-        """The ENQUEUE script: (status, value); Overloaded when the backlog is full, RateLimited
-        when the tenant has ``max_in_flight`` requests in flight."""
+        """The ENQUEUE script: (status, value), or the ticket's Overloaded or RateLimited."""
         key = (request.model, request.request_id)
         now = now_ms()
         args: list[EncodableT] = [
             self.reply_key,
             deadline_ms,
             max(deadline_ms - now, 1) + INFLIGHT_SLACK_MS,
-            max_backlog,
+            ticket.max_backlog,
             request.request_id,
             now,
             body,
             request.model,
             "1" if streamed else "0",
-            scope,
-            max_in_flight,
+            ticket.scope,
+            ticket.max_in_flight,
         ]
         with redis_errors():
             status, value = await self._enqueue(
@@ -212,37 +204,24 @@ class RedisGatewayQueue:
                     self.keys.waiters(*key),
                     self.keys.stream(request.model),
                     self.keys.partial(*key),
-                    self.keys.busy(scope),
+                    self.keys.busy(ticket.scope),
                 ],
                 args=args,
             )
         if status == Status.OVERLOADED:
-            raise Overloaded(
-                f"model {request.model} has {max_backlog} requests waiting (VQA_MAX_BACKLOG); retry later"
-            )
+            raise ticket.overloaded(request.model)
         if status == Status.BUSY:
-            raise in_flight_limited(max_in_flight)
+            raise ticket.busy()
         return status, value
 
-    async def submit(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        *,
-        scope: str,
-        max_in_flight: int = 0,
-    ) -> Reply:
+    async def submit(self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket) -> Reply:
         key = (request.model, request.request_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         # Registered before the entry exists, so even an instant reply finds its future.
         self._waiting.setdefault(key, []).append(future)
         try:
             now = now_ms()
-            status, value = await self._run_enqueue(
-                request, body, deadline_ms, max_backlog, False, scope, max_in_flight
-            )
+            status, value = await self._run_enqueue(request, body, deadline_ms, ticket, streamed=False)
             if status == Status.DONE:
                 return Reply.unpack(value)
             # A timer that fails the future itself: asyncio.wait_for would add a second future and
@@ -261,18 +240,9 @@ class RedisGatewayQueue:
                 self._waiting.pop(key, None)
 
     async def enqueue_streamed(
-        self,
-        request: VQARequest,
-        body: bytes,
-        deadline_ms: int,
-        max_backlog: int,
-        *,
-        scope: str,
-        max_in_flight: int = 0,
+        self, request: VQARequest, body: bytes, deadline_ms: int, ticket: Ticket
     ) -> Reply | None:
-        status, value = await self._run_enqueue(
-            request, body, deadline_ms, max_backlog, True, scope, max_in_flight
-        )
+        status, value = await self._run_enqueue(request, body, deadline_ms, ticket, streamed=True)
         return Reply.unpack(value) if status == Status.DONE else None
 
     async def read_partials(

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from gateway.errors import RateLimited
-from gateway.queue import GatewayQueue, Reply, WorkerQueue, now_ms
+from gateway.queue import GatewayQueue, Reply, Ticket, WorkerQueue, now_ms
 
 from .conftest import MODEL, deadline, request
 
@@ -18,7 +18,7 @@ def test_a_tenant_at_its_cap_is_refused_and_others_are_not(run) -> None:
     async def scenario(gateway: GatewayQueue, worker: WorkerQueue) -> None:
         async def send(rid: str, scope: str, until: int | None = None) -> None:
             await gateway.enqueue_streamed(
-                request(rid), b"body", until or deadline(), 100, scope=scope, max_in_flight=2
+                request(rid), b"body", until or deadline(), Ticket(scope, 100, max_in_flight=2)
             )
 
         await send("a1", "key:A")
