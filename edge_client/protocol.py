@@ -230,7 +230,9 @@ def parse_request(data: dict[str, Any]) -> VQARequest:
         return VQARequest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
+        where = ".".join(str(p) for p in first["loc"])
+        if not where:  # a check across fields (_one_payload): its message names them
+            raise RequestError(str(first["msg"]).removeprefix("Value error, ")) from None
         raise RequestError(f"field '{where}': {first['msg']}", param=where) from None
 
 

@@ -153,6 +153,16 @@ def test_conversation_fields_are_checked(fields: dict, message: str) -> None:
         parse_request({k: v for k, v in {**base, **fields}.items() if v is not None})
 
 
+def test_a_check_across_fields_says_only_what_is_wrong() -> None:
+    with pytest.raises(RequestError) as info:
+        parse_request(
+            {"request_id": "r", "question": "q", "image_ref": bytes(16), "history": ["a", "b", "c"]}
+        )
+    assert (
+        str(info.value).startswith("'history' alternates questions and answers") and info.value.param is None
+    )
+
+
 def test_the_longest_history_decodes() -> None:
     history = ["what is it?", "a red circle"] * MAX_HISTORY_TURNS
     request = VQARequest(
