@@ -97,6 +97,9 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
         # holds the GIL throughout: a worker thread would add a hand-off and gain no parallelism.
         check_request(vqa, served.streams, **limits)
     else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
+        ticket = _ticket(app, client_id)
+        if ticket.max_in_flight and await app.queue.in_flight(client_id) >= ticket.max_in_flight:
+            raise ticket.busy()  # before a decode slot: the queue would refuse it anyway
         async with app.image_decodes:
             await run_in_threadpool(check_request, vqa, served.streams, **limits)
     if not await app.queue.worker_seen_within(vqa.model, settings.no_worker_grace_ms):
@@ -132,11 +135,11 @@ async def _keep(app: AppState, admitted: Admitted) -> Admitted:
     return replace(admitted, image_ref=None)
 
 
-def _ticket(app: AppState, admitted: Admitted) -> Ticket:
+def _ticket(app: AppState, client_id: str) -> Ticket:
     """The caller's queue ticket: its tenant (whose prefix cache entries the worker may use) and
     the backlog and per-key in-flight caps."""
     settings = app.settings
-    return Ticket(admitted.client_id, settings.max_backlog, settings.max_in_flight_per_key)
+    return Ticket(client_id, settings.max_backlog, settings.max_in_flight_per_key)
 
 
 async def answer(app: AppState, admitted: Admitted) -> VQAResponse:
@@ -144,7 +147,7 @@ async def answer(app: AppState, admitted: Admitted) -> VQAResponse:
     admitted = await _keep(app, admitted)
     with app.metrics.waiting.track_inprogress():
         reply = await app.queue.submit(
-            admitted.scoped, admitted.body, admitted.deadline_ms, _ticket(app, admitted)
+            admitted.scoped, admitted.body, admitted.deadline_ms, _ticket(app, admitted.client_id)
         )
     return respond(app, admitted, reply)
 
@@ -155,7 +158,7 @@ async def enqueue_streamed(app: AppState, admitted: Admitted) -> tuple[Admitted,
     before any event is sent, as HTTP statuses."""
     admitted = await _keep(app, admitted)
     stored = await app.queue.enqueue_streamed(
-        admitted.scoped, admitted.body, admitted.deadline_ms, _ticket(app, admitted)
+        admitted.scoped, admitted.body, admitted.deadline_ms, _ticket(app, admitted.client_id)
     )
     return admitted, stored
 

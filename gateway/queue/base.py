@@ -259,6 +259,10 @@ class GatewayQueue(Protocol):
 
     async def backlog(self, model: str) -> int: ...
 
+    async def in_flight(self, scope: str) -> int:
+        """The tenant's entries neither answered nor past their deadline (what ``max_in_flight``
+        of a :class:`Ticket` counts)."""
+
     async def model_names(self) -> list[str]: ...
 
     async def model_info(self, model: str) -> bytes | None:

@@ -226,6 +226,11 @@ class MemoryQueue:
         with self._cond:
             return len(self._streams[model]) + self._taken[model]
 
+    async def in_flight(self, scope: str) -> int:
+        now = now_ms()
+        with self._cond:
+            return sum(deadline >= now for deadline in self._busy[scope].values())
+
     async def model_names(self) -> list[str]:
         with self._cond:
             return sorted(self._info)

@@ -281,6 +281,10 @@ class RedisGatewayQueue:
         with redis_errors():
             return int(await self.client.xlen(self.keys.stream(model)))
 
+    async def in_flight(self, scope: str) -> int:
+        with redis_errors():
+            return int(await self.client.zcount(self.keys.busy(scope), now_ms(), "+inf"))
+
     async def model_names(self) -> list[str]:
         with redis_errors():
             names = await self.client.smembers(self.keys.models())

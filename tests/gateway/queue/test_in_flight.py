@@ -23,6 +23,7 @@ def test_a_tenant_at_its_cap_is_refused_and_others_are_not(run) -> None:
 
         await send("a1", "key:A")
         await send("a2", "key:A")
+        assert await gateway.in_flight("key:A") == 2
         with pytest.raises(RateLimited, match="2 requests in flight"):
             await send("a3", "key:A")
         await send("b1", "key:B")  # another tenant's slots are its own
@@ -33,6 +34,7 @@ def test_a_tenant_at_its_cap_is_refused_and_others_are_not(run) -> None:
 
         await send("c1", "key:C", until=now_ms() + 50)  # a deadline that passes
         await asyncio.sleep(0.1)
+        assert await gateway.in_flight("key:C") == 0
         await send("c2", "key:C")
         await send("c3", "key:C")  # c1 no longer counts
 

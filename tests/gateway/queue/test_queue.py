@@ -73,6 +73,9 @@ def test_a_key_at_its_in_flight_cap_gets_429_and_another_key_does_not(
     refused = client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
     assert "VQA_MAX_IN_FLIGHT_PER_KEY" in refused.json()["error"]["message"]
+    # A cloud-only image is refused before it takes a decode slot: this one would have been a 422.
+    undecoded = client.post("/v1/vqa", content=body(model_name, image=b"not an image"), headers=HEADERS)
+    assert undecoded.status_code == 429 and undecoded.json()["error"]["code"] == "rate_limited"
     theirs = post_in_background(
         client, body(model_name, features=features, timeout_ms=300), api_key=other_key
     )
