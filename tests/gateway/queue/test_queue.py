@@ -309,6 +309,10 @@ def test_waiting_requests_hold_no_redis_connection(
     ]
     wait_for(lambda: r.xlen(Keys(prefix).stream(model_name)) == 24, what="24 queued requests")
     connections = client.app.state.queue.client.connection_pool
+    # The last ENQUEUE's reply may still be on its way back when XLEN reads 24: wait for it, then
+    # hold that state while all 24 keep waiting.
+    wait_for(lambda: len(connections._in_use_connections) <= 1, what="enqueue connections released")
+    time.sleep(0.2)
     assert len(connections._in_use_connections) <= 1  # the reader's BLMPOP
     start_worker(worker_settings(redis_url, prefix, max_batch=8, max_wait_ms=50))
     assert [future.result(timeout=20).status_code for future in replies] == [200] * 24
