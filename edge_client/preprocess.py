@@ -76,9 +76,20 @@ def _truncated(data: bytes, error: Exception) -> bool:
     """Pillow says "truncated" for JPEG and PNG; a WebP's RIFF header declares its full length."""
     if "truncated" in str(error).lower():
         return True
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 8:
+    if signature_format(data) == "WEBP":
         return len(data) < 8 + int.from_bytes(data[4:8], "little")
     return False
+
+
+def signature_format(data: bytes) -> str | None:
+    """The image format whose signature ``data`` starts with (JPEG, PNG, WEBP), if any."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def on_white(image: Image.Image) -> Image.Image:

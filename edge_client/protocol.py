@@ -61,7 +61,7 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_BODY_BYTES = MAX_IMAGE_BYTES + 64 * 1024
 IMAGE_REF_BYTES = 16
 CONTENT_TYPE = "application/msgpack"
-# Reply fields added after the first release: left out of the msgpack reply at these defaults.
+MAX_REQUEST_FIELDS = 16  # a request map's keys at most (msgpack's max_map_len in decode_request)
 # msgpack's own limits (decode_request) stop a body before pydantic could name the field; these say
 # which fields the limit is there for.
 _OVER_LIMIT = re.compile(r"(\d+) exceeds max_(str|bin|array|map)_len\(\d+\)")
@@ -71,9 +71,10 @@ _LIMIT_HINTS = {
     "bin": f"a byte string of {{}} bytes; 'image' takes at most {MAX_IMAGE_BYTES}, 'features' "
     f"{MAX_FEATURE_BYTES}",
     "array": f"an array of {{}} items; 'history' takes at most {2 * MAX_HISTORY_TURNS} (questions, answers)",
-    "map": "a map of {} keys; a request has at most 16 fields",
+    "map": f"a map of {{}} keys; a request has at most {MAX_REQUEST_FIELDS} fields",
 }
 
+# Reply fields added after the first release: left out of the msgpack reply at these defaults.
 _OPTIONAL_REPLY_FIELDS: dict[str, object] = {
     "image_ref": None,
     "prompt_tokens": 0,
@@ -211,7 +212,7 @@ def decode_request(body: bytes) -> VQARequest:
             max_bin_len=MAX_IMAGE_BYTES,
             max_str_len=4 * MAX_QUESTION_CHARS,
             max_array_len=2 * MAX_HISTORY_TURNS,
-            max_map_len=16,
+            max_map_len=MAX_REQUEST_FIELDS,
             max_ext_len=0,
         )
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:

@@ -140,8 +140,9 @@ class GatewaySettings(WorkerLoopSettings):
     # Cloud-only images decoded at once per gateway process: each may hold up to 4 bytes a pixel
     # (160 MB at 40 MP), and a small PNG can declare that many; the rest wait their turn.
     image_decodes: Annotated[int, Field(ge=1, le=256)] = 2
-    # Requests one API key may have queued or running (0: no cap), so that one key cannot take the
-    # whole VQA_MAX_BACKLOG, or hold a Redis connection per waiting stream without end.
+    # Requests one API key may have queued or running, its images waiting for a decode included (0:
+    # no cap), so that one key cannot take the whole VQA_MAX_BACKLOG, or hold a Redis connection per
+    # waiting stream without end.
     max_in_flight_per_key: Annotated[int, Field(ge=0, le=1_000_000)] = 256
     registry_ttl_ms: Annotated[int, Field(ge=0, le=600_000)] = 2_000
     rate_limit_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0

@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from edge_client.bitstream import DecodedStream, decode_stream, read_header
 from edge_client.errors import ImageError
-from edge_client.preprocess import decode_image
+from edge_client.preprocess import decode_image, signature_format
 from edge_client.protocol import VQARequest
 from edge_client.ranking import NeighbourRanks
 
@@ -103,7 +103,7 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
-        looks = _looks_like(data)
+        looks = signature_format(data)
         if looks is not None:
             raise ImageError(
                 f"the bytes start like a {looks} image, but its header could not be read"
@@ -114,17 +114,6 @@ def check_image(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
     return decode_image(data)
-
-
-def _looks_like(data: bytes) -> str | None:
-    """The format whose signature ``data`` starts with, if any: a corrupt header is not a wrong format."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
 
 
 def check_request(

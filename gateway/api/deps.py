@@ -61,6 +61,7 @@ class AppState(Protocol):
     auth_failure_limiter: RateLimiter | None  # None: anonymous, or VQA_AUTH_FAILURES_PER_MINUTE=0
     in_process: InProcessWorker | None
     image_decodes: asyncio.Semaphore  # VQA_IMAGE_DECODES
+    image_waiting: dict[str, int]  # client id -> its cloud-only images waiting for or in a slot
 
 
 def state(request: Request) -> AppState:

@@ -102,6 +102,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.images = image_cache_for(queue, settings.image_ttl_s, settings.image_cache_bytes)
     app.state.in_process = in_process
     app.state.image_decodes = asyncio.Semaphore(settings.image_decodes)
+    app.state.image_waiting = {}
     app.state.registry = Registry(queue, settings.registry_ttl_ms)
     try:
         yield

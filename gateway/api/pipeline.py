@@ -15,6 +15,7 @@ Routes differ only in how they parse the request and format the reply.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -25,7 +26,7 @@ from edge_client.protocol import RequestError, VQARequest, VQAResponse, image_re
 
 from ..errors import DeadlineExceeded, ImageExpired, NoWorker, RequestIdReused
 from ..queue import PartialEntry, Reply, Ticket, entry_key, now_ms
-from ..validation import check_request
+from ..validation import StreamValidator, check_request
 from .deps import AppState
 from .idempotency import binding_id, request_digest, scoped_request
 
@@ -91,17 +92,16 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
             f"got {vqa.max_new_tokens}",
             "max_new_tokens",
         )
+    scoped, body = scoped_request(vqa, client_id)
+    timeout_ms = vqa.timeout_ms or settings.request_timeout_ms
+    deadline_ms = arrived_ms + timeout_ms
     limits = dict(max_question_chars=settings.max_question_chars, max_image_pixels=settings.max_image_pixels)
     if vqa.image is None:
         # A feature stream decodes in well under a millisecond (even rANS at LLaVA-1.5 geometry) and
         # holds the GIL throughout: a worker thread would add a hand-off and gain no parallelism.
         check_request(vqa, served.streams, **limits)
-    else:  # Pillow releases the GIL while it decodes an image of up to VQA_MAX_IMAGE_PIXELS
-        ticket = _ticket(app, client_id)
-        if ticket.max_in_flight and await app.queue.in_flight(client_id) >= ticket.max_in_flight:
-            raise ticket.busy()  # before a decode slot: the queue would refuse it anyway
-        async with app.image_decodes:
-            await run_in_threadpool(check_request, vqa, served.streams, **limits)
+    else:
+        await _check_image(app, scoped, client_id, served.streams, deadline_ms, limits)
     if not await app.queue.worker_seen_within(vqa.model, settings.no_worker_grace_ms):
         raise NoWorker(
             f"no worker of model {vqa.model} has been live for {settings.no_worker_grace_ms} ms "
@@ -114,15 +114,53 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
             f"request_id {vqa.request_id!r} was already used for a different request; "
             "use a new id for a new question (retries must repeat the same request)"
         )
-    scoped, body = scoped_request(vqa, client_id)
-    timeout_ms = vqa.timeout_ms or settings.request_timeout_ms
-    deadline_ms = arrived_ms + timeout_ms
     if now_ms() >= deadline_ms:  # a slow image check: no worker could answer it in time
         raise DeadlineExceeded(
             f"the deadline ({timeout_ms} ms after arrival) passed while the request was checked; "
             "it was not queued"
         )
     return Admitted(vqa.request_id, scoped, body, deadline_ms, client_id, ref, keep)
+
+
+async def _check_image(
+    app: AppState,
+    scoped: VQARequest,
+    client_id: str,
+    streams: StreamValidator,
+    deadline_ms: int,
+    limits: dict[str, int],
+) -> None:
+    """Check a cloud-only request, its image decoded in one of ``VQA_IMAGE_DECODES`` slots (in a
+    worker thread: Pillow releases the GIL while it decodes).
+
+    A tenant at its in-flight cap, its images waiting here for a slot included, is refused before it
+    waits, unless the queue knows the request already (a retry joins it or gets its answer). No
+    slot free before the deadline: 504, not queued.
+    """
+    ticket = _ticket(app, client_id)
+    if ticket.max_in_flight:
+        standing = await app.queue.standing(client_id, scoped.model, scoped.request_id)
+        waiting = app.image_waiting.get(client_id, 0)
+        if not standing.known and standing.in_flight + waiting >= ticket.max_in_flight:
+            raise ticket.busy()
+    app.image_waiting[client_id] = app.image_waiting.get(client_id, 0) + 1
+    try:
+        try:
+            async with asyncio.timeout(max(deadline_ms - now_ms(), 0) / 1000):
+                await app.image_decodes.acquire()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the deadline passed while the image waited for a decode slot (VQA_IMAGE_DECODES); "
+                "it was not queued"
+            ) from None
+        try:
+            await run_in_threadpool(check_request, scoped, streams, **limits)
+        finally:
+            app.image_decodes.release()
+    finally:
+        app.image_waiting[client_id] -= 1
+        if not app.image_waiting[client_id]:
+            del app.image_waiting[client_id]
 
 
 async def _keep(app: AppState, admitted: Admitted) -> Admitted:

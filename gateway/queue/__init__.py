@@ -4,7 +4,18 @@ See :mod:`gateway.queue.keys` for every key, TTL and status, :mod:`gateway.queue
 interface both implementations share.
 """
 
-from .base import Claimed, GatewayQueue, Job, PartialEntry, Reply, Ticket, WorkerQueue, entry_key, now_ms
+from .base import (
+    Claimed,
+    GatewayQueue,
+    Job,
+    PartialEntry,
+    Reply,
+    Standing,
+    Ticket,
+    WorkerQueue,
+    entry_key,
+    now_ms,
+)
 from .keys import GROUP, Keys, Status
 from .memory import MemoryQueue, MemoryWorkerQueue
 from .redis_queue import RedisGatewayQueue, RedisWorkerQueue, redis_errors
@@ -21,6 +32,7 @@ __all__ = [
     "RedisGatewayQueue",
     "RedisWorkerQueue",
     "Reply",
+    "Standing",
     "Status",
     "Ticket",
     "WorkerQueue",

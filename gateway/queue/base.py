@@ -50,6 +50,14 @@ def now_ms() -> int:
 
 
 @dataclass(frozen=True)
+class Standing:
+    """See :meth:`GatewayQueue.standing`."""
+
+    known: bool
+    in_flight: int
+
+
+@dataclass(frozen=True)
 class Ticket:
     """What a new entry is queued under: its tenant (``scope``, see :class:`Job`), the model's
     backlog cap (Overloaded at it) and the tenant's cap on entries neither answered nor past their
@@ -66,7 +74,8 @@ class Ticket:
 
     def busy(self) -> RateLimited:
         return RateLimited(
-            f"this API key has {self.max_in_flight} requests in flight (VQA_MAX_IN_FLIGHT_PER_KEY); "
+            f"this API key (anonymously: this address) has {self.max_in_flight} requests in flight "
+            "(VQA_MAX_IN_FLIGHT_PER_KEY); "
             "wait for an answer before sending more"
         )
 
@@ -259,9 +268,10 @@ class GatewayQueue(Protocol):
 
     async def backlog(self, model: str) -> int: ...
 
-    async def in_flight(self, scope: str) -> int:
-        """The tenant's entries neither answered nor past their deadline (what ``max_in_flight``
-        of a :class:`Ticket` counts)."""
+    async def standing(self, scope: str, model: str, request_id: str) -> Standing:
+        """Where a request stands before it is enqueued: whether the queue knows it (in flight or
+        answered: an enqueue joins it, or returns the answer) and how many entries its tenant has in
+        flight (what ``max_in_flight`` of a :class:`Ticket` counts)."""
 
     async def model_names(self) -> list[str]: ...
 

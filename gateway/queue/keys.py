@@ -9,7 +9,7 @@ key                                type    what it holds
 ``{p}:stream:{model}``             stream  queued + in-progress requests of one model (group ``workers``)
 ``{p}:dead:{model}``               stream  requests delivered more than ``VQA_MAX_DELIVERIES`` times
 ``{p}:result:{model}:{rid}``       string  the msgpack reply of a finished request (idempotent retries)
-``{p}:request:{model}:{rid}``      string  digest of the request first sent under that id (409 on reuse)
+``{p}:request:{model}:{bid}``      string  digest of the request first sent under that id (409 on reuse)
 ``{p}:inflight:{model}:{rid}``     string  stream entry id of a queued request (``SET NX``: no double enqueue)
 ``{p}:waiters:{model}:{rid}``      set     reply lists of every gateway waiting on that request
 ``{p}:replies:{gateway}``          list    replies for one gateway process, popped by its reader task
@@ -23,8 +23,11 @@ key                                type    what it holds
 ``{p}:img:{tenant}:{ref}``         string  a feature stream a client may name by ``image_ref``
 ``{p}:imgs:{tenant}``              zset    ref -> last use (ms, Redis clock): the tenant's LRU order
 ``{p}:imgsize:{tenant}``           hash    ref -> bytes, and ``total``: what the tenant holds
-``{p}:busy:{tenant}``              zset    queued request id -> deadline (ms): the tenant's requests in flight
+``{p}:busy:{tenant}``              zset    entry id -> deadline + grace (ms): the tenant's entries in flight
 =================================  ======  ===========================================================
+
+``{rid}`` is the queue's id of a request, a digest of (caller, request id, what was asked); ``{bid}``
+is a digest of (caller, request id) alone (gateway.api.idempotency).
 
 Stream entries are deleted (``XACK`` + ``XDEL`` in one script) as soon as they are answered, so the
 stream holds exactly the unanswered requests and ``XLEN`` is the backlog. Streams are never trimmed
@@ -41,6 +44,7 @@ __all__ = [
     "DEAD_LETTER_MAXLEN",
     "GROUP",
     "INFLIGHT_SLACK_MS",
+    "IN_FLIGHT_GRACE_MS",
     "MODEL_INFO_TTL_S",
     "PARTIAL_MAXLEN",
     "PARTIAL_TTL_MS",
@@ -73,10 +77,17 @@ REPLY_LIST_TTL_MS = 60_000
 MODEL_INFO_TTL_S = 24 * 3600
 
 # The dead-letter stream is a record for operators, not work: approximate trimming is fine there.
-# It keeps a request body only up to DEAD_LETTER_BODY_BYTES (every feature stream; a cloud-only
-# image is recorded by size and sha256): 10,000 images of 16 MB that crash workers would be 160 GB.
+# It keeps a request body only up to DEAD_LETTER_BODY_BYTES (feature streams of LLaVA-1.5 geometry
+# are ~1 KB; a larger body, a cloud-only image above all, is recorded by size and sha256): 10,000
+# images of 16 MB that crash workers would be 160 GB.
 DEAD_LETTER_MAXLEN = 10_000
 DEAD_LETTER_BODY_BYTES = 64 * 1024
+
+# An entry holds its tenant's in-flight slot (VQA_MAX_IN_FLIGHT_PER_KEY) until FINISH, which every
+# entry reaches (answered, failed, dropped as expired or dead-lettered) while workers run; this long
+# past its deadline at most, so that a model nobody serves any more cannot hold slots for ever.
+# Counting only to the deadline would let a key with tiny timeouts queue without limit.
+IN_FLIGHT_GRACE_MS = 600_000
 
 # A partial stream outlives its last write by this long: a client cut off mid-answer reconnects,
 # through any gateway replica, within it and resumes from its Last-Event-ID; later, a retry of the

@@ -22,8 +22,8 @@ from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
 from ..errors import DeadlineExceeded
-from .base import Claimed, Job, PartialEntry, Reply, Ticket, entry_key, now_ms
-from .keys import INFLIGHT_SLACK_MS, PARTIAL_MAXLEN, PARTIAL_TTL_MS
+from .base import Claimed, Job, PartialEntry, Reply, Standing, Ticket, entry_key, now_ms
+from .keys import IN_FLIGHT_GRACE_MS, INFLIGHT_SLACK_MS, PARTIAL_MAXLEN, PARTIAL_TTL_MS
 
 __all__ = ["MemoryQueue", "MemoryWorkerQueue"]
 
@@ -50,7 +50,7 @@ class MemoryQueue:
         self._taken: dict[str, int] = defaultdict(int)  # read by the worker, not finished yet
         self._results: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._inflight: dict[tuple[str, str], str] = {}
-        self._busy: dict[str, dict[str, int]] = defaultdict(dict)  # tenant -> request id -> deadline
+        self._busy: dict[str, dict[str, int]] = {}  # tenant -> entry id -> deadline + grace (ms)
         self._reserved: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._waiting: dict[tuple[str, str], list[asyncio.Future[Reply]]] = defaultdict(list)
         self._info: dict[str, bytes] = {}
@@ -108,14 +108,8 @@ class MemoryQueue:
             return None
         if len(self._streams[request.model]) + self._taken[request.model] >= ticket.max_backlog:
             raise ticket.overloaded(request.model)
-        if ticket.max_in_flight:
-            busy = self._busy[ticket.scope]
-            now = now_ms()
-            for rid in [rid for rid, deadline in busy.items() if deadline < now]:
-                del busy[rid]
-            if len(busy) >= ticket.max_in_flight:
-                raise ticket.busy()
-            busy[request.request_id] = deadline_ms
+        if ticket.max_in_flight and self._in_flight(ticket.scope) >= ticket.max_in_flight:
+            raise ticket.busy()
         job = Job(
             entry_id=str(next(self._ids)),
             model=request.model,
@@ -128,6 +122,8 @@ class MemoryQueue:
             stream=streamed,
         )
         self._partials.pop(key, None)  # an earlier, failed attempt's
+        if ticket.max_in_flight:
+            self._busy.setdefault(ticket.scope, {})[job.entry_id] = deadline_ms + IN_FLIGHT_GRACE_MS
         self._inflight[key] = job.entry_id
         self._streams[request.model].append(job)
         self._cond.notify_all()
@@ -226,10 +222,18 @@ class MemoryQueue:
         with self._cond:
             return len(self._streams[model]) + self._taken[model]
 
-    async def in_flight(self, scope: str) -> int:
-        now = now_ms()
+    async def standing(self, scope: str, model: str, request_id: str) -> Standing:
+        key = (model, request_id)
         with self._cond:
-            return sum(deadline >= now for deadline in self._busy[scope].values())
+            return Standing(self._stored(key) is not None or key in self._inflight, self._in_flight(scope))
+
+    def _in_flight(self, scope: str) -> int:
+        """The scope's entries in flight, the expired ones forgotten; the caller holds the lock."""
+        busy = self._busy.get(scope, {})
+        now = now_ms()
+        for entry_id in [e for e, until in busy.items() if until < now]:
+            del busy[entry_id]
+        return len(busy)
 
     async def model_names(self) -> list[str]:
         with self._cond:
@@ -282,7 +286,7 @@ class MemoryQueue:
                     self._append_partial(job, reply=reply)
                 if self._inflight.get(key) == job.entry_id:
                     del self._inflight[key]
-                self._busy[job.scope].pop(job.request_id, None)
+                self._busy.get(job.scope, {}).pop(job.entry_id, None)
                 for future in self._waiting.get(key, ()):
                     if self._loop is not None:
                         self._loop.call_soon_threadsafe(_resolve, future, reply)

@@ -37,11 +37,12 @@ from edge_client.protocol import VQARequest
 
 from ..config import QueueSettings
 from ..errors import DeadLettered, DeadlineExceeded, QueueUnavailable
-from .base import Claimed, Job, PartialEntry, Reply, Ticket, entry_key, now_ms
+from .base import Claimed, Job, PartialEntry, Reply, Standing, Ticket, entry_key, now_ms
 from .keys import (
     DEAD_LETTER_BODY_BYTES,
     DEAD_LETTER_MAXLEN,
     GROUP,
+    IN_FLIGHT_GRACE_MS,
     INFLIGHT_SLACK_MS,
     MODEL_INFO_TTL_S,
     PARTIAL_MAXLEN,
@@ -195,6 +196,7 @@ class RedisGatewayQueue:
             "1" if streamed else "0",
             ticket.scope,
             ticket.max_in_flight,
+            IN_FLIGHT_GRACE_MS,
         ]
         with redis_errors():
             status, value = await self._enqueue(
@@ -281,9 +283,13 @@ class RedisGatewayQueue:
         with redis_errors():
             return int(await self.client.xlen(self.keys.stream(model)))
 
-    async def in_flight(self, scope: str) -> int:
+    async def standing(self, scope: str, model: str, request_id: str) -> Standing:
         with redis_errors():
-            return int(await self.client.zcount(self.keys.busy(scope), now_ms(), "+inf"))
+            pipe = self.client.pipeline(transaction=False)
+            pipe.exists(self.keys.result(model, request_id), self.keys.inflight(model, request_id))
+            pipe.zcount(self.keys.busy(scope), now_ms(), "+inf")
+            known, in_flight = await pipe.execute()
+        return Standing(known=bool(known), in_flight=int(in_flight))
 
     async def model_names(self) -> list[str]:
         with redis_errors():
@@ -420,7 +426,7 @@ class RedisWorkerQueue:
         with redis_errors():
             pipe = self.client.pipeline(transaction=True)
             # redis-py's xadd takes an invariant Dict[FieldT, EncodableT] (it only reads it).
-            record = cast("dict[FieldT, EncodableT]", dict(fields))
+            record = _dead_record(dict(fields), fields.get(b"request", b""))
             record.update(
                 {
                     b"entry_id": entry_id,
@@ -478,15 +484,11 @@ class RedisWorkerQueue:
                 f"{self.settings.max_deliveries}): the workers handling it died"
             )
             log.error("dead-lettering %s (request %s): %s", job.entry_id, job.request_id, reason)
-            record = cast("dict[FieldT, EncodableT]", job.fields())
-            if len(job.body) > DEAD_LETTER_BODY_BYTES:  # a cloud-only image: its size and digest
-                record["request"] = b""
-                record["request_bytes"] = len(job.body)
-                record["request_sha256"] = hashlib.sha256(job.body).hexdigest()
+            record = _dead_record({k.encode(): v for k, v in job.fields().items()}, job.body)
             with redis_errors():
                 self.client.xadd(
                     self.keys.dead(self.model),
-                    {**record, "entry_id": job.entry_id, "reason": reason, "deliveries": job.deliveries},
+                    {**record, b"entry_id": job.entry_id, b"reason": reason, b"deliveries": job.deliveries},
                     maxlen=DEAD_LETTER_MAXLEN,
                     approximate=True,
                 )
@@ -521,10 +523,20 @@ class RedisWorkerQueue:
             ]
             # Only answers are stored: a retry after an error should run again.
             ttl = result_ttl_ms if reply.ok else 0
-            streamed = "1" if job.stream else "0"
-            args += [job.entry_id, reply.pack(), ttl, job.reply_to, streamed, job.request_id]
+            args += [job.entry_id, reply.pack(), ttl, job.reply_to, "1" if job.stream else "0"]
         with redis_errors():
             self._finish(keys=keys, args=args)
+
+
+def _dead_record(fields: dict[bytes, Any], body: bytes) -> dict[FieldT, EncodableT]:
+    """A dead letter's fields: the entry's, its request body replaced by size and sha256 when over
+    DEAD_LETTER_BODY_BYTES (a cloud-only image above all)."""
+    record = cast("dict[FieldT, EncodableT]", fields)
+    if len(body) > DEAD_LETTER_BODY_BYTES:
+        record[b"request"] = b""
+        record[b"request_bytes"] = len(body)
+        record[b"request_sha256"] = hashlib.sha256(body).hexdigest()
+    return record
 
 
 def _expire(future: asyncio.Future[Reply], budget_ms: int) -> None:

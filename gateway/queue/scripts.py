@@ -29,11 +29,11 @@ __all__ = ["ENQUEUE", "FINISH", "IMAGE_GET", "IMAGE_PUT", "RATE_LIMIT"]
 # publishes partial text. One that joins a request queued without it adds an empty 'open' entry,
 # so that the partial stream exists and FINISH ends it with the reply. A new entry deletes the
 # partial stream an earlier, failed attempt of the same request id may have left.
-# A new entry counts against its tenant's in-flight cap (ARGV[11], 0: none) until FINISH removes it
-# or its deadline passes (a gateway or worker that died cannot leak a slot for longer).
+# A new entry counts against its tenant's in-flight cap (ARGV[11], 0: none) until FINISH removes it,
+# IN_FLIGHT_GRACE_MS (ARGV[12]) past its deadline at most.
 # KEYS: result, inflight, waiters, stream, partial, the tenant's busy zset
 # ARGV: reply_to, deadline_ms, marker_ttl_ms, max_backlog, request_id, enqueued_ms, body, model,
-#       streamed ('1' or '0'), scope, max_in_flight
+#       streamed ('1' or '0'), scope, max_in_flight, in_flight_grace_ms
 # -> {status, value}: {'done', reply} | {'joined', ''} | {'overloaded', ''} | {'busy', ''} |
 #    {'queued', entry_id}
 ENQUEUE = """
@@ -55,8 +55,6 @@ local cap = tonumber(ARGV[11])
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[6])
   if redis.call('ZCARD', KEYS[6]) >= cap then return {'busy', ''} end
-  redis.call('ZADD', KEYS[6], ARGV[2], ARGV[5])
-  if redis.call('PTTL', KEYS[6]) < ttl then redis.call('PEXPIRE', KEYS[6], ttl) end
 end
 local id
 if streamed then
@@ -69,6 +67,11 @@ else
     'scope', ARGV[10])
 end
 redis.call('DEL', KEYS[5])
+if cap > 0 then
+  local grace = tonumber(ARGV[12])
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[2]) + grace, id)
+  if redis.call('PTTL', KEYS[6]) < ttl + grace then redis.call('PEXPIRE', KEYS[6], ttl + grace) end
+end
 redis.call('SET', KEYS[2], id, 'PX', ttl)
 redis.call('DEL', KEYS[3])
 redis.call('SADD', KEYS[3], ARGV[1])
@@ -81,24 +84,24 @@ return {'queued', id}
 # the reply.
 # KEYS: stream, then per entry: result, inflight, waiters, partial, the tenant's busy zset
 # ARGV: group, reply_list_ttl_ms, partial_ttl_ms, partial_maxlen, then per entry: entry_id, reply,
-#       result_ttl_ms (0: do not store), reply_to, streamed ('1' or '0'), request_id
+#       result_ttl_ms (0: do not store), reply_to, streamed ('1' or '0')
 # -> number of replies pushed
 FINISH = """
 local group, list_ttl, partial_ttl, partial_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local pushes, targets, ids = {}, {}, {}
-for i = 0, (#ARGV - 4) / 6 - 1 do
+for i = 0, (#ARGV - 4) / 5 - 1 do
   local result, inflight = KEYS[2 + 5 * i], KEYS[3 + 5 * i]
   local waiters, partial = KEYS[4 + 5 * i], KEYS[5 + 5 * i]
-  local entry, reply, ttl = ARGV[5 + 6 * i], ARGV[6 + 6 * i], tonumber(ARGV[7 + 6 * i])
+  local entry, reply, ttl = ARGV[5 + 5 * i], ARGV[6 + 5 * i], tonumber(ARGV[7 + 5 * i])
   if ttl > 0 then redis.call('SET', result, reply, 'PX', ttl) end
-  redis.call('ZREM', KEYS[6 + 5 * i], ARGV[10 + 6 * i])
-  if ARGV[9 + 6 * i] == '1' or redis.call('EXISTS', partial) == 1 then
+  redis.call('ZREM', KEYS[6 + 5 * i], entry)
+  if ARGV[9 + 5 * i] == '1' or redis.call('EXISTS', partial) == 1 then
     redis.call('XADD', partial, 'MAXLEN', '~', partial_maxlen, '*', 'reply', reply)
     redis.call('PEXPIRE', partial, partial_ttl)
   end
   local seen = {}
   local members = redis.call('SMEMBERS', waiters)
-  table.insert(members, ARGV[8 + 6 * i])
+  table.insert(members, ARGV[8 + 5 * i])
   for _, target in ipairs(members) do
     if not seen[target] then
       seen[target] = true

@@ -181,3 +181,37 @@ def test_cloud_only_images_are_decoded_a_few_at_a_time(serve, monkeypatch: pytes
         )
     assert [r.status_code for r in replies] == [200] * 4 and settings.image_decodes == 1
     assert most[0] == 1
+
+
+def test_images_waiting_for_a_decode_slot_count_and_give_up_at_their_deadline(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one slot held by a slow check: a key's images waiting for it count against its in-flight
+    cap (nothing is queued yet), and one whose deadline passes while it waits gets 504, unqueued."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.api import pipeline
+
+    client, _, _ = serve(image_decodes=1, max_in_flight_per_key=2)
+    model = client.get("/v1/models", headers=AUTH).json()["data"][0]["name"]
+    check = pipeline.check_request
+
+    def slow(*args, **kwargs) -> None:
+        time.sleep(0.6)
+        check(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "check_request", slow)
+
+    def post(seed: int, **fields):
+        return client.post("/v1/vqa", content=body(model, image=png(seed=seed), **fields), headers=HEADERS)
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(post, range(3)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200, 200, 429], [r.text for r in replies]  # two waiting or decoding: the cap
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(post, 10)
+        time.sleep(0.1)
+        late = pool.submit(post, 11, timeout_ms=200).result()
+        assert held.result().status_code == 200
+    assert late.status_code == 504 and "waited for a decode slot" in late.json()["error"]["message"]

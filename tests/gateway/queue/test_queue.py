@@ -63,24 +63,27 @@ def test_backlog_429_then_deadline_504_then_worker_drops_expired(
 
 
 def test_a_key_at_its_in_flight_cap_gets_429_and_another_key_does_not(
-    redis_url, prefix, published, open_client, model_name, features, r
+    redis_url, prefix, published, open_client, model_name, r
 ) -> None:
     other_key = "second-tenant-key-0123456789"
     settings = gateway_settings(redis_url, prefix, max_in_flight_per_key=1, api_keys=f"{API_KEY},{other_key}")
     client = open_client(settings)
-    waiting = post_in_background(client, body(model_name, features=features, timeout_ms=1500))
+    image = body(model_name, image=png(seed=4), timeout_ms=1500)
+    waiting = post_in_background(client, image)
     wait_for(lambda: r.xlen(Keys(prefix).stream(model_name)) == 1, what="first request queued")
-    refused = client.post("/v1/vqa", content=body(model_name, features=features), headers=HEADERS)
+    refused = client.post("/v1/vqa", content=body(model_name, image=png(seed=5)), headers=HEADERS)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
     assert "VQA_MAX_IN_FLIGHT_PER_KEY" in refused.json()["error"]["message"]
-    # A cloud-only image is refused before it takes a decode slot: this one would have been a 422.
+    # Refused before it takes a decode slot: this one would have been a 422.
     undecoded = client.post("/v1/vqa", content=body(model_name, image=b"not an image"), headers=HEADERS)
     assert undecoded.status_code == 429 and undecoded.json()["error"]["code"] == "rate_limited"
+    retry = post_in_background(client, image)  # the queued request itself: joined, not refused
     theirs = post_in_background(
-        client, body(model_name, features=features, timeout_ms=300), api_key=other_key
+        client, body(model_name, image=png(seed=6), timeout_ms=300), api_key=other_key
     )
     assert theirs.result(timeout=10).status_code == 504  # queued (no worker answers), not refused
-    assert waiting.result(timeout=10).status_code == 504
+    assert waiting.result(timeout=10).status_code == retry.result(timeout=10).status_code == 504
+    assert r.xlen(Keys(prefix).stream(model_name)) == 2  # the retry added no entry
 
 
 def test_no_live_worker_is_refused_at_once_with_503(
