@@ -369,6 +369,9 @@ def test_keda_scales_workers_on_their_stream(variant):
     # largest count must fit under it, or the last workers are never started.
     (length,) = [int(t["metadata"]["streamLength"]) for t in triggers if "streamLength" in t["metadata"]]
     assert spec["maxReplicaCount"] * min(length, int(lag["lagCount"])) <= int(settings["VQA_MAX_BACKLOG"])
+    # One key may not take the whole backlog, nor be capped below one worker's batch.
+    per_key = int(settings.get("VQA_MAX_IN_FLIGHT_PER_KEY", "256"))
+    assert int(settings["VQA_MAX_BATCH"]) <= per_key < int(settings["VQA_MAX_BACKLOG"])
 
 
 def test_gpu_batch_is_the_benchmarks_best():
