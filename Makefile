@@ -32,7 +32,7 @@ typecheck: install
 test: lint typecheck test-web
 	$(PY) -m pytest -q
 
-# The everyday subset (about a minute): everything but the tests marked slow.
+# The everyday subset (about a minute and a half on a 2-core machine): everything but the tests marked slow.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
