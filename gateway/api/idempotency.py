@@ -41,9 +41,9 @@ def request_digest(request: VQARequest) -> bytes:
     return hashlib.sha256(msgpack.packb(content, use_bin_type=True)).digest()
 
 
-def scoped_request(request: VQARequest, client_id: str) -> tuple[VQARequest, bytes]:
-    """The request as the queue sees it (its id scoped to ``client_id`` and to what it asks) and its
-    msgpack body."""
-    queue_id = hashlib.sha256(f"{client_id}\0{request.request_id}\0".encode() + request_digest(request))
+def scoped_request(request: VQARequest, client_id: str, digest: bytes) -> tuple[VQARequest, bytes]:
+    """The request as the queue sees it (its id scoped to ``client_id`` and to what it asks, its
+    :func:`request_digest`) and its msgpack body."""
+    queue_id = hashlib.sha256(f"{client_id}\0{request.request_id}\0".encode() + digest)
     scoped = request.model_copy(update={"request_id": queue_id.hexdigest()[:40]})
     return scoped, encode_request(scoped)

@@ -92,7 +92,8 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
             f"got {vqa.max_new_tokens}",
             "max_new_tokens",
         )
-    scoped, body = scoped_request(vqa, client_id)
+    digest = request_digest(vqa)  # hashes the whole payload, up to a 16 MB image: once
+    scoped, body = scoped_request(vqa, client_id, digest)
     timeout_ms = vqa.timeout_ms or settings.request_timeout_ms
     deadline_ms = arrived_ms + timeout_ms
     limits = dict(max_question_chars=settings.max_question_chars, max_image_pixels=settings.max_image_pixels)
@@ -109,7 +110,7 @@ async def admit(app: AppState, vqa: VQARequest, client_id: str, arrived_ms: int)
         )
     binding_ms = settings.result_ttl_s * 1000 + settings.max_timeout_ms  # outlives the stored result
     binding = binding_id(vqa.request_id, client_id)
-    if not await app.queue.reserve_id(vqa.model, binding, request_digest(vqa), binding_ms):
+    if not await app.queue.reserve_id(vqa.model, binding, digest, binding_ms):
         raise RequestIdReused(
             f"request_id {vqa.request_id!r} was already used for a different request; "
             "use a new id for a new question (retries must repeat the same request)"

@@ -26,10 +26,11 @@ HEADERS = {**AUTH, **MSGPACK}
 def queue_id(content: bytes, api_key: str = API_KEY) -> str:
     """The id the queue keys the msgpack request ``content`` by: scoped to the caller's key and to
     what it asks (gateway.api.idempotency)."""
-    from gateway.api.idempotency import scoped_request
+    from gateway.api.idempotency import request_digest, scoped_request
 
     request = decode_request(content)
-    return scoped_request(request, f"key:{hashlib.sha256(api_key.encode()).hexdigest()[:16]}")[0].request_id
+    client_id = f"key:{hashlib.sha256(api_key.encode()).hexdigest()[:16]}"
+    return scoped_request(request, client_id, request_digest(request))[0].request_id
 
 
 def png(size: int = 32, seed: int = 0) -> bytes:
