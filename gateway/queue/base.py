@@ -35,8 +35,9 @@ __all__ = [
     "Job",
     "PartialEntry",
     "Reply",
-    "WorkerQueue",
+    "Standing",
     "Ticket",
+    "WorkerQueue",
     "entry_key",
     "now_ms",
 ]
@@ -60,8 +61,8 @@ class Standing:
 @dataclass(frozen=True)
 class Ticket:
     """What a new entry is queued under: its tenant (``scope``, see :class:`Job`), the model's
-    backlog cap (Overloaded at it) and the tenant's cap on entries neither answered nor past their
-    deadline (RateLimited at it; 0: none)."""
+    backlog cap (Overloaded at it) and the tenant's cap on entries not yet finished, each counted
+    at most ``IN_FLIGHT_GRACE_MS`` past its deadline (RateLimited at it; 0: none)."""
 
     scope: str
     max_backlog: int
@@ -75,8 +76,7 @@ class Ticket:
     def busy(self) -> RateLimited:
         return RateLimited(
             f"this API key (anonymously: this address) has {self.max_in_flight} requests in flight "
-            "(VQA_MAX_IN_FLIGHT_PER_KEY); "
-            "wait for an answer before sending more"
+            "(VQA_MAX_IN_FLIGHT_PER_KEY); wait for an answer before sending more"
         )
 
 
