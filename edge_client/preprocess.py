@@ -45,9 +45,11 @@ def load_image(data: bytes) -> Image.Image:
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
-    """A decoded image as the model sees it. Phones store portrait photos sideways with an EXIF
-    orientation tag; browsers (and the web edge) show them upright, so the model must too."""
-    return on_white(ImageOps.exif_transpose(image))
+    """A freshly decoded image (turned in place: the caller owns it) as the model sees it. Phones
+    store portrait photos sideways with an EXIF orientation tag; browsers (and the web edge) show
+    them upright, so the model must too."""
+    ImageOps.exif_transpose(image, in_place=True)
+    return on_white(image)
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -97,7 +99,7 @@ def on_white(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
 
 def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
